@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Pinned here (a range in pyproject.toml): the CPU wheel lies on this machine's disk, whereas an
+# unpinned `torch` would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test install install-dev bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q $(TORCH_PIN) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q $(TORCH_PIN) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/aigc demo
+
+test: install-dev
+	$(PY) -m pytest -q
+
+bench: install-dev
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs data build *.egg-info src/*.egg-info

@@ -1,0 +1,56 @@
+"""Command-line entry point `aigc`: the only place that prints for humans or exits.
+
+Each sub-command lives in its own module here with `register(subparsers)`; its handler returns an
+exit code. A user error (`AigcError`) becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from aigc import __version__
+from aigc.errors import AigcError
+
+# Module names under aigc.cli, in the order `aigc --help` lists them.
+COMMANDS = ("prepare", "train", "plot", "generate", "batch", "eval", "demo", "serve", "export", "import_", "merge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aigc",
+        description="Local-first text generation: prepare → train → generate → eval → serve.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aigc {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"aigc.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"aigc.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except AigcError as exc:
+        print(f"aigc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aigc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Typed, frozen configuration for every stage. Imports no torch, so the CLI starts fast.
+
+Each option is documented once, in the `help` of its field; `aigc.cli.args` builds the command-line
+flags (with defaults and choices) from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aigc.errors import AigcError
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
+    """A dataclass field that carries its own CLI help (and optional choices / flag name)."""
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults so configs stay immutable")
+    return field(default=default, metadata=metadata)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AigcError(message)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"invalid {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+MODEL_KINDS = ("gpt", "lstm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a GPT (GPT-2 architecture, so export to `transformers` is exact) or an LSTM."""
+
+    kind: str = opt("gpt", "model family", choices=MODEL_KINDS, flag="model")
+    vocab_size: int = opt(8192, "vocabulary size; set from the dataset's tokenizer")
+    block_size: int = opt(256, "context length in tokens")
+    n_layer: int = opt(4, "number of transformer blocks (or stacked LSTM layers)")
+    n_head: int = opt(4, "attention heads per block (GPT only)")
+    n_embd: int = opt(256, "embedding width")
+    hidden_size: int = opt(512, "LSTM hidden size (LSTM only)")
+    dropout: float = opt(0.0, "dropout probability during training")
+    bias: bool = opt(True, "use biases in linear and LayerNorm layers (GPT-2 does)")
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self.kind, MODEL_KINDS)
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "hidden_size", "n_head"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.kind == "gpt":
+            _check(
+                self.n_embd % self.n_head == 0,
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+            )
+
+
+# Presets by name. `small` is the demo's CPU model; `base` is the GPT-2 124M shape for GPUs.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=64, hidden_size=64),
+    "small": dict(block_size=256, n_layer=4, n_head=4, n_embd=256, hidden_size=512),
+    "base": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, hidden_size=1024),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a preset name plus any field overrides."""
+    _check_choice("preset", name, tuple(MODEL_PRESETS))
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Options of `aigc prepare`: reading, cleaning, de-duplication, redaction, split, tokenizer."""
+
+    text_column: str = opt("text", "CSV/TSV/Parquet column (or JSONL field) holding the text")
+    label_column: str | None = opt(None, "column (or JSONL field) holding a label; adds control tokens")
+    doc_per_file: bool = opt(False, "treat each .txt file as one document instead of splitting on blank lines")
+    skip_bad_lines: bool = opt(False, "skip malformed JSONL lines instead of stopping")
+    min_chars: int = opt(1, "drop documents shorter than this after cleaning")
+    max_chars: int = opt(1_000_000, "drop documents longer than this after cleaning")
+    dedup: bool = opt(True, "remove exact and near-duplicate documents")
+    near_dup_threshold: float = opt(0.8, "MinHash Jaccard threshold for near-duplicates, in (0, 1]")
+    redact: bool = opt(True, "replace e-mails, phones, card numbers and IPs with typed placeholders")
+    val_fraction: float = opt(0.05, "share of documents held out for validation")
+    test_fraction: float = opt(0.0, "share of documents held out for testing")
+    seed: int = opt(1337, "seed for the split")
+    vocab_size: int = opt(8192, "BPE vocabulary size, special tokens included")
+    tokenizer: str | None = opt(None, "reuse this tokenizer.json instead of training one (for fine-tuning)")
+    overwrite: bool = opt(False, "replace an output folder that already holds a different dataset")
+
+    def __post_init__(self) -> None:
+        _check(self.min_chars >= 0, f"--min-chars must be >= 0, got {self.min_chars}")
+        _check(
+            self.max_chars >= max(self.min_chars, 1),
+            f"--max-chars ({self.max_chars}) must be >= --min-chars ({self.min_chars}) and >= 1",
+        )
+        _check(
+            0 < self.near_dup_threshold <= 1,
+            f"--near-dup-threshold must be in (0, 1], got {self.near_dup_threshold}",
+        )
+        _check(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        _check(0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        _check(
+            self.val_fraction + self.test_fraction < 1,
+            "--val-fraction plus --test-fraction must leave some documents for training",
+        )
+        _check(self.vocab_size >= 1, f"--vocab-size must be positive, got {self.vocab_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of `aigc train`: optimisation, budget, precision, evaluation and checkpoints."""
+
+    batch_size: int = opt(16, "sequences per micro-batch (per process)")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    learning_rate: float = opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = opt(100, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off")
+    max_steps: int = opt(0, "stop after this many optimizer steps; 0 = no step limit")
+    max_tokens: int = opt(0, "stop after this many training tokens; 0 = no token limit")
+    minutes: float = opt(0.0, "stop after this much wall-clock time; 0 = no time limit")
+    eval_every: int = opt(100, "evaluate, log and checkpoint every N steps")
+    eval_batches: int = opt(20, "validation batches per evaluation")
+    save_every: int = opt(0, "also checkpoint every N steps; 0 = only at evaluations")
+    sample_tokens: int = opt(48, "length of the sample printed per label at each evaluation; 0 = none")
+    dtype: str = opt("auto", "compute precision: auto (bf16 where the hardware is fast at it), fp32, bf16", choices=DTYPES)
+    device: str = opt("auto", "device: auto picks cuda > mps > cpu", choices=DEVICES)
+    compile: bool = opt(False, "compile the model with torch.compile")
+    seed: int = opt(1337, "seed for initialisation and batch sampling")
+    freeze_embeddings: bool = opt(False, "when fine-tuning, keep token and position embeddings fixed")
+    tensorboard: bool = opt(False, "also write TensorBoard event files (needs `tensorboard`)")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_steps", "max_tokens", "save_every", "sample_tokens"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.minutes >= 0, f"--minutes must be >= 0, got {self.minutes}")
+        _check(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
+        _check_choice("--dtype", self.dtype, DTYPES)
+        _check_choice("--device", self.device, DEVICES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (shared by generate, batch and serve)
+# ---------------------------------------------------------------------------------------------
+
+MAX_NEW_TOKENS_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to pick each next token. `temperature 0` means greedy."""
+
+    max_new_tokens: int = opt(200, f"most tokens to generate per sample (1..{MAX_NEW_TOKENS_LIMIT})")
+    min_new_tokens: int = opt(0, "end-of-text is suppressed until this many tokens exist")
+    temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = opt(0, "keep only the k most likely tokens; 0 = off")
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set with this total probability, in (0, 1]")
+    repetition_penalty: float = opt(1.0, "divide logits of already-seen tokens by this (>= 1; 1 = off)")
+    stop: tuple[str, ...] = opt((), "stop when any of these strings appears (repeatable)")
+    seed: int | None = opt(None, "random seed; the same seed gives the same text")
+    logprobs: int = opt(0, "return the top-K alternatives and log-probabilities of each token (0..20)")
+
+    def __post_init__(self) -> None:
+        _check(
+            1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+            f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}",
+        )
+        _check(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"--min-new-tokens must be in [0, max-new-tokens={self.max_new_tokens}], got {self.min_new_tokens}",
+        )
+        _check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        _check(
+            self.repetition_penalty >= 1.0,
+            f"--repetition-penalty must be >= 1.0, got {self.repetition_penalty}",
+        )
+        _check(0 <= self.logprobs <= 20, f"--logprobs must be in [0, 20], got {self.logprobs}")
+        _check(all(self.stop), "--stop strings must not be empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from `to_dict` output, ignoring unknown keys from newer versions."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)

@@ -1,0 +1,152 @@
+"""Byte-level BPE tokenizer: a thin wrapper over Hugging Face `tokenizers`, saved as JSON.
+
+Byte-level means every Unicode string (Chinese, emoji, anything) maps to tokens and back exactly:
+`decode(encode(text)) == text`. Special tokens: end-of-text, padding, and one control token per
+label value (`<|pos|>`), which conditions generation on that label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from aigc.errors import AigcError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+BYTE_ALPHABET = 256
+
+
+def label_token(label: str) -> str:
+    """The control token for a label value: `pos` -> `<|pos|>`."""
+    return f"<|{label}|>"
+
+
+class Tokenizer:
+    """Encode/decode text; knows its special ids and the labels it has control tokens for."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        eot, pad = hf.token_to_id(EOT), hf.token_to_id(PAD)
+        if eot is None or pad is None:
+            raise AigcError(f"tokenizer lacks the {EOT} / {PAD} special tokens; prepare the data with aigc")
+        self.eot_id: int = eot
+        self.pad_id: int = pad
+        added = hf.get_added_tokens_decoder()  # {id: AddedToken}
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        specials = [t.content for t in added.values() if t.special]
+        self.labels: tuple[str, ...] = tuple(
+            s[2:-2] for s in specials if s not in (EOT, PAD) and s.startswith("<|") and s.endswith("|>")
+        )
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, labels: Sequence[str] = ()) -> Tokenizer:
+        """Train byte-level BPE on `texts` (an iterator is fine: it is streamed)."""
+        specials = [EOT, PAD] + [label_token(label) for label in labels]
+        minimum = BYTE_ALPHABET + len(specials) + 1
+        if vocab_size < minimum:
+            raise AigcError(
+                f"--vocab-size {vocab_size} is too small: the byte alphabet plus {len(specials)} special "
+                f"tokens need at least {minimum}; use --vocab-size {max(minimum, 512)} or more"
+            )
+        hf = HFTokenizer(models.BPE())
+        # No normaliser: cleaning already did NFC, and any normaliser would break the exact round trip.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise AigcError(f"tokenizer file not found: {path}; point to a tokenizer.json made by aigc prepare")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise AigcError(f"cannot read tokenizer {path}: {exc}; re-create it with aigc prepare") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file + rename) so a crash never leaves half a tokenizer."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        os.close(fd)
+        try:
+            self.hf.save(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    # -- use ------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special: bool = True) -> list[str]:
+        return self.hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (b'' for special tokens)."""
+        token = self.hf.id_to_token(token_id)
+        if token is None or self.is_special(token_id):
+            return b""
+        return bytes(_BYTE_DECODER[ch] for ch in token)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def label_id(self, label: str) -> int:
+        """Id of a label's control token; unknown labels are a user error listing the known ones."""
+        if label not in self.labels:
+            known = ", ".join(self.labels) if self.labels else "none (the run was trained without labels)"
+            raise AigcError(f"unknown label {label!r}; this run knows: {known}")
+        return self.hf.token_to_id(label_token(label))
+
+    def vocab_fingerprint(self) -> str:
+        """A short hash of the vocabulary, to check a dataset and a run share one tokenizer."""
+        import hashlib
+
+        vocab = json.dumps(sorted(self.hf.get_vocab(with_added_tokens=True).items()))
+        return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode table used by the ByteLevel pre-tokenizer."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
+_BYTE_DECODER = _byte_decoder()
+

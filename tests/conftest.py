@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny corpora, a tiny tokenizer and tiny runs, all made here (no downloads)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from aigc.config import model_preset
+from aigc.models import build_model
+from aigc.tokenizer import Tokenizer
+from aigc.train.checkpoint import RunConfig, save_run
+
+_POSITIVE = [
+    "a wonderful film with a moving story and great acting",
+    "I loved every minute, the cast is brilliant and the music superb",
+    "one of the best movies of the year, funny and warm",
+    "这部电影非常好看，演员的表演很精彩",
+]
+_NEGATIVE = [
+    "a boring film with a weak plot and terrible acting",
+    "I hated it, the dialogue is awful and the ending makes no sense",
+    "one of the worst movies I have seen, dull and far too long",
+    "这部电影太无聊了，剧情很差",
+]
+
+
+def make_reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`n` (text, label) pairs of short synthetic reviews, half pos and half neg, all distinct."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        pool = _POSITIVE if label == "pos" else _NEGATIVE
+        sentences = rng.sample(pool, k=2)
+        rows.append((f"Review {i}: " + ". ".join(sentences) + f". Rated {rng.randint(1, 10)}/10.", label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def reviews() -> list[tuple[str, str]]:
+    return make_reviews(200)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(reviews) -> Tokenizer:
+    return Tokenizer.train((text for text, _ in reviews), vocab_size=400, labels=("pos", "neg"))
+
+
+@pytest.fixture
+def make_run(tmp_path, tiny_tokenizer):
+    """Factory: a randomly initialised tiny run directory (`kind` gpt or lstm)."""
+
+    def _make(kind: str = "gpt", name: str = "run", seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        config = model_preset("tiny", kind=kind, vocab_size=tiny_tokenizer.vocab_size, **overrides)
+        model = build_model(config)
+        run_config = RunConfig(model=config, data={"labels": list(tiny_tokenizer.labels)})
+        return save_run(tmp_path / name, run_config, tiny_tokenizer, model)
+
+    return _make
