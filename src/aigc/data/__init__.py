@@ -1,0 +1,1 @@
+"""Data preparation: sources → cleaning → dedup → redaction → split → tokenizer → shards."""

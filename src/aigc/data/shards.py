@@ -1,0 +1,99 @@
+"""Token shards: one flat array of token ids per split, read back with `numpy.memmap`.
+
+    DIR/{split}.bin        token ids, uint16 when the vocabulary fits, else uint32
+    DIR/{split}.docs.npy   int64 (N, 3): start, end (exclusive), label index (-1 = no label)
+
+Every document is `[<|label|>] tokens… <|endoftext|>`, and its offsets span all of it. Nothing but this
+module reads or writes these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aigc.errors import AigcError
+
+SPLITS = ("train", "val", "test")
+DATASET_JSON = "dataset.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a prepared dataset: tokens (memory-mapped) and its document table."""
+
+    tokens: np.ndarray  # (num_tokens,) memmap, never fully loaded
+    docs: np.ndarray  # (N, 3) int64: start, end, label index
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def document(self, i: int) -> np.ndarray:
+        start, end, _ = self.docs[i]
+        return np.asarray(self.tokens[start:end])
+
+
+def write_split(
+    folder: str | os.PathLike,
+    split: str,
+    documents: Iterable[Sequence[int]],
+    labels: Iterable[int],
+    vocab_size: int,
+) -> dict[str, int]:
+    """Stream documents (token ids, framing included) to `{split}.bin` and their offsets to `.docs.npy`.
+
+    Writes to temporary names; the caller publishes the whole dataset folder at once.
+    """
+    folder = Path(folder)
+    dtype = token_dtype(vocab_size)
+    table = []
+    position = 0
+    with open(folder / f"{split}.bin", "wb") as f:
+        for ids, label in zip(documents, labels):
+            array = np.asarray(ids, dtype=dtype)
+            f.write(array.tobytes())
+            table.append((position, position + len(array), label))
+            position += len(array)
+    docs = np.asarray(table, dtype=np.int64).reshape(-1, 3)
+    np.save(folder / f"{split}.docs.npy", docs)
+    return {"documents": len(docs), "tokens": position}
+
+
+def read_dataset_info(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / DATASET_JSON
+    if not folder.is_dir():
+        raise AigcError(f"data folder not found: {folder}; create it with `aigc prepare SOURCE --out {folder}`")
+    if not path.is_file():
+        raise AigcError(f"{folder} is not a prepared dataset (no {DATASET_JSON}); run `aigc prepare SOURCE --out {folder}`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AigcError(f"{path} is corrupted ({exc}); prepare the data again with --overwrite") from exc
+
+
+def open_split(folder: str | os.PathLike, split: str) -> Split:
+    """Memory-map one split of a prepared dataset folder."""
+    folder = Path(folder)
+    info = read_dataset_info(folder)
+    bin_path, docs_path = folder / f"{split}.bin", folder / f"{split}.docs.npy"
+    if not bin_path.is_file() or not docs_path.is_file():
+        raise AigcError(f"{folder} has no {split} split; prepare it with a --{split}-fraction > 0")
+    dtype = np.dtype(info.get("token_dtype", "uint16"))
+    if bin_path.stat().st_size == 0:
+        tokens = np.zeros(0, dtype=dtype)
+    else:
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    docs = np.load(docs_path)
+    if len(docs) and docs[-1, 1] != len(tokens):
+        raise AigcError(f"{bin_path} does not match {docs_path.name} (truncated?); prepare the data again")
+    return Split(tokens=tokens, docs=docs)
