@@ -212,6 +212,40 @@ class SampleConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Serve
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Options of `aigc serve`: where to listen, who may call, and the limits that keep it responsive."""
+
+    host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = opt(8000, "TCP port (0 = any free port)")
+    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1 routes (default: env AIGC_API_KEY)")
+    model_name: str | None = opt(None, "model id clients pass as `model` (default: the run folder's name)")
+    device: str = opt("auto", "device for the model: auto picks cuda > mps > cpu", choices=DEVICES)
+    max_batch: int = opt(32, "most sequences decoded together in one batch (and per request: n x prompts)")
+    max_queue: int = opt(256, "most sequences waiting for a batch; beyond it requests get 429")
+    max_body_bytes: int = opt(262_144, "largest request body in bytes; larger gets 413")
+    max_prompt_tokens: int = opt(2048, "longest prompt in tokens; longer gets 413")
+    max_tokens_limit: int = opt(1024, f"largest `max_tokens` a request may ask for (1..{MAX_NEW_TOKENS_LIMIT})")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        _check(bool(self.host), "--host must not be empty; use 127.0.0.1 for this machine only")
+        _check(self.api_key is None or bool(self.api_key.strip()), "--api-key must not be blank")
+        _check_choice("--device", self.device, DEVICES)
+        for name in ("max_batch", "max_queue", "max_prompt_tokens"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        _check(self.max_body_bytes >= 1024, f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        _check(
+            1 <= self.max_tokens_limit <= MAX_NEW_TOKENS_LIMIT,
+            f"--max-tokens-limit must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_tokens_limit}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Serialisation helpers
 # ---------------------------------------------------------------------------------------------
 
