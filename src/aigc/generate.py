@@ -1,0 +1,422 @@
+"""Text generation: pure sampling functions over logits, and one streaming decode loop.
+
+Every caller (CLI, batch, eval, HTTP server, demo) goes through `decode_stream`, which batches all
+requests together (left padding + pad mask for the GPT, per-row carried state for the LSTM), reuses
+the model's KV cache, and yields one `TokenEvent` per generated token as soon as it exists.
+
+Choices worth knowing:
+- Every context starts with `<|endoftext|>` (then the label's control token, then the prompt), the
+  way each document follows the previous one in the training stream; so an empty prompt starts a
+  fresh document.
+- GPT context limit: a prompt longer than `block_size` keeps its last tokens (the `<|endoftext|>` and
+  label prefix always stay). When the cache fills during generation, the window slides: the loop
+  re-prefills the prefix plus the last `block_size // 2` tokens of every row and carries on.
+- Each row has its own seeded `torch.Generator`, so a seed gives the same text whatever else is in
+  the batch. The padding token and label control tokens are never generated.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from aigc.config import SampleConfig
+from aigc.tokenizer import Tokenizer
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str = ""  # may be empty: starts a document from scratch
+    label: str | None = None  # prefixes the label's control token <|label|>
+    config: SampleConfig = field(default_factory=SampleConfig)  # per-request sampling options
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # which request (row) this token belongs to
+    token_id: int
+    text: str  # new text this token adds ('' while a multi-byte character is incomplete)
+    logprob: float  # log-probability of the token under the raw logits (temperature 1)
+    top_logprobs: tuple[tuple[str, float], ...] = ()  # top-K alternatives when config.logprobs > 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    index: int
+    text: str  # generated text only (prompt excluded), stop string excluded
+    token_ids: tuple[int, ...]  # generated tokens, the final <|endoftext|> included when it ended the text
+    finish_reason: str  # "stop" (end-of-text or a stop string) | "length"
+    prompt_tokens: int  # tokens fed before generation: <|endoftext|>, label token, prompt
+    logprobs: tuple[TokenEvent, ...] | None = None  # when config.logprobs > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure sampling functions. logits (B, V) float; per-row options as (B, 1) or (B,) tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Make already-seen tokens less likely (Keskar et al. 2019): positive logits are divided by the
+    penalty, negative ones multiplied, so the penalty always lowers them. seen (B, V) bool, penalty (B, 1)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits of each row (k (B,) long; 0 = keep all)."""
+    vocab = logits.size(-1)
+    k = torch.where(k > 0, k, vocab).clamp(max=vocab)
+    top = torch.topk(logits, int(k.max()), dim=-1).values  # (B, kmax), descending
+    kth = top.gather(1, (k - 1).unsqueeze(1))  # (B, 1): the k-th largest logit
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    probability reaches p (B, 1); the most likely token always stays."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of all better tokens
+    drop_sorted = mass_before >= p
+    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Pick one token per row: argmax where temperature is 0, else inverse-CDF sampling from
+    softmax(logits / temperature) with the row's uniform draw in [0, 1). Returns (B,) long."""
+    greedy = logits.argmax(dim=-1)
+    scale = torch.where(temperature > 0, temperature, 1.0)  # (B, 1)
+    probs = (logits / scale).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    target = (uniforms.unsqueeze(1) * cdf[:, -1:]).contiguous()  # (B, 1)
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
+    return torch.where(temperature.squeeze(1) > 0, sampled, greedy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and text
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_prefix(tokenizer: Tokenizer, request: Request) -> list[int]:
+    """`<|endoftext|>` then the label's control token; unknown labels raise AigcError listing the known ones."""
+    prefix = [tokenizer.eot_id]
+    if request.label is not None:
+        prefix.append(tokenizer.label_id(request.label))
+    return prefix
+
+
+def encode_request(tokenizer: Tokenizer, request: Request) -> list[int]:
+    """Every token fed to the model before generation: prefix, then the prompt."""
+    return prompt_prefix(tokenizer, request) + tokenizer.encode(request.prompt)
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """Most tokens the model attends to at once (None: unlimited, the LSTM carries state)."""
+    return model.config.block_size if model.config.kind == "gpt" else None
+
+
+class _TextStream:
+    """Token bytes -> text: only whole UTF-8 characters, and never any part of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = stops
+        self.text = ""  # everything decoded so far (may end in part of a stop string)
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def push(self, data: bytes, final: bool) -> str:
+        self.text += self.decoder.decode(data, final=final)
+        # A stop string can only start at or after `emitted`: anything that could begin one is held back.
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:
+            end = len(self.text) - self._held()
+        chunk, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return chunk
+
+    def _held(self) -> int:
+        """Length of the longest tail of `text` that is the start of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+@dataclass
+class _Row:
+    """Book-keeping of one request while it decodes."""
+
+    index: int
+    request: Request
+    prefix: list[int]
+    body: list[int]  # prompt tokens, then every generated token
+    stream: _TextStream
+    generated: list[int] = field(default_factory=list)
+    events: list[TokenEvent] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def window(self, limit: int) -> list[int]:
+        """The prefix plus as many of the latest tokens as fit in `limit`."""
+        room = limit - len(self.prefix)
+        return self.prefix + (self.body[-room:] if room > 0 else [])
+
+    def completion(self, prompt_tokens: int) -> Completion:
+        config = self.request.config
+        return Completion(
+            index=self.index,
+            text=self.stream.text,
+            token_ids=tuple(self.generated),
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=prompt_tokens,
+            logprobs=tuple(self.events) if config.logprobs > 0 else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model back-ends: prefill a batch of contexts, then one token per row per step.
+# ---------------------------------------------------------------------------------------------
+
+
+class _GPTBackend:
+    def __init__(self, model: nn.Module, pad_id: int, device: torch.device):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.capacity = model.config.block_size
+
+    def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Left-pad the contexts into one (B, T) batch, fill a fresh cache; logits of the last position."""
+        width = max(len(c) for c in contexts)
+        idx = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
+        pad_mask = torch.zeros(len(contexts), width, dtype=torch.bool)
+        for row, ids in enumerate(contexts):
+            idx[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            pad_mask[row, width - len(ids) :] = True
+        idx, pad_mask = idx.to(self.device), pad_mask.to(self.device)
+        positions = (pad_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
+        self.next_position = positions[:, -1:] + 1  # (B, 1)
+        self.cache = self.model.new_cache(len(contexts))
+        padded = not all(len(c) == width for c in contexts)
+        logits, _ = self.model(idx, cache=self.cache, positions=positions, pad_mask=pad_mask if padded else None)
+        return logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """tokens (B, 1) -> next logits (B, V); slides the window when the cache is full."""
+        if self.cache.length >= self.capacity:
+            return self.prefill([row.window(max(self.capacity // 2, len(row.prefix) + 1)) for row in rows])
+        logits, _ = self.model(tokens, cache=self.cache, positions=self.next_position)
+        self.next_position = self.next_position + 1
+        return logits[:, -1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+        self.next_position = self.next_position[index]
+
+
+class _LSTMBackend:
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device = model, device
+
+    def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Run each context on its own (no padding can leak into the state), then stack the states."""
+        states, last = [], []
+        for ids in contexts:
+            state = self.model.new_cache(1)
+            logits, _ = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), cache=state)
+            states.append(state.hc)
+            last.append(logits[:, -1])
+        self.state = self.model.new_cache(len(contexts))
+        self.state.hc = (torch.cat([h for h, _ in states], dim=1), torch.cat([c for _, c in states], dim=1))
+        return torch.cat(last, dim=0)
+
+    def step(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        logits, _ = self.model(tokens, cache=self.state)
+        return logits[:, -1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.state.reorder(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row sampling state
+# ---------------------------------------------------------------------------------------------
+
+
+class _Sampler:
+    """The sampling options of every active row as tensors, plus each row's random generator."""
+
+    def __init__(self, rows: list[_Row], tokenizer: Tokenizer, vocab: int, device: torch.device):
+        configs = [row.request.config for row in rows]
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self.temperature = column([[c.temperature] for c in configs], torch.float32)  # (B, 1)
+        self.top_k = column([c.top_k for c in configs], torch.long)  # (B,)
+        self.top_p = column([[c.top_p] for c in configs], torch.float32)  # (B, 1)
+        self.penalty = column([[c.repetition_penalty] for c in configs], torch.float32)  # (B, 1)
+        self.min_new = column([c.min_new_tokens for c in configs], torch.long)  # (B,)
+        self.configs = configs
+        self.generators = [_row_generator(c.seed) for c in configs]
+        self.eot = tokenizer.eot_id
+        # Padding and label control tokens never belong in generated text.
+        banned = [tokenizer.pad_id] + [tokenizer.label_id(label) for label in tokenizer.labels]
+        self.banned = column([i for i in banned if i < vocab], torch.long)
+        self.seen = None
+        if any(c.repetition_penalty != 1.0 for c in configs):
+            self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+            for r, row in enumerate(rows):
+                self.seen[r, torch.tensor(row.body, dtype=torch.long, device=device)] = True
+
+    def keep(self, index: torch.Tensor, kept: list[int]) -> None:
+        for name in ("temperature", "top_k", "top_p", "penalty", "min_new", "seen"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[index])
+        self.configs = [self.configs[i] for i in kept]
+        self.generators = [self.generators[i] for i in kept]
+
+    def pick(self, raw: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """raw (B, V) logits -> chosen tokens (B,) and their log-probabilities under the raw logits."""
+        logits = raw.to(torch.float32, copy=True)  # (B, V); `raw` stays intact for the logprobs
+        logits[:, self.banned] = NEG_INF
+        if max(c.min_new_tokens for c in self.configs) > step:
+            logits[:, self.eot] = logits[:, self.eot].masked_fill(self.min_new > step, NEG_INF)
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        sampling = [c.temperature > 0 for c in self.configs]
+        if any(s and c.top_k > 0 for s, c in zip(sampling, self.configs)):
+            logits = apply_top_k(logits, self.top_k)
+        if any(s and c.top_p < 1.0 for s, c in zip(sampling, self.configs)):
+            logits = apply_top_p(logits, self.top_p)
+        uniforms = [float(torch.rand((), generator=g)) if s else 0.0 for s, g in zip(sampling, self.generators)]
+        tokens = sample_tokens(logits, self.temperature, torch.tensor(uniforms, device=raw.device))
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens), device=raw.device), tokens] = True
+        raw = raw.float()
+        chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - raw.logsumexp(dim=-1)
+        return tokens, chosen
+
+
+def _row_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()  # on the CPU: a seed gives the same draws on every device
+    generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+    return generator
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_stream(
+    model: nn.Module, tokenizer: Tokenizer, requests: Sequence[Request]
+) -> Generator[TokenEvent, None, list[Completion]]:
+    """Decode every request in one batch; yield each token as it comes; return the completions
+    (as `StopIteration.value`, or use `generate`). Unknown labels raise AigcError before any work."""
+    rows = [_start_row(i, request, tokenizer) for i, request in enumerate(requests)]
+    if not rows:
+        return []
+    device = next(model.parameters()).device
+    limit = context_limit(model)
+    contexts = [row.window(limit) if limit else row.prefix + row.body for row in rows]
+    backend = _GPTBackend(model, tokenizer.pad_id, device) if limit else _LSTMBackend(model, device)
+    token_bytes = _memoize(tokenizer.token_bytes)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits = backend.prefill(contexts)  # (B, V)
+            sampler = _Sampler(rows, tokenizer, logits.size(-1), device)
+        active, step = rows, 0
+        while active:
+            with torch.inference_mode():
+                tokens, chosen = sampler.pick(logits, step)  # (B,), (B,)
+                alternatives = _top_alternatives(logits, sampler.configs, tokenizer)
+            for row, token, logprob, top in zip(active, tokens.tolist(), chosen.tolist(), alternatives):
+                yield _advance(row, token, logprob, top, tokenizer.eot_id, token_bytes)
+            step += 1
+            kept = [j for j, row in enumerate(active) if row.finish_reason is None]
+            if not kept:
+                break
+            with torch.inference_mode():
+                if len(kept) < len(active):  # drop finished rows so they cost nothing more
+                    index = torch.tensor(kept, device=device)
+                    backend.keep(index)
+                    sampler.keep(index, kept)
+                    tokens = tokens[index]
+                active = [active[j] for j in kept]
+                logits = backend.step(tokens.unsqueeze(1), active)
+        return [row.completion(len(context)) for row, context in zip(rows, contexts)]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, requests: Sequence[Request]) -> list[Completion]:
+    """Run `decode_stream` to the end and return one Completion per request, in request order."""
+    stream = decode_stream(model, tokenizer, requests)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            return done.value
+
+
+def _start_row(index: int, request: Request, tokenizer: Tokenizer) -> _Row:
+    prefix = prompt_prefix(tokenizer, request)
+    return _Row(index, request, prefix, tokenizer.encode(request.prompt), _TextStream(request.config.stop))
+
+
+def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) -> TokenEvent:
+    """Record one generated token for a row, decide whether the row is done, and describe it."""
+    config = row.request.config
+    row.generated.append(token)
+    row.body.append(token)
+    last = token == eot or len(row.generated) >= config.max_new_tokens
+    text = row.stream.push(token_bytes(token), final=last)
+    if token == eot or row.stream.stopped:
+        row.finish_reason = "stop"
+    elif last:
+        row.finish_reason = "length"
+    event = TokenEvent(index=row.index, token_id=token, text=text, logprob=logprob, top_logprobs=top)
+    if config.logprobs > 0:
+        row.events.append(event)
+    return event
+
+
+def _top_alternatives(raw: torch.Tensor, configs: list[SampleConfig], tokenizer: Tokenizer) -> list[tuple]:
+    """For each row, its `config.logprobs` most likely tokens as (token text, logprob) pairs."""
+    k = max(c.logprobs for c in configs)
+    if k == 0:
+        return [()] * len(configs)
+    values, ids = raw.float().log_softmax(dim=-1).topk(k, dim=-1)  # (B, k) each
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        tuple((tokenizer.decode([i], skip_special=False), v) for i, v in zip(ids[r], values[r]))[: c.logprobs]
+        for r, c in enumerate(configs)
+    ]
+
+
+def _memoize(function):
+    cache: dict = {}
+
+    def lookup(key):
+        if key not in cache:
+            cache[key] = function(key)
+        return cache[key]
+
+    return lookup
