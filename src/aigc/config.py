@@ -246,6 +246,43 @@ class ServeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluate
+# ---------------------------------------------------------------------------------------------
+
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of `aigc eval`: what is scored, how many samples, and how they are drawn."""
+
+    split: str = opt("val", "held-out split that is scored and supplies the prompts", choices=EVAL_SPLITS)
+    lm_docs: int = opt(256, "documents of the split scored for loss, perplexity, bits per byte; 0 = all")
+    prompts: int = opt(64, "held-out documents whose opening is continued and scored against the real text")
+    prompt_tokens: int = opt(32, "tokens of each held-out document given as the prompt")
+    samples: int = opt(32, "samples generated per label (in total for an unlabelled run)")
+    max_new_tokens: int = opt(128, f"most tokens per sample or continuation (1..{MAX_NEW_TOKENS_LIMIT})")
+    min_span: int = opt(32, "a sample counts as memorised when this many tokens appear verbatim in the train split")
+    classifier_docs: int = opt(0, "train documents the control classifier learns from; 0 = all")
+    batch_size: int = opt(32, "sequences generated or scored together")
+    seed: int = opt(1337, "seed for the choice of prompts and for sampling (sample i uses seed + i)")
+    device: str = opt("auto", "device: auto picks cuda > mps > cpu", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        _check_choice("--split", self.split, EVAL_SPLITS)
+        _check_choice("--device", self.device, DEVICES)
+        for name in ("samples", "prompt_tokens", "batch_size"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lm_docs", "prompts", "classifier_docs"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        _check(
+            1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+            f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}",
+        )
+        _check(self.min_span >= 8, f"--min-span must be >= 8 (the memorisation index's n-gram), got {self.min_span}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Serialisation helpers
 # ---------------------------------------------------------------------------------------------
 
