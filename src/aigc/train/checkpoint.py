@@ -149,7 +149,16 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu", 
             f"{run_dir / TOKENIZER} has {tokenizer.vocab_size} tokens but the model only {config.model.vocab_size}; "
             "the tokenizer does not belong to these weights"
         )
-    model = build_model(config.model)
-    load_weights(model, run_dir / weights)
+    if config.extra.get("quantization"):  # a folder from `aigc export --format int8`
+        from aigc.interop.quantize import load_int8_model
+
+        model = load_int8_model(config, run_dir / weights)
+    else:
+        model = build_model(config.model)
+        if config.extra.get("lora"):  # the adapters are in the weights file: rebuild them first
+            from aigc.models.lora import LoRASpec, apply_lora
+
+            apply_lora(model, LoRASpec.from_json(config.extra["lora"]))
+        load_weights(model, run_dir / weights)
     model.to(device).eval()
     return Run(path=run_dir, config=config, tokenizer=tokenizer, model=model)

@@ -1,0 +1,1 @@
+"""Interop with the wider ecosystem: Hugging Face export/import (`hf`) and int8 inference (`quantize`)."""

@@ -1,0 +1,188 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) for the linear layers of our models.
+
+A wrapped layer computes `W x + b + (alpha / r) · B A x`, with the base `W`, `b` frozen, `A` (r, in)
+initialised like a linear layer and `B` (out, r) zero, so training starts from the base model exactly.
+
+We use this small implementation rather than `peft`: `peft` can wrap our modules, but it imports
+`transformers` (≈6 s here) on every load of a LoRA run, lives in the optional `hf` extra, and renames
+every weight (`base_model.model.…base_layer.weight`), which every reader of a run would have to undo.
+Here a wrapped layer keeps the parameter names `weight` and `bias`, so a LoRA run's safetensors file
+is the base weights plus `….lora_A` / `….lora_B` tensors, and merging only drops those.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aigc.errors import AigcError
+
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Where and how big the adapters are; stored in the run's config.json under `extra.lora`."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise AigcError(f"--lora-rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise AigcError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise AigcError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise AigcError("--lora-targets is empty; name at least one linear layer, e.g. c_attn")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "dropout": self.dropout}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> LoRASpec:
+        return cls(int(obj["rank"]), float(obj["alpha"]), tuple(obj["targets"]), float(obj.get("dropout", 0.0)))
+
+
+def split_targets(values: Iterable[str]) -> tuple[str, ...]:
+    """`["c_attn,c_proj", "c_fc"]` -> `("c_attn", "c_proj", "c_fc")` (the flag takes both forms)."""
+    names = [name.strip() for value in values for name in value.split(",")]
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update; same `weight`/`bias` names as nn.Linear."""
+
+    def __init__(self, base: nn.Linear, spec: LoRASpec):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (out, in), frozen
+        self.bias = base.bias  # (out,) or None, frozen
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(spec.rank, self.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, spec.rank, **factory))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scaling = spec.scaling
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out) via (..., r)
+        return F.linear(x, self.weight, self.bias) + self.scaling * update
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear whose weight already contains the update."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight + self.delta_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Short names (last path component) of the model's linear layers that LoRA may target."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec) -> nn.Module:
+    """Freeze every parameter of `model` and wrap the targeted linear layers with adapters, in place."""
+    if has_lora(model):
+        raise AigcError("this model already has LoRA adapters; merge them first with `aigc merge RUN`")
+    available = linear_names(model)
+    unknown = [t for t in spec.targets if t not in available]
+    if unknown:
+        raise AigcError(f"--lora-targets {','.join(unknown)} not found; this model's linear layers: {', '.join(available)}")
+    tied = {id(p) for name, p in model.named_parameters() if name.endswith("wte.weight")}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in spec.targets:
+            if id(module.weight) in tied:
+                raise AigcError(f"--lora-targets {name} is tied to the token embedding; target the block layers")
+            _set_module(model, name, LoRALinear(module, spec))
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and restore plain nn.Linear layers, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            _set_module(model, name, module.merged())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters (tied weights counted once)."""
+    params = list(model.parameters())  # nn.Module.parameters() already yields a shared tensor once
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def save_adapters(model: nn.Module, spec: LoRASpec, path: str | os.PathLike) -> None:
+    """Write only the adapter tensors (small: shareable apart from the base run), atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from aigc.fsutil import write_with
+
+    state = adapter_state(model)
+    if not state:
+        raise AigcError("the model has no LoRA adapters to save")
+    metadata = {"aigc_lora": json.dumps(spec.to_json())}
+    write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> LoRASpec:
+    """Apply the adapters saved by `save_adapters` to a base model, in place; returns their spec."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            spec = LoRASpec.from_json(json.loads((f.metadata() or {})["aigc_lora"]))
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, KeyError, ValueError) as exc:
+        raise AigcError(f"{path} is not an aigc adapter file ({exc}); save one with `aigc merge`") from exc
+    apply_lora(model, spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    lora_missing = [key for key in missing if ".lora_" in key]
+    if unexpected or lora_missing:
+        raise AigcError(f"adapters in {path} do not fit this model (unexpected {unexpected[:3]}, missing {lora_missing[:3]})")
+    return spec
+
+
+def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
