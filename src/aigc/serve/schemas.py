@@ -1,0 +1,130 @@
+"""Request and response bodies of the HTTP API, following OpenAI's legacy completions schema.
+
+Types live here; value ranges are checked once, by `SampleConfig` and the server's `ServeConfig`
+limits (see `aigc.serve.app`), so the messages a client sees are the same as on the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+_NULL_MEANS_DEFAULT = frozenset(
+    ("prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "n", "stream")
+)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="send a last chunk with the token counts")
+
+
+class CompletionRequest(BaseModel):
+    """`POST /v1/completions`. Unknown fields are ignored, as OpenAI-compatible servers usually do."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: str = Field(description="model id from GET /v1/models")
+    prompt: str | list[str] = Field("", description="text to continue, or a list of texts; '' starts a document")
+    max_tokens: int = Field(16, description="most tokens to generate per choice (1..the server's --max-tokens-limit)")
+    min_tokens: int = Field(0, description="extension: end-of-text is suppressed until this many tokens exist")
+    temperature: float = Field(1.0, description="softmax temperature, >= 0; 0 = greedy")
+    top_p: float = Field(1.0, description="nucleus sampling mass, in (0, 1]")
+    top_k: int = Field(0, description="extension: keep only the k most likely tokens; 0 = off")
+    repetition_penalty: float = Field(1.0, description="extension: >= 1; divides logits of seen tokens")
+    n: int = Field(1, description="choices per prompt (n x prompts <= the server's --max-batch)")
+    stop: str | list[str] | None = Field(None, description="stop when one of these strings appears")
+    seed: int | None = Field(None, description="the same seed gives the same text; choice j uses seed + j")
+    logprobs: int | None = Field(None, description="return log-probabilities and this many top alternatives (0..20)")
+    stream: bool = Field(False, description="send server-sent events, one per token, ending with `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    label: str | None = Field(None, description="extension: condition on a label of the run (its control token)")
+    user: str | None = Field(None, description="accepted and ignored")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients (the openai package included) may send null for an option they leave unset."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
+        return data
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "aigc"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class RunSummary(BaseModel):
+    """`GET /v1/run`: what the playground shows about the loaded run."""
+
+    model: str
+    kind: str
+    params: int
+    n_layer: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    labels: list[str]
+    data: dict = Field(description="provenance from the run's config.json (dataset path, source, ...)")
+    step: int | None = Field(None, description="last evaluated training step, from metrics.jsonl")
+    tokens: int | None = Field(None, description="training tokens seen at that step")
+    val_bpb: float | None = Field(None, description="validation bits per byte at that step")
+    best_val_bpb: float | None = Field(None, description="lowest validation bits per byte in metrics.jsonl")
+    max_tokens_limit: int
+    auth: bool = Field(description="whether /v1 routes need an API key")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "shutting_down"]
+    model: str
+    queued: int = Field(description="sequences waiting for a batch")
+    running: int = Field(description="sequences being decoded now")

@@ -1,0 +1,70 @@
+"""Fixtures for the server tests: an app over a random tiny run, in-process or on a real socket."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from aigc.config import ServeConfig
+from aigc.serve import create_app
+from aigc.train.checkpoint import load_run
+
+
+@pytest.fixture
+def make_app(make_run) -> Callable[..., FastAPI]:
+    """Factory: the app over a fresh tiny run (`kind` gpt or lstm), with ServeConfig overrides."""
+
+    def _make(kind: str = "gpt", **options) -> FastAPI:
+        return create_app(load_run(make_run(kind=kind)), ServeConfig(**options))
+
+    return _make
+
+
+@pytest.fixture
+def client(make_app) -> Iterator[TestClient]:
+    with TestClient(make_app()) as test_client:
+        yield test_client
+
+
+class LiveServer:
+    """uvicorn serving an app on a free 127.0.0.1 port, in a thread of this process."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "server did not shut down"
+
+
+@pytest.fixture
+def live_server(make_app) -> Iterator[Callable[..., LiveServer]]:
+    """Factory: start a real server (ServeConfig overrides as keywords); stopped after the test."""
+    servers: list[LiveServer] = []
+
+    def _start(**options) -> LiveServer:
+        servers.append(LiveServer(make_app(**options)))
+        return servers[-1]
+
+    yield _start
+    for server in servers:
+        server.stop()
