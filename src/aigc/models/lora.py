@@ -108,19 +108,26 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> nn.Module:
     """Freeze every parameter of `model` and wrap the targeted linear layers with adapters, in place."""
     if has_lora(model):
         raise AigcError("this model already has LoRA adapters; merge them first with `aigc merge RUN`")
-    available = linear_names(model)
-    unknown = [t for t in spec.targets if t not in available]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in spec.targets if not any(_matches(name, t) for name in linears)]
     if unknown:
-        raise AigcError(f"--lora-targets {','.join(unknown)} not found; this model's linear layers: {', '.join(available)}")
+        available = ", ".join(linear_names(model))
+        raise AigcError(f"--lora-targets {','.join(unknown)} not found; this model's linear layers: {available}")
     tied = {id(p) for name, p in model.named_parameters() if name.endswith("wte.weight")}
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in spec.targets:
+    for name in linears:
+        module = model.get_submodule(name)
+        if any(_matches(name, t) for t in spec.targets):
             if id(module.weight) in tied:
                 raise AigcError(f"--lora-targets {name} is tied to the token embedding; target the block layers")
             _set_module(model, name, LoRALinear(module, spec))
     return model
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """`c_proj` matches every `….c_proj`; a dotted target such as `attn.c_proj` narrows it down."""
+    return module_name == target or module_name.endswith("." + target)
 
 
 def has_lora(model: nn.Module) -> bool:
