@@ -109,7 +109,7 @@ def test_text_stream_holds_back_a_possible_stop_string_and_cuts_it():
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
 def test_generate_batched_greedy_equals_one_by_one(tiny_tokenizer, kind):
     model = tiny_model(tiny_tokenizer, kind)
-    prompts = [("a wonderful film", "pos"), ("", None), ("这部电影 and a much longer prompt than the others", "neg")]
+    prompts = [("a wonderful film", "pos"), ("", None), ("这部电影 and a much longer prompt than others", "neg")]
     requests = [Request(prompt, label, GREEDY) for prompt, label in prompts]
     batched = generate(model, tiny_tokenizer, requests)
     for request, completion in zip(requests, batched):

@@ -103,7 +103,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
     except FileNotFoundError:
         raise AigcError(f"prompt file not found: {args.prompt_file}; check the path") from None
     except UnicodeDecodeError as exc:
-        raise AigcError(f"prompt file {args.prompt_file} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+        message = f"prompt file {args.prompt_file} is not UTF-8 text ({exc.reason}); re-save it as UTF-8"
+        raise AigcError(message) from None
 
 
 def _nth_seed(config: SampleConfig, n: int) -> SampleConfig:

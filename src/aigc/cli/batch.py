@@ -1,0 +1,198 @@
+"""`aigc batch RUN --input rows.csv --template "..{field}.." --out F`: one generation per table row.
+
+Each row fills the template; the output holds the input rows plus a `generated` column. The output
+file is rewritten atomically after every chunk of rows, so it is always a complete, valid table of
+the rows done so far, and `--resume` continues after them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import string
+import sys
+from pathlib import Path
+
+from aigc.cli.args import add_dataclass_args, dataclass_from_args
+from aigc.cli.generate import add_run_args, load
+from aigc.config import SampleConfig
+from aigc.errors import AigcError
+from aigc.fsutil import write_text
+
+OUTPUT_COLUMN = "generated"
+FORMATS = (".csv", ".jsonl")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="generate one text per row of a CSV/JSONL table",
+        description=(
+            "Fill --template from each row of --input (CSV or JSONL), generate, and write the input "
+            f"rows plus a '{OUTPUT_COLUMN}' column to --out (CSV or JSONL, by extension). The output is "
+            "rewritten atomically after each chunk; --resume skips the rows it already holds."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_run_args(parser)
+    parser.add_argument("--input", required=True, type=Path, help="rows to fill the template from (.csv or .jsonl)")
+    parser.add_argument(
+        "--template", required=True, help='prompt template, e.g. "Write a {sentiment} review of {title}:"'
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output table (.csv or .jsonl)")
+    parser.add_argument("--label-field", help="condition each row on the label named in this field")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted --out, skipping its rows")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows decoded together (1..256)")
+    add_dataclass_args(parser, SampleConfig)
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(args, SampleConfig)
+    if not 1 <= args.batch_size <= 256:
+        raise AigcError(f"--batch-size must be in [1, 256], got {args.batch_size}")
+    _check_format(args.input, "--input")
+    _check_format(args.out, "--out")
+    rows = read_rows(args.input)
+    prompts = [fill_template(args.template, row, n) for n, row in enumerate(rows, start=1)]
+    labels = _labels(rows, args.label_field)
+    done = _done_rows(args, rows)
+
+    from tqdm import tqdm
+
+    from aigc.cli.generate import warn_if_truncated
+    from aigc.generate import Request, generate
+
+    run = load(args)
+    _check_labels(run.tokenizer, labels)
+    longest = max(range(len(rows)), key=lambda i: len(prompts[i]))
+    warn_if_truncated(run, prompts[longest], labels[longest], "batch")
+    with tqdm(total=len(rows), initial=len(done), unit="row", file=sys.stderr, desc="aigc batch") as progress:
+        for start in range(len(done), len(rows), args.batch_size):
+            chunk = range(start, min(start + args.batch_size, len(rows)))
+            requests = [Request(prompts[i], labels[i], _row_config(config, i)) for i in chunk]
+            completions = generate(run.model, run.tokenizer, requests)
+            done += [{**rows[i], OUTPUT_COLUMN: c.text} for i, c in zip(chunk, completions)]
+            write_rows(args.out, done)
+            progress.update(len(chunk))
+    print(f"aigc batch: wrote {len(done)} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _check_format(path: Path, flag: str) -> None:
+    if path.suffix.lower() not in FORMATS:
+        raise AigcError(f"{flag} {path} must end in .csv or .jsonl")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV (header line first) or JSONL (one object per line) file."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM that spreadsheet exports add
+    except FileNotFoundError:
+        raise AigcError(f"--input file not found: {path}; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise AigcError(f"--input {path} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+    rows = _parse_table(text, path)
+    if not rows:
+        raise AigcError(f"--input {path} holds no rows")
+    if OUTPUT_COLUMN in rows[0]:
+        raise AigcError(f"--input {path} already has a '{OUTPUT_COLUMN}' column; rename or drop it")
+    return rows
+
+
+def _parse_table(text: str, path: Path) -> list[dict]:
+    if path.suffix.lower() != ".jsonl":
+        return list(csv.DictReader(io.StringIO(text)))
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AigcError(f"{path} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise AigcError(f"{path} line {n} is not a JSON object; each line must be {{\"field\": value, ...}}")
+        rows.append(row)
+    return rows
+
+
+def fill_template(template: str, row: dict, n: int) -> str:
+    """The template with `{field}` replaced by the row's values; a missing field names the row."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise AigcError(f"bad --template ({exc}); write fields as {{name}} and literal braces as {{{{ }}}}") from None
+    if any(not name for name in fields):
+        raise AigcError("--template fields need names, e.g. {title}; positional {} is not allowed")
+    for name in fields:
+        if name not in row:
+            known = ", ".join(row) or "none"
+            raise AigcError(f"row {n} has no field '{name}' that --template needs; its fields: {known}")
+    return template.format_map(row)
+
+
+def _labels(rows: list[dict], field: str | None) -> list[str | None]:
+    if field is None:
+        return [None] * len(rows)
+    labels = []
+    for n, row in enumerate(rows, start=1):
+        if row.get(field) in (None, ""):
+            raise AigcError(f"row {n} has no value in --label-field '{field}'")
+        labels.append(str(row[field]))
+    return labels
+
+
+def _check_labels(tokenizer, labels: list[str | None]) -> None:
+    for n, label in enumerate(labels, start=1):
+        if label is not None:
+            try:
+                tokenizer.label_id(label)
+            except AigcError as exc:
+                raise AigcError(f"row {n}: {exc}") from None
+
+
+def _done_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Rows already in --out (with --resume), checked to be the first rows of --input."""
+    if not args.out.exists():
+        return []
+    if not args.resume:
+        if args.overwrite:
+            return []
+        raise AigcError(f"--out {args.out} exists; pass --resume to continue it or --overwrite to replace it")
+    done = read_rows_done(args.out)
+    if len(done) > len(rows):
+        raise AigcError(f"--out {args.out} has more rows ({len(done)}) than --input ({len(rows)}); wrong --out?")
+    for n, (old, row) in enumerate(zip(done, rows), start=1):
+        if {k: str(v) for k, v in old.items() if k != OUTPUT_COLUMN} != {k: str(v) for k, v in row.items()}:
+            raise AigcError(f"row {n} of --out {args.out} differs from --input; resume with the same input")
+    return [{**row, OUTPUT_COLUMN: old[OUTPUT_COLUMN]} for old, row in zip(done, rows)]
+
+
+def read_rows_done(path: Path) -> list[dict]:
+    rows = _parse_table(path.read_text(encoding="utf-8-sig"), path)
+    if rows and OUTPUT_COLUMN not in rows[0]:
+        raise AigcError(f"--out {path} has no '{OUTPUT_COLUMN}' column, so it is not an aigc batch output")
+    return rows
+
+
+def _row_config(config: SampleConfig, index: int) -> SampleConfig:
+    """Row i gets seed + i, so a seeded run gives the same text per row however it is chunked or resumed."""
+    return config if config.seed is None else dataclasses.replace(config, seed=config.seed + index)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write the table atomically in the format its extension names."""
+    if path.suffix.lower() == ".jsonl":
+        write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
