@@ -128,6 +128,7 @@ class PrepareConfig:
 
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of a GPT block
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,21 @@ class TrainConfig:
     seed: int = opt(1337, "seed for initialisation and batch sampling")
     freeze_embeddings: bool = opt(False, "when fine-tuning, keep token and position embeddings fixed")
     tensorboard: bool = opt(False, "also write TensorBoard event files (needs `tensorboard`)")
+    lora_rank: int = opt(0, "with --init-from: train rank-R LoRA adapters on the frozen model instead of all weights; 0 = off")
+    lora_alpha: float = opt(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank")
+    lora_targets: tuple[str, ...] = opt(
+        LORA_TARGETS, "linear layers that get LoRA adapters: names such as c_attn, c_proj, c_fc, attn.c_proj (comma-separated or repeated)"
+    )
+    lora_dropout: float = opt(0.0, "dropout on the LoRA adapters' input, in [0, 1)")
 
     def __post_init__(self) -> None:
+        # `--lora-targets c_attn,c_proj` and repeated flags both end up as one tuple of names.
+        targets = tuple(dict.fromkeys(n.strip() for t in self.lora_targets for n in t.split(",") if n.strip()))
+        object.__setattr__(self, "lora_targets", targets)
+        _check(self.lora_rank >= 0, f"--lora-rank must be >= 0 (0 = off), got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(bool(targets), "--lora-targets is empty; name at least one linear layer, e.g. c_attn")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "max_steps", "max_tokens", "save_every", "sample_tokens"):

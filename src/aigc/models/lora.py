@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aigc.config import LORA_TARGETS, TrainConfig
 from aigc.errors import AigcError
 
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
+DEFAULT_TARGETS = LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class LoRASpec:
     @classmethod
     def from_json(cls, obj: dict) -> LoRASpec:
         return cls(int(obj["rank"]), float(obj["alpha"]), tuple(obj["targets"]), float(obj.get("dropout", 0.0)))
+
+
+def spec_from_config(config: TrainConfig) -> LoRASpec | None:
+    """The LoRA settings of `aigc train`, or None when `--lora-rank` is 0 (full fine-tuning)."""
+    if config.lora_rank == 0:
+        return None
+    return LoRASpec(config.lora_rank, config.lora_alpha, split_targets(config.lora_targets), config.lora_dropout)
 
 
 def split_targets(values: Iterable[str]) -> tuple[str, ...]:
