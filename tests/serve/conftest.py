@@ -58,11 +58,12 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(make_app) -> Iterator[Callable[..., LiveServer]]:
-    """Factory: start a real server (ServeConfig overrides as keywords); stopped after the test."""
+    """Factory: start a real server for `app` (default: make_app with these ServeConfig overrides);
+    stopped after the test."""
     servers: list[LiveServer] = []
 
-    def _start(**options) -> LiveServer:
-        servers.append(LiveServer(make_app(**options)))
+    def _start(app: FastAPI | None = None, **options) -> LiveServer:
+        servers.append(LiveServer(app or make_app(**options)))
         return servers[-1]
 
     yield _start

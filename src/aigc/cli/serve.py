@@ -56,7 +56,10 @@ def handle(args: argparse.Namespace) -> int:
         print(f"aigc serve: warning: listening on {host} without an API key; set --api-key or {API_KEY_ENV}",
               file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down gracefully
+        print("aigc serve: stopped; requests in flight were finished", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,96 @@
+"""`aigc serve` from the command line: bad input is one line on stderr, Ctrl+C lets requests finish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from aigc.cli import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--max-tokens-limit", "9000"], "--max-tokens-limit must be in [1, 8192]"),
+        (["--api-key", " "], "--api-key must not be blank"),
+    ],
+)
+def test_serve_cli_bad_option_is_one_line_error(make_run, capsys, argv, fragment):
+    assert main(["serve", str(make_run()), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aigc serve: error:") and fragment in err and "\n" not in err
+
+
+def test_serve_cli_missing_run_is_one_line_error(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_serve_cli_busy_port_is_one_line_error(make_run, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(make_run()), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_serve_cli_interrupt_lets_in_flight_request_finish(make_run, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "AIGC_API_KEY": "from-env"}
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "aigc", "serve", str(make_run()), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer from-env"}
+    try:
+        wait_until_up(url, server)
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from AIGC_API_KEY
+        result: dict = {}
+
+        def long_request() -> None:
+            body = {"model": "run", "max_tokens": 400, "min_tokens": 400}
+            result["response"] = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+
+        caller = threading.Thread(target=long_request)
+        caller.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["running"] == 0:
+            assert time.monotonic() < deadline
+        server.send_signal(signal.SIGINT)
+        caller.join(120)
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    response = result["response"]
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 400
+    log.seek(0)
+    output = log.read()
+    assert "playground http://127.0.0.1" in output and "stopped; requests in flight were finished" in output
+
+
+def wait_until_up(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "server exited early"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("server did not come up")

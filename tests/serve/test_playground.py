@@ -1,0 +1,112 @@
+"""The playground page in real headless Chromium (Debian's `chromium`, driven by `playwright`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aigc.config import ServeConfig
+from aigc.fsutil import append_jsonl
+from aigc.serve import create_app
+from aigc.train.checkpoint import load_run
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+    "--disable-component-update", "--disable-sync", "--disable-quic",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# Records, for every change to the generated text, when it happened and how many tokens were shown,
+# so the test can tell streamed text (many updates) from text that appeared all at once.
+WATCH_TOKENS = """
+window.tokenUpdates = [];
+new MutationObserver(() => {
+  window.tokenUpdates.push(document.querySelectorAll('#generated .tok').length);
+}).observe(document.getElementById('generated'), {childList: true});
+"""
+
+
+@pytest.fixture
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def test_playground_streams_coloured_tokens_in_chromium(make_run, live_server, browser):
+    run_dir = make_run()
+    append_jsonl(run_dir / "metrics.jsonl", {"step": 500, "tokens": 512000, "val_bpb": 2.345})
+    server = live_server(app=create_app(load_run(run_dir), ServeConfig(model_name="tiny-demo")))
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+
+    summary = page.locator("#summary")
+    summary.get_by_text("2.345 bits/byte at step 500").wait_for()
+    assert "tiny-demo" in summary.inner_text() and "GPT" in summary.inner_text()
+    assert page.locator("#label option").all_inner_texts() == ["(none)", "pos", "neg"]
+    assert not page.locator("#key-row").is_visible()  # no key needed, so none asked for
+
+    page.fill("#prompt", "a wonderful film")
+    page.select_option("#label", "pos")
+    page.fill("#seed", "7")
+    set_slider(page, "#max-tokens", 300)
+    set_slider(page, "#temperature", 0.9)
+    assert page.inner_text("#max-tokens-value") == "300"
+    page.evaluate(WATCH_TOKENS)
+    page.click("#generate")
+    page.locator("#status").get_by_text("Done:").wait_for(timeout=60_000)
+
+    shown = page.locator("#generated .tok")
+    assert shown.count() > 10 and page.inner_text("#generated").strip()
+    assert page.inner_text("#shown-prompt") == "a wonderful film"
+    updates = page.evaluate("window.tokenUpdates")
+    assert len(updates) > 3 and updates == sorted(updates)  # the text grew over many separate updates
+
+    page.check("#colour")
+    assert "coloured" in page.get_attribute("#output", "class")
+    first = shown.first
+    assert 0 < float(first.evaluate("el => el.style.getPropertyValue('--p')")) <= 1
+    first.hover()
+    tooltip = page.locator("#tooltip")
+    tooltip.wait_for(state="visible")
+    rows = tooltip.locator("tr")
+    assert rows.count() >= 5 and "%" in rows.first.inner_text()
+    assert tooltip.locator("tr.chosen").count() == 1
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+    assert errors == []
+
+
+def test_playground_asks_for_the_key_and_shows_api_errors(live_server, browser):
+    server = live_server(api_key="k", max_prompt_tokens=4)
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.locator("#summary").get_by_text("needs an API key").wait_for()
+    page.locator("#key-row").wait_for(state="visible")
+    page.fill("#api-key", "k")
+    page.dispatch_event("#api-key", "change")
+    page.locator("#summary").get_by_text("no evaluation recorded").wait_for()
+    page.fill("#prompt", "a prompt longer than this server's four-token limit")
+    page.click("#generate")
+    page.locator("#status.error").get_by_text("this server takes at most 4").wait_for()
+
+
+def set_slider(page, selector: str, value: float) -> None:
+    page.eval_on_selector(
+        selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input')); }", value
+    )
