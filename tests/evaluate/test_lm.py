@@ -1,0 +1,53 @@
+"""Sliding-window scoring gives the same per-token losses as one full forward pass."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aigc.evaluate.lm import _windows, score_sequences, summarize
+from aigc.train.checkpoint import load_run
+
+
+def test_windows_cover_every_target_once():
+    for length in range(1, 30):
+        for first in range(1, length + 1):
+            for block in (1, 2, 5, 8):
+                covered = [p for w in _windows(0, length, first, block) for p in range(w.score_from, w.start + w.length + 1)]
+                assert covered == list(range(first, length))
+
+
+def test_score_sequences_matches_direct_forward(make_run):
+    run = load_run(make_run("gpt"))  # block_size 64
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 300, size=n).tolist() for n in (40, 9, 60)]
+    scores = score_sequences(run.model, sequences, [1, 1, 5], block_size=64, batch_size=2)
+    for seq, first, (targets, nll, correct) in zip(sequences, [1, 1, 5], scores):
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            logits, _ = run.model(x[:, :-1])
+        expected = F.cross_entropy(logits[0], x[0, 1:], reduction="none")[first - 1 :]
+        assert targets.tolist() == seq[first:]
+        assert np.allclose(nll, expected.numpy(), atol=1e-4)
+        assert correct.tolist() == (logits[0].argmax(-1) == x[0, 1:])[first - 1 :].tolist()
+
+
+def test_score_sequences_windows_long_sequences_for_lstm_too(make_run):
+    run = load_run(make_run("lstm", name="lstm"))
+    seq = list(range(1, 200))  # longer than the 64-token block
+    (targets, nll, _), = score_sequences(run.model, [seq], [1], block_size=64)
+    assert len(targets) == len(nll) == 198 and np.isfinite(nll).all()
+
+
+def test_summarize_pools_tokens_and_bytes():
+    scores = [(np.array([1, 2]), np.array([1.0, 3.0]), np.array([True, False])),
+              (np.array([3]), np.array([2.0]), np.array([True]))]
+    token_bytes = np.array([0, 1, 2, 3])
+    result = summarize(scores, token_bytes)
+    assert result["loss"] == pytest.approx(2.0)
+    assert result["perplexity"] == pytest.approx(math.exp(2.0))
+    assert result["bits_per_byte"] == pytest.approx(6.0 / math.log(2) / 6)
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert summarize([], token_bytes)["loss"] is None
