@@ -1,0 +1,32 @@
+"""`aigc plot RUN [RUN ...]`: training curves (loss, accuracy; train vs validation) as PNG files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw training curves of one or more runs",
+        description=(
+            "Write loss.png and accuracy.png (train vs validation, over steps and over tokens) from each "
+            "run's metrics.jsonl. One run: into RUN/plots/. Several runs: overlaid in one figure each, "
+            "written to --out (default: the first run's plots/ folder)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders made by `aigc train`")
+    parser.add_argument("--out", type=Path, help="folder for the figures (default: FIRST_RUN/plots)")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from aigc.plots import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    print(f"aigc plot: wrote {len(args.runs)} run(s) into {path.parent}", file=sys.stderr)
+    return 0

@@ -1,0 +1,78 @@
+"""Training and validation batches cut from the memory-mapped token shards.
+
+A batch is `B` windows of `block_size + 1` consecutive tokens; inputs are the first `block_size`,
+targets the same shifted by one. Only the windows are read from disk, never the whole corpus.
+
+Reproducibility: training windows come from a seeded numpy Generator whose state is saved in
+`state.pt`, so a resumed run draws exactly the batches an uninterrupted one would. In a data-parallel
+run every process draws the same *global* batch and keeps its own slice, so N processes see exactly
+the data one process with an N-times larger batch would see.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from aigc.errors import AigcError
+
+
+def check_split_size(num_tokens: int, split: str, block_size: int, windows: int = 1) -> None:
+    """A split must hold `windows` distinct windows of `block_size + 1` tokens."""
+    need = windows * (block_size + 1)
+    if num_tokens < need:
+        what = f"{windows} windows of --block-size {block_size} + 1" if windows > 1 else f"one window of --block-size {block_size} + 1"
+        raise AigcError(
+            f"the {split} split has only {num_tokens} tokens but {what} need {need}; "
+            "use a smaller --batch-size or --block-size, or prepare more data"
+        )
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device):
+    """(B,) start offsets -> inputs and targets, each (B, block_size) int64 on `device`."""
+    rows = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
+    batch = torch.from_numpy(rows)  # (B, T + 1)
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = batch.to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+class BatchSampler:
+    """Random training windows; `state()`/`set_state()` make the stream resumable exactly."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        high = len(self.tokens) - self.block_size  # last valid start + 1
+        starts = self.rng.integers(0, high, size=self.batch_size * self.world_size)  # the global batch
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _gather(self.tokens, mine, self.block_size, device)
+
+    def state(self) -> str:
+        # JSON text: PCG64's 128-bit integers survive it, and `weights_only` loading accepts strings.
+        return json.dumps(self.rng.bit_generator.state)
+
+    def set_state(self, state: str) -> None:
+        self.rng.bit_generator.state = json.loads(state)
+
+
+def fixed_windows(tokens: np.ndarray, block_size: int, count: int) -> np.ndarray:
+    """`count` start offsets spread evenly over a split: the same evaluation set every time."""
+    high = len(tokens) - block_size - 1
+    return np.linspace(0, high, num=count).round().astype(np.int64)
+
+
+def eval_batches(tokens: np.ndarray, starts: np.ndarray, block_size: int, batch_size: int, device: torch.device):
+    """Yield (inputs, targets) over the given window starts, `batch_size` windows at a time."""
+    for i in range(0, len(starts), batch_size):
+        yield _gather(tokens, starts[i : i + batch_size], block_size, device)

@@ -1,0 +1,60 @@
+"""`RUN/metrics.jsonl` (one JSON object per evaluation) and, on request, TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aigc.errors import AigcError
+from aigc.fsutil import append_jsonl, read_jsonl, write_text
+from aigc.train.checkpoint import METRICS
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def check_tensorboard(wanted: bool) -> None:
+    """Fail before training starts, not at the first evaluation."""
+    if not wanted:
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as exc:
+        raise AigcError("--tensorboard needs the tensorboard package; pip install 'aigc[tensorboard]' or drop the flag") from exc
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The metrics of a run (empty if it has none yet); a damaged file is a user error naming it."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    try:
+        return read_jsonl(path)
+    except json.JSONDecodeError as exc:
+        raise AigcError(f"{path} is corrupted at line {exc.lineno}; delete that line or start again with --overwrite") from exc
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / METRICS
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+
+    def append(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, global_step=record["step"])
+            self.writer.flush()
+
+    @staticmethod
+    def truncate(run_dir: Path, step: int) -> None:
+        """Drop records after `step` (written after the checkpoint a resume starts from)."""
+        records = read_metrics(run_dir)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) != len(records):
+            write_text(Path(run_dir) / METRICS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))

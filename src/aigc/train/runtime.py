@@ -1,0 +1,137 @@
+"""Where and how training runs: device, precision, threads, and data-parallel processes.
+
+Precision. bf16 autocast only pays off where the hardware multiplies bf16 natively: CUDA GPUs with
+bf16 support, and CPUs with AMX or AVX512-BF16. On an AVX2-only CPU a bf16 matmul is emulated and
+~100x slower than fp32, so `--dtype auto` keeps fp32 there.
+
+Distributed. `torchrun --nproc_per_node=N` sets RANK/WORLD_SIZE/LOCAL_RANK; we then join a process
+group (gloo on CPU, NCCL on GPU) and wrap the model in DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from aigc.errors import AigcError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: str  # "fp32" or "bf16": the autocast precision of matmuls
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # True when we created the process group (and must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AMX or AVX512-BF16)."""
+    try:
+        features = torch._C._cpu._get_cpu_capability()  # private, but the only complete report
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(features.get("amx_bf16") or features.get("avx512_bf16"))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks cuda > mps > cpu; an explicit device that is absent is a user error."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise AigcError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if name == "mps" and not mps:
+        raise AigcError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def precision_warning(runtime: Runtime) -> str | None:
+    """A line for the user when an explicit choice is known to be slow here."""
+    if runtime.dtype == "bf16" and runtime.device.type == "cpu" and not cpu_has_fast_bf16():
+        return "bf16 on a CPU without AMX/AVX512-BF16 is emulated and far slower than fp32; consider --dtype auto"
+    return None
+
+
+def start(device: str, dtype: str) -> Runtime:
+    """Pick device and precision; join the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = pick_device(device, local_rank)
+    owns_group = False
+    if world_size > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if torch_device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+            owns_group = True
+        if torch_device.type == "cpu":
+            # N processes share the cores; oversubscribed threads thrash instead of helping.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Runtime(torch_device, pick_dtype(dtype, torch_device), rank, world_size, owns_group)
+
+
+def stop(runtime: Runtime) -> None:
+    if runtime.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Sum numbers over all processes (identity in a single process)."""
+    if runtime.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_max(values: list[float], runtime: Runtime) -> list[float]:
+    """Per position, the largest value over all processes (e.g. flags, so all processes stop together)."""
+    if runtime.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first(runtime: Runtime) -> Iterator[None]:
+    """Let rank 0 do (and validate) filesystem work before the other processes read it."""
+    if not runtime.is_main:
+        barrier(runtime)
+    yield
+    if runtime.is_main:
+        barrier(runtime)

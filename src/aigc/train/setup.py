@@ -1,0 +1,182 @@
+"""Everything decided before the first step: configs, dataset, run folder, model.
+
+All checks run before anything is written, so a refused run leaves existing files untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+
+from aigc.config import ModelConfig, TrainConfig, model_preset
+from aigc.data.shards import Split, open_split, read_dataset_info
+from aigc.errors import AigcError
+from aigc.tokenizer import Tokenizer
+from aigc.train import checkpoint as ckpt
+from aigc.train.batches import check_split_size
+
+# Files and folders a run owns; `--overwrite` removes these and nothing else.
+RUN_ARTEFACTS = (
+    ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS, ckpt.BEST, ckpt.STATE, ckpt.METRICS,
+    "plots", "eval", "tensorboard", "report.md", "report.html",
+)
+MODEL_SHAPE_FIELDS = ("kind", "block_size", "n_layer", "n_head", "n_embd", "hidden_size", "bias")
+
+
+@dataclass
+class Dataset:
+    path: Path
+    info: dict
+    tokenizer: Tokenizer
+    train: Split
+    val: Split
+
+
+@dataclass
+class Plan:
+    """The resolved inputs of one training session."""
+
+    run_dir: Path
+    data: Dataset
+    model_config: ModelConfig
+    train_config: TrainConfig
+    resume: bool
+    init_from: str | None
+
+
+def open_dataset(data_dir: str | Path) -> Dataset:
+    path = Path(data_dir).resolve()
+    info = read_dataset_info(path)
+    tokenizer = Tokenizer.load(path / ckpt.TOKENIZER)
+    return Dataset(path, info, tokenizer, open_split(path, "train"), open_split(path, "val"))
+
+
+def data_provenance(data: Dataset) -> dict:
+    """What config.json records about the training data."""
+    return {
+        "path": str(data.path),
+        "labels": list(data.tokenizer.labels),
+        "tokenizer_fingerprint": data.tokenizer.vocab_fingerprint(),
+        "train_tokens": len(data.train),
+        "val_tokens": len(data.val),
+        "source": data.info.get("source"),
+    }
+
+
+def _check_same_tokenizer(data: Dataset, tokenizer: Tokenizer, run_dir: Path) -> None:
+    if data.tokenizer.vocab_fingerprint() != tokenizer.vocab_fingerprint():
+        raise AigcError(
+            f"{data.path} was prepared with a different tokenizer than {run_dir}; prepare it again with "
+            f"`aigc prepare SOURCE --out DIR --tokenizer {run_dir / ckpt.TOKENIZER}`"
+        )
+
+
+def plan_session(
+    data_dir: str | Path | None,
+    out_dir: str | Path,
+    model_config: ModelConfig | None,
+    train_config: TrainConfig | None,
+    *,
+    preset: str,
+    resume: bool,
+    init_from: str | Path | None,
+) -> Plan:
+    """Resolve the configs of a new, resumed or fine-tuning run and check them against the data."""
+    run_dir = Path(out_dir)
+    if resume:
+        saved = ckpt.read_run_config(run_dir)
+        if model_config is not None and model_config != saved.model:
+            raise AigcError(f"--resume keeps the model of {run_dir}; drop the model options (--preset, --n-layer, ...)")
+        data_dir = data_dir if data_dir is not None else saved.data.get("path")
+        if not data_dir:
+            raise AigcError(f"{run_dir / ckpt.CONFIG} does not say which dataset it was trained on; pass --data DIR")
+        data = open_dataset(data_dir)
+        _check_same_tokenizer(data, Tokenizer.load(run_dir / ckpt.TOKENIZER), run_dir)
+        plan = Plan(run_dir, data, saved.model, train_config or saved.train, True, saved.init_from)
+    elif init_from is not None:
+        if data_dir is None:
+            raise AigcError("--init-from needs --data: the prepared dataset to fine-tune on")
+        base = ckpt.read_run_config(init_from)
+        if model_config is not None and _shape(model_config) != _shape(base.model):
+            raise AigcError(f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)")
+        data = open_dataset(data_dir)
+        _check_same_tokenizer(data, Tokenizer.load(Path(init_from) / ckpt.TOKENIZER), Path(init_from))
+        config = base.model if model_config is None else dataclasses.replace(base.model, dropout=model_config.dropout)
+        plan = Plan(run_dir, data, config, train_config or TrainConfig(), False, str(init_from))
+    else:
+        if data_dir is None:
+            raise AigcError("--data is required: a folder made by `aigc prepare SOURCE --out DIR`")
+        data = open_dataset(data_dir)
+        config = model_config or model_preset(preset)
+        # The vocabulary always comes from the dataset's tokenizer.
+        config = dataclasses.replace(config, vocab_size=data.tokenizer.vocab_size)
+        plan = Plan(run_dir, data, config, train_config or TrainConfig(), False, None)
+    _check_sizes(plan)
+    return plan
+
+
+def _shape(config: ModelConfig) -> tuple:
+    return tuple(getattr(config, name) for name in MODEL_SHAPE_FIELDS)
+
+
+def _check_sizes(plan: Plan, world_size: int = 1) -> None:
+    block = plan.model_config.block_size
+    if plan.data.tokenizer.vocab_size > plan.model_config.vocab_size:
+        raise AigcError(
+            f"the dataset's tokenizer has {plan.data.tokenizer.vocab_size} tokens but the model only "
+            f"{plan.model_config.vocab_size}; fine-tune only on data prepared with the run's tokenizer"
+        )
+    check_split_size(len(plan.data.val), "val", block)
+    check_split_size(len(plan.data.train), "train", block, plan.train_config.batch_size * world_size)
+
+
+def check_world_size(plan: Plan, world_size: int) -> None:
+    if world_size > 1:
+        _check_sizes(plan, world_size)
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber: an existing run needs --resume or --overwrite; a foreign folder is never touched."""
+    if resume:
+        if not (run_dir / ckpt.STATE).is_file():
+            raise AigcError(f"cannot resume {run_dir}: {ckpt.STATE} is missing; start a new run with --overwrite instead")
+        return
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise AigcError(f"--out {run_dir} is a file; choose a folder name")
+    if (run_dir / ckpt.CONFIG).is_file():
+        if not overwrite:
+            raise AigcError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite")
+    elif any(run_dir.iterdir()):
+        raise AigcError(f"{run_dir} exists and is not an aigc run; choose another --out (nothing was changed)")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove the artefacts of a previous run (only after every check has passed)."""
+    for name in RUN_ARTEFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def freeze_embeddings(model: nn.Module) -> None:
+    """Fine-tuning option: keep token/position embeddings (and the tied output layer) fixed."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.weight.requires_grad_(False)
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """(V,) bytes each token id stands for (0 for special tokens): the denominator of bits per byte."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    for token_id in range(tokenizer.vocab_size):
+        lengths[token_id] = len(tokenizer.token_bytes(token_id))
+    return lengths
