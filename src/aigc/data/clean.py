@@ -1,0 +1,71 @@
+"""Cleaning: HTML tags to whitespace, Unicode NFC, control characters out, whitespace collapsed.
+
+Line breaks carry paragraph structure, so `<br>` becomes a newline and at most one blank line is
+kept between paragraphs; every other run of whitespace becomes one space. Text that merely looks
+like markup ("a < b", "<3") is left alone: a tag must start with a letter right after `<`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+_BREAK = re.compile(r"<\s*br\s*/?\s*>|</\s*p\s*>", re.IGNORECASE)
+_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>", re.DOTALL)
+_SPACES = re.compile(r"[^\S\n]+")
+_NEWLINES = re.compile(r" ?\n[\s]*")
+
+# Every C0/C1 control character except newline and tab (tab is collapsed to a space below).
+_CONTROLS: dict[int, str | None] = {code: None for code in range(0x100) if unicodedata.category(chr(code)) == "Cc"}
+_CONTROLS.pop(ord("\n"))
+_CONTROLS[ord("\t")] = " "
+_CONTROLS.update({0x2028: "\n", 0x2029: "\n"})  # Unicode line/paragraph separators
+
+
+@dataclass
+class CleanStats:
+    too_short: int = 0
+    too_long: int = 0
+    kept: int = 0
+
+
+def _newlines(match: re.Match) -> str:
+    return "\n\n" if match.group().count("\n") > 1 else "\n"
+
+
+def clean_text(text: str) -> str:
+    """Return `text` without markup or control characters, NFC-normalised, whitespace collapsed."""
+    if "<" in text:
+        text = _BREAK.sub("\n", text)
+        text = _TAG.sub(" ", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    text = text.translate(_CONTROLS)
+    text = _SPACES.sub(" ", text)
+    if "\n" in text:
+        text = _NEWLINES.sub(_newlines, text)
+    return text.strip()
+
+
+class Cleaner:
+    """`clean_text` plus the length filters, counting what each filter drops."""
+
+    def __init__(self, min_chars: int, max_chars: int):
+        self.min_chars = max(min_chars, 1)  # an empty document is never kept
+        self.max_chars = max_chars
+        self.stats = CleanStats()
+
+    def __call__(self, text: str) -> str | None:
+        """The cleaned text, or None when a length filter drops it."""
+        text = clean_text(text)
+        if len(text) < self.min_chars:
+            self.stats.too_short += 1
+            return None
+        if len(text) > self.max_chars:
+            self.stats.too_long += 1
+            return None
+        self.stats.kept += 1
+        return text

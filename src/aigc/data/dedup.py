@@ -1,0 +1,147 @@
+"""De-duplication: exact (hash of normalised text) and near-duplicate (MinHash + LSH, `datasketch`).
+
+Exact: BLAKE2b of the case-folded text with whitespace collapsed; the first copy is kept.
+
+Near: a document is the set of its shingles, three consecutive tokens, where a token is a run of ASCII
+letters/digits or a single non-ASCII character (so Chinese text shingles by characters). Signatures are
+computed for a whole batch of documents at once with numpy, never with a Python loop per shingle:
+
+    bytes → token spans (byte classes) → token hashes (polynomial prefix sums, mod 2**64)
+          → shingle hashes (3 tokens, mixed) → NUM_PERM hash functions x*a + b (mod 2**32) → min per document
+
+Documents are then visited in input order: datasketch's `MinHashLSH` returns candidates among the
+documents already kept, and a candidate counts when the two signatures agree on at least `threshold`
+of their slots (the MinHash estimate of Jaccard similarity). The first copy survives, and the work is
+linear in the number of documents plus the candidates LSH returns: never all pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+NUM_PERM = 64
+SHINGLE_TOKENS = 3  # fixed: the shingle formula below combines exactly three token hashes
+_SEED = 20240601
+_PRIME = 0x100000001B3  # odd, so it has an inverse mod 2**64
+_PRIME_INV = pow(_PRIME, -1, 2**64)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
+_NO_SHINGLE = np.iinfo(np.uint32).max
+
+
+def _byte_classes() -> np.ndarray:
+    """0 = separator (ASCII non-alphanumeric), 1 = ASCII letter/digit, 2 = UTF-8 lead byte, 3 = continuation."""
+    classes = np.zeros(256, dtype=np.uint8)
+    for byte in range(128):
+        classes[byte] = 1 if chr(byte).isalnum() else 0
+    classes[0x80:0xC0] = 3
+    classes[0xC0:] = 2
+    return classes
+
+
+_BYTE_CLASS = _byte_classes()
+
+
+def normalised_key(text: str) -> bytes:
+    """A 16-byte digest of the case-folded text with whitespace collapsed (the exact-duplicate key)."""
+    return hashlib.blake2b(" ".join(text.casefold().split()).encode("utf-8"), digest_size=16).digest()
+
+
+class ExactDedup:
+    """Remembers the keys seen so far (16 bytes per distinct document)."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+
+    def is_duplicate(self, text: str) -> bool:
+        key = normalised_key(text)
+        if key in self._seen:
+            return True
+        self._seen.add(key)
+        return False
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 … base**(n-1) mod 2**64; numpy's uint64 products wrap, which is the modulus we want."""
+    powers = np.full(n, base, dtype=np.uint64)
+    powers[0] = 1
+    return np.cumprod(powers, dtype=np.uint64)
+
+
+def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Position-independent 64-bit hashes of every token, and the index of the text each belongs to."""
+    parts = [text.casefold().encode("utf-8") for text in texts]
+    data = np.frombuffer(b" ".join(parts), dtype=np.uint8)  # (N,) bytes, texts joined by a separator
+    text_starts = np.cumsum([0] + [len(p) + 1 for p in parts[:-1]])
+    classes = _BYTE_CLASS[data]
+    word = classes == 1
+    starts_mask = (word & ~np.concatenate(([False], word[:-1]))) | (classes == 2)
+    starts = np.flatnonzero(starts_mask)
+    boundaries = np.append(np.flatnonzero(starts_mask | (classes == 0)), len(data))
+    ends = boundaries[np.searchsorted(boundaries, starts, side="right")]
+    # prefix[i] = sum_{j<i} (byte_j + 1) * P**-j, so a token's hash is (prefix[e] - prefix[s]) * P**s.
+    weighted = (data.astype(np.uint64) + np.uint64(1)) * _powers(_PRIME_INV, len(data))
+    prefix = np.concatenate(([np.uint64(0)], np.cumsum(weighted, dtype=np.uint64)))
+    hashes = (prefix[ends] - prefix[starts]) * _powers(_PRIME, len(data))[starts]
+    owners = np.searchsorted(text_starts, starts, side="right") - 1
+    return hashes, owners
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A bijective finaliser (splitmix64 style) so every bit of a shingle hash depends on all its tokens."""
+    x = x ^ (x >> np.uint64(31))
+    x = x * _MIX
+    return x ^ (x >> np.uint64(29))
+
+
+class MinHasher:
+    """Vectorised MinHash signatures, `NUM_PERM` uint32 values per document."""
+
+    def __init__(self, num_perm: int = NUM_PERM, seed: int = _SEED):
+        rng = np.random.default_rng(seed)
+        self.num_perm = num_perm
+        self._a = (rng.integers(0, 2**31, size=num_perm, dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
+        self._b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
+
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32; a row of all 0xFFFFFFFF means the text has no shingle."""
+        signatures = np.full((len(texts), self.num_perm), _NO_SHINGLE, dtype=np.uint32)
+        if not texts:
+            return signatures
+        hashes, owners = _token_hashes(texts)
+        if len(hashes) < SHINGLE_TOKENS:
+            return signatures
+        same_text = owners[:-2] == owners[2:]  # the three tokens belong to one text
+        shingles = hashes[:-2] * _MIX + hashes[1:-1] * np.uint64(_PRIME) + hashes[2:]
+        shingles, shingle_owner = _mix(shingles[same_text]), owners[:-2][same_text]
+        if not len(shingles):
+            return signatures
+        values = (shingles >> np.uint64(32)).astype(np.uint32)[:, None] * self._a + self._b  # (S, P), wraps
+        present, first = np.unique(shingle_owner, return_index=True)
+        signatures[present] = np.minimum.reduceat(values, first, axis=0)
+        return signatures
+
+
+def near_duplicates(signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean mask (N,): True for each document that nearly duplicates an earlier kept one."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    count, num_perm = signatures.shape
+    duplicate = np.zeros(count, dtype=bool)
+    needed = math.ceil(threshold * num_perm - 1e-9)  # slots that must agree
+    # datasketch cannot band above ~0.95 with 64 slots; candidates are verified against `threshold` below.
+    lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm)
+    has_shingles = (signatures != _NO_SHINGLE).any(axis=1)
+    for i in np.flatnonzero(has_shingles):
+        row = signatures[i]
+        sketch = LeanMinHash(seed=_SEED, hashvalues=row, scheme="affine32")
+        for candidate in lsh.query(sketch):
+            if np.count_nonzero(signatures[candidate] == row) >= needed:
+                duplicate[i] = True
+                break
+        else:
+            lsh.insert(int(i), sketch, check_duplication=False)
+    return duplicate

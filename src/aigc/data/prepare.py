@@ -1,0 +1,355 @@
+"""`prepare_dataset`: a raw corpus in, a dataset folder out (see docs/architecture.md for the format).
+
+    read + clean + exact dedup + MinHash ─► spool (disk)      one streaming pass over the source
+    near-duplicate search (LSH)            ─► keep mask        signatures only, no text
+    redact + split                          ─► one spool per split
+    tokenizer (train on the train split, or reuse one)
+    encode in batches                       ─► {split}.bin + {split}.docs.npy
+    dataset.json, then the temp folder is renamed to DIR
+
+Everything is built in a temp folder beside DIR and published with a rename, so a failure or an
+interruption never leaves half a dataset, and an existing dataset stays intact until the new one is
+complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aigc.config import PrepareConfig
+from aigc.data.clean import Cleaner
+from aigc.data.dedup import ExactDedup, MinHasher, near_duplicates
+from aigc.data.redact import Redactor
+from aigc.data.shards import DATASET_JSON, SPLITS, token_dtype, write_split
+from aigc.data.sources import ReadStats, Source, read_source, resolve_source, source_sha256
+from aigc.data.spool import Spool
+from aigc.errors import AigcError
+from aigc.fsutil import write_json
+from aigc.tokenizer import BYTE_ALPHABET, EOT, PAD, Tokenizer, label_token
+
+FORMAT_VERSION = 1
+MAX_LABELS = 256
+_LABEL_NAME = re.compile(r"[^\s<>|]{1,40}")
+_MINHASH_BATCH_CHARS = 256_000  # text per signature batch; keeps numpy temporaries small
+_ENCODE_BATCH = 1024
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class _Collected:
+    """The result of the streaming pass."""
+
+    spool: Spool
+    label_names: list[str]  # in first-seen order; spool label ids index this list
+    signatures: np.ndarray | None  # (N, NUM_PERM) uint32, None when dedup is off
+    read: ReadStats
+    counts: dict = field(default_factory=dict)
+
+
+def prepare_dataset(source: str, out: Path, config: PrepareConfig, progress: Progress | None = None) -> dict:
+    """Prepare `source` into the dataset folder `out`; returns the content of `out/dataset.json`.
+
+    When `out` already holds the same dataset (same source checksum and options) it is reused as is.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda message: None)
+    out = Path(out)
+    src = resolve_source(source)
+    checksum = source_sha256(src)
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
+    existing = _existing_dataset(out, checksum, options, config.overwrite)
+    if existing is not None:
+        report(f"{out} already holds this dataset (same source and options); reusing it")
+        return existing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        info = {"format_version": FORMAT_VERSION, "source": source, "source_sha256": checksum, "options": options}
+        info.update(_build(src, tmp, config, report))
+        info["elapsed_s"] = round(time.perf_counter() - started, 3)
+        write_json(tmp / DATASET_JSON, info)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _build(src: Source, tmp: Path, config: PrepareConfig, report: Progress) -> dict:
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = round(now - clock, 3)
+        clock = now
+
+    report(f"reading {src.name}")
+    collected = _collect(src, config, tmp, report)
+    labels = _checked_labels(collected, src, config)
+    lap("read_clean_exact_dedup")
+    keep = np.ones(len(collected.spool), dtype=bool)
+    if collected.signatures is not None:
+        report(f"near-duplicate search over {len(keep):,} documents")
+        keep = ~near_duplicates(collected.signatures, config.near_dup_threshold)
+    collected.counts["dedup"]["near"] = int((~keep).sum())
+    lap("near_dedup")
+    report("redacting and splitting" if config.redact else "splitting")
+    splits, redact_counts = _redact_and_split(collected, keep, labels, config, tmp)
+    lap("redact_split")
+    tokenizer = _tokenizer(splits["train"], labels, config, report)
+    tokenizer.save(tmp / "tokenizer.json")
+    lap("tokenizer")
+    report("encoding")
+    split_info = _write_shards(tokenizer, splits, labels, tmp)
+    lap("shards")
+    counts = {**collected.counts, "redact": redact_counts, "split": {s: v["documents"] for s, v in split_info.items()}}
+    return _summary(counts, split_info, labels, tokenizer, timings)
+
+
+def _summary(counts: dict, split_info: dict, labels: list[str], tokenizer: Tokenizer, timings: dict) -> dict:
+    text_bytes = sum(v["bytes"] for v in split_info.values())
+    tokens = sum(v["tokens"] for v in split_info.values())
+    distribution = {label: sum(v["label_distribution"].get(label, 0) for v in split_info.values()) for label in labels}
+    return {
+        "counts": counts,
+        "splits": split_info,
+        "bytes_per_token": round(text_bytes / tokens, 4) if tokens else 0.0,
+        "labels": labels,
+        "label_distribution": distribution,
+        "vocab_size": tokenizer.vocab_size,
+        "token_dtype": token_dtype(tokenizer.vocab_size).name,
+        "tokenizer_fingerprint": tokenizer.vocab_fingerprint(),
+        "timings_s": timings,
+    }
+
+
+# -- pass 1: read, clean, exact dedup, signatures -----------------------------------------------
+
+
+def _collect(src: Source, config: PrepareConfig, tmp: Path, report: Progress) -> _Collected:
+    if config.label_column and src.kind in ("txt", "folder"):
+        raise AigcError("--label-column needs a CSV/TSV, JSONL or Parquet source; .txt files carry no labels")
+    read, cleaner, exact = ReadStats(), Cleaner(config.min_chars, config.max_chars), ExactDedup()
+    hasher = MinHasher() if config.dedup else None
+    spool, label_ids, label_names = Spool(tmp / "cleaned.spool"), {}, []
+    pending: list[str] = []
+    pending_chars, signatures, exact_removed = 0, [], 0
+    for raw, label in read_source(src, config, read):
+        text = cleaner(raw)
+        if text is None:
+            continue
+        if config.dedup and exact.is_duplicate(text):
+            exact_removed += 1
+            continue
+        if label is not None and label not in label_ids:
+            _check_label_count(label_names, label, config)
+            label_ids[label] = len(label_names)
+            label_names.append(label)
+        spool.append(text, -1 if label is None else label_ids[label])
+        if hasher is not None:
+            pending.append(text)
+            pending_chars += len(text)
+            if pending_chars >= _MINHASH_BATCH_CHARS:
+                signatures.append(hasher.signatures(pending))
+                pending, pending_chars = [], 0
+        if read.documents % 100_000 == 0:
+            report(f"read {read.documents:,} documents")
+    spool.close()
+    if hasher is not None:
+        signatures.append(hasher.signatures(pending))
+    counts = {
+        "read": dataclasses.asdict(read),
+        "clean": dataclasses.asdict(cleaner.stats),
+        "dedup": {"exact": exact_removed, "near": 0},
+    }
+    if not len(spool):
+        raise AigcError(
+            f"the corpus is empty after cleaning ({read.documents} documents read, {cleaner.stats.too_short} too "
+            f"short, {cleaner.stats.too_long} too long); check --text-column and --min-chars/--max-chars"
+        )
+    merged = np.concatenate(signatures) if hasher is not None else None
+    return _Collected(spool, label_names, merged, read, counts)
+
+
+def _check_label_count(label_names: list[str], new_label: str, config: PrepareConfig) -> None:
+    if len(label_names) >= MAX_LABELS:
+        shown = ", ".join(repr(v) for v in label_names[:5])
+        raise AigcError(
+            f"label column {config.label_column!r} has more than {MAX_LABELS} distinct values ({shown}, …, "
+            f"{new_label!r}); a label is a category: choose a column with 2-{MAX_LABELS} values"
+        )
+
+
+def _checked_labels(collected: _Collected, src: Source, config: PrepareConfig) -> list[str]:
+    """Sorted label names, validated: 2..256 values, each usable inside a `<|label|>` token."""
+    names = collected.label_names
+    column = config.label_column or "label"
+    if len(names) == 1:
+        raise AigcError(
+            f"label column {column!r} has a single value ({names[0]!r}); labels must tell documents apart: "
+            "use a column with 2 or more values, or leave out --label-column"
+        )
+    for name in names:
+        if not _LABEL_NAME.fullmatch(name) or label_token(name) in (EOT, PAD):
+            raise AigcError(
+                f"label value {name!r} in column {column!r} cannot name a control token (1-40 characters, no "
+                "spaces, no '<', '>' or '|', not 'endoftext'/'pad'); clean the label column"
+            )
+    labels = sorted(names)
+    if not config.tokenizer:
+        minimum = BYTE_ALPHABET + 2 + len(labels) + 1  # mirrors Tokenizer.train, checked before the slow steps
+        if config.vocab_size < minimum:
+            raise AigcError(
+                f"--vocab-size {config.vocab_size} is too small: the byte alphabet plus {2 + len(labels)} special "
+                f"tokens need at least {minimum}; use --vocab-size {max(minimum, 512)} or more"
+            )
+    return labels
+
+
+# -- pass 2: redact and split ---------------------------------------------------------------
+
+
+def _split_sizes(count: int, config: PrepareConfig) -> tuple[int, int]:
+    def share(fraction: float) -> int:
+        return 0 if fraction == 0 else max(1, round(count * fraction))
+
+    n_val, n_test = share(config.val_fraction), share(config.test_fraction)
+    if count - n_val - n_test < 1:
+        raise AigcError(
+            f"only {count} documents remain after cleaning and de-duplication, too few for the requested "
+            "splits; add data or lower --val-fraction/--test-fraction"
+        )
+    return n_val, n_test
+
+
+def assign_splits(count: int, config: PrepareConfig) -> np.ndarray:
+    """(count,) int8: 0 = train, 1 = val, 2 = test; a seeded permutation, whole documents only."""
+    n_val, n_test = _split_sizes(count, config)
+    order = np.random.default_rng(config.seed).permutation(count)
+    assignment = np.zeros(count, dtype=np.int8)
+    assignment[order[:n_val]] = 1
+    assignment[order[n_val : n_val + n_test]] = 2
+    return assignment
+
+
+def _redact_and_split(
+    collected: _Collected, keep: np.ndarray, labels: list[str], config: PrepareConfig, tmp: Path
+) -> tuple[dict[str, Spool], dict]:
+    """Write each kept document, redacted, to the spool of its split (label ids now index `labels`)."""
+    remap = np.array([labels.index(name) for name in collected.label_names] + [-1], dtype=np.int32)
+    assignment = assign_splits(int(keep.sum()), config)
+    wanted = [s for s, f in zip(SPLITS, (1.0, config.val_fraction, config.test_fraction)) if f > 0]
+    spools = {split: Spool(tmp / f"{split}.spool") for split in wanted}
+    redactor = Redactor() if config.redact else None
+    kept_index = 0
+    for index, (text, label) in enumerate(collected.spool):
+        if not keep[index]:
+            continue
+        if redactor is not None:
+            text = redactor(text)
+        spools[SPLITS[assignment[kept_index]]].append(text, int(remap[label]))
+        kept_index += 1
+    for spool in spools.values():
+        spool.close()
+    collected.spool.remove()
+    if redactor is None:
+        return spools, {"enabled": False}
+    return spools, {"enabled": True, **redactor.counts, "documents": redactor.documents}
+
+
+# -- tokenizer and shards -------------------------------------------------------------------
+
+
+def _tokenizer(train: Spool, labels: list[str], config: PrepareConfig, report: Progress) -> Tokenizer:
+    if config.tokenizer:
+        tokenizer = Tokenizer.load(config.tokenizer)
+        missing = [label for label in labels if label not in tokenizer.labels]
+        if missing:
+            known = ", ".join(tokenizer.labels) or "none"
+            raise AigcError(
+                f"the tokenizer {config.tokenizer} has no control token for label(s) {', '.join(missing)} "
+                f"(it knows: {known}); map the labels to known ones or train a new tokenizer"
+            )
+        report(f"reusing tokenizer {config.tokenizer} ({tokenizer.vocab_size} tokens)")
+        return tokenizer
+    report(f"training a {config.vocab_size}-token BPE tokenizer on {len(train):,} documents")
+    return Tokenizer.train((text for text, _ in train), config.vocab_size, labels)
+
+
+def _framed(tokenizer: Tokenizer, spool: Spool, label_ids: list[int]) -> Iterator[list[int]]:
+    """Token ids of each document laid out as `[<|label|>] tokens… <|endoftext|>`."""
+    eot = [tokenizer.eot_id]
+    for batch in spool.batches(_ENCODE_BATCH):
+        encoded = tokenizer.encode_batch([text for text, _ in batch])
+        for ids, (_, label) in zip(encoded, batch):
+            yield ([label_ids[label]] if label >= 0 else []) + ids + eot
+
+
+def _write_shards(tokenizer: Tokenizer, spools: dict[str, Spool], labels: list[str], tmp: Path) -> dict:
+    label_ids = [tokenizer.label_id(label) for label in labels]
+    info = {}
+    for split, spool in spools.items():
+        stats = write_split(tmp, split, _framed(tokenizer, spool, label_ids), spool.labels, tokenizer.vocab_size)
+        label_index = np.frombuffer(spool.labels, dtype=np.int32) if len(spool) else np.zeros(0, np.int32)
+        distribution = {label: int((label_index == i).sum()) for i, label in enumerate(labels)}
+        info[split] = {**stats, "bytes": spool.nbytes, "label_distribution": distribution}
+        spool.remove()
+    return info
+
+
+# -- output folder --------------------------------------------------------------------------
+
+
+def _existing_dataset(out: Path, checksum: str, options: dict, overwrite: bool) -> dict | None:
+    """The existing dataset in `out` when it is the same one; raises when `out` must not be replaced."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise AigcError(f"--out {out} is a file; give a folder path for the dataset")
+    if not any(out.iterdir()):
+        return None
+    info_path = out / DATASET_JSON
+    if not info_path.is_file():
+        raise AigcError(f"--out {out} is not empty and holds no dataset; choose a new or empty folder")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = {}
+    if overwrite:
+        return None
+    if info.get("source_sha256") == checksum and info.get("options") == options:
+        return info
+    raise AigcError(
+        f"--out {out} already holds a different dataset (from {info.get('source', 'an unknown source')}); "
+        "pass --overwrite to replace it, or choose another folder"
+    )
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished dataset into place; an old one is swapped out first and restored on failure."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
