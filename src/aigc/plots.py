@@ -86,3 +86,37 @@ def _plot_curve(runs: list[tuple[str, list[dict]]], path: Path, title: str, ylab
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
+
+
+def comparison_chart(
+    names: Sequence[str], rows: Sequence[tuple[str, bool, Sequence[float | None]]], path: str | os.PathLike
+) -> Path:
+    """Bar chart comparing runs: one small panel per metric (scales differ), one colour per run.
+
+    `rows` are (metric name, higher is better, one value per run; None = not measured), as made by
+    `aigc.evaluate.compare.comparison_rows`. Written atomically; returns the path.
+    """
+    if not rows:
+        raise AigcError("no metric to compare: none of the runs has evaluation results; run `aigc eval` on them")
+    plt = _figure_module()
+    columns = min(4, len(rows))
+    lines = -(-len(rows) // columns)  # ceiling division
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False, constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, higher, values) in zip(axes.flat, rows):
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = ax.bar(range(len(names)), heights, color=[colors[i % len(colors)] for i in range(len(names))])
+        for bar, value in zip(bars, values):
+            label = "n/a" if value is None else f"{value:.3g}"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.margins(y=0.2)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle(f"aigc eval: {' vs '.join(names)}")
+    path = Path(path)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path

@@ -9,7 +9,7 @@ import pytest
 from aigc.data.shards import write_split
 
 
-def write_dataset(folder, tokenizer, reviews, *, labelled: bool = True) -> None:
+def _write_dataset(folder, tokenizer, reviews, *, labelled: bool = True) -> None:
     """train / val / test splits of `reviews` in the prepared-dataset format."""
     folder.mkdir(parents=True, exist_ok=True)
     names = ["pos", "neg"] if labelled else []
@@ -28,5 +28,39 @@ def write_dataset(folder, tokenizer, reviews, *, labelled: bool = True) -> None:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_tokenizer, reviews):
     folder = tmp_path_factory.mktemp("data") / "tiny"
-    write_dataset(folder, tiny_tokenizer, reviews)
+    _write_dataset(folder, tiny_tokenizer, reviews)
     return folder
+
+
+@pytest.fixture
+def write_dataset():
+    """Factory: write a dataset folder of (text, label) rows, labelled or not."""
+    return _write_dataset
+
+
+def _save_tiny_run(folder, tokenizer, *, kind: str = "gpt", data=None, seed: int = 0):
+    """A random-weight tiny run whose config.json records `data` as its dataset (when given)."""
+    import torch
+
+    from aigc.config import model_preset
+    from aigc.models import build_model
+    from aigc.train.checkpoint import RunConfig, save_run
+
+    torch.manual_seed(seed)
+    config = model_preset("tiny", kind=kind, vocab_size=tokenizer.vocab_size)
+    provenance = {"labels": list(tokenizer.labels)}
+    if data is not None:
+        provenance["path"] = str(data)
+    return save_run(folder, RunConfig(model=config, data=provenance), tokenizer, build_model(config))
+
+
+@pytest.fixture(scope="session")
+def save_tiny_run():
+    """Factory: save a random-weight tiny run, optionally recording its dataset path."""
+    return _save_tiny_run
+
+
+@pytest.fixture(scope="session")
+def fast():
+    """`aigc eval` options small enough that one evaluation of a tiny run takes about a second."""
+    return ["--samples", "3", "--prompts", "4", "--prompt-tokens", "6", "--max-new-tokens", "12", "--lm-docs", "12"]

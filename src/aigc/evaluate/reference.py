@@ -70,14 +70,20 @@ def held_out_pairs(
         if len(content) < prompt_tokens + 8:
             continue
         label_index = int(split.docs[i, 2])
-        pairs.append(
-            Pair(
-                prompt=tokenizer.decode(content[:prompt_tokens].tolist()),
-                reference=tokenizer.decode(content[prompt_tokens : prompt_tokens + reference_tokens].tolist()),
-                label=labels[label_index] if 0 <= label_index < len(labels) else None,
-            )
-        )
+        prompt, reference = _cut(tokenizer, content, prompt_tokens, reference_tokens)
+        pairs.append(Pair(prompt, reference, labels[label_index] if 0 <= label_index < len(labels) else None))
     return pairs
+
+
+def _cut(tokenizer, content: np.ndarray, prompt_tokens: int, reference_tokens: int) -> tuple[str, str]:
+    """Prompt and reference text, moving the cut past any character split across byte-level tokens."""
+    cut = prompt_tokens
+    prompt = tokenizer.decode(content[:cut].tolist())
+    while prompt.endswith("\ufffd") and cut < min(len(content), prompt_tokens + 3):
+        cut += 1
+        prompt = tokenizer.decode(content[:cut].tolist())
+    reference = tokenizer.decode(content[cut : cut + reference_tokens].tolist())
+    return prompt, reference.rstrip("\ufffd")
 
 
 def reference_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:

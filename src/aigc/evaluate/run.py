@@ -1,0 +1,307 @@
+"""`evaluate_run`: every metric of one run, each recorded with what it was computed on.
+
+Order of work: language modelling on held-out documents → generation (continuations of held-out
+prompts, then free samples per label) → reference metrics, diversity, fluency, control accuracy,
+memorisation and privacy on what was generated. The result is one JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aigc.config import EvalConfig, SampleConfig, to_dict
+from aigc.data.shards import DATASET_JSON, open_split, read_dataset_info
+from aigc.errors import AigcError
+from aigc.evaluate import control, lm, memorise, privacy, reference, textstats
+from aigc.tokenizer import Tokenizer
+from aigc.train.checkpoint import Run, load_run
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated text and how it came about."""
+
+    kind: str  # "continuation" (of a held-out prompt) or "sample" (free, per label)
+    label: str | None
+    prompt: str
+    text: str
+    tokens: int
+    ended_at_eot: bool
+    reference: str | None = None
+
+
+def dataset_folder(run: Run, data: str | os.PathLike | None) -> tuple[Path, dict]:
+    """The prepared dataset of a run: `data` if given, else the path recorded in its config.json."""
+    recorded = run.config.data.get("path")
+    if data is None and not recorded:
+        raise AigcError(
+            f"run {run.path} does not record the dataset it was trained on; pass --data DIR (a folder made by aigc prepare)"
+        )
+    folder = Path(data if data is not None else recorded)
+    if not (folder / DATASET_JSON).is_file():
+        where = "given with --data" if data is not None else "recorded in the run's config.json"
+        raise AigcError(f"no prepared dataset at {folder} ({where}; moved or deleted?); pass --data DIR")
+    info = read_dataset_info(folder)
+    tokenizer_file = folder / "tokenizer.json"
+    if tokenizer_file.is_file() and Tokenizer.load(tokenizer_file).vocab_fingerprint() != run.tokenizer.vocab_fingerprint():
+        raise AigcError(
+            f"the dataset at {folder} was tokenized with a different tokenizer than run {run.path}; "
+            "pass --data with the dataset this run was trained on"
+        )
+    return folder, info
+
+
+def generate_all(run: Run, requests: Sequence, batch_size: int) -> list:
+    """Completions for `requests`, decoded `batch_size` at a time (bounds the KV cache)."""
+    from aigc.generate import generate
+
+    completions = []
+    for first in range(0, len(requests), batch_size):
+        completions += generate(run.model, run.tokenizer, requests[first : first + batch_size])
+    return completions
+
+
+def draw(run: Run, pairs: Sequence[reference.Pair], config: EvalConfig, sampling: SampleConfig) -> list[Generated]:
+    """Continue every pair's prompt, then draw `config.samples` free samples per label (or in total)."""
+    from aigc.generate import Request
+
+    known = set(run.tokenizer.labels)
+    labels: list[str | None] = list(run.tokenizer.labels) or [None]
+    jobs = [("continuation", p.label if p.label in known else None, p.prompt, p.reference) for p in pairs]
+    jobs += [("sample", label, "", None) for label in labels for _ in range(config.samples)]
+    requests = [
+        Request(prompt=prompt, label=label, config=_replace(sampling, seed=config.seed + i))
+        for i, (_, label, prompt, _) in enumerate(jobs)
+    ]
+    completions = generate_all(run, requests, config.batch_size)
+    eot = run.tokenizer.eot_id
+    return [
+        Generated(kind, label, prompt, c.text, len(c.token_ids), bool(c.token_ids) and c.token_ids[-1] == eot, ref)
+        for (kind, label, prompt, ref), c in zip(jobs, completions)
+    ]
+
+
+def _replace(sampling: SampleConfig, **changes) -> SampleConfig:
+    from dataclasses import replace
+
+    return replace(sampling, **changes)
+
+
+def fluency(judge: Run, items: Sequence[Generated], batch_size: int) -> tuple[dict, list[float | None]]:
+    """Perplexity of generated text under `judge`, given the same prefix and prompt it was made from.
+
+    The text is re-tokenized with the judge's tokenizer, so bits per byte is the figure to compare
+    across runs with different tokenizers.
+    """
+    from aigc.generate import Request, encode_request
+
+    tok = judge.tokenizer
+    sequences, firsts = [], []
+    for item in items:
+        label = item.label if item.label in tok.labels else None
+        context = encode_request(tok, Request(prompt=item.prompt, label=label))
+        body = tok.encode(item.text) + ([tok.eot_id] if item.ended_at_eot else [])
+        sequences.append(context + body)
+        firsts.append(len(context))
+    scores = lm.score_sequences(
+        judge.model, sequences, firsts, block_size=judge.config.model.block_size, batch_size=batch_size
+    )
+    per_item = [float(np.exp(s[1].mean())) if len(s[1]) else None for s in scores]
+    summary = lm.summarize(scores, lm.byte_lengths(tok))
+    return {**summary, "scored_by": str(judge.path), "num_samples": len(items)}, per_item
+
+
+def language_modelling(run: Run, folder: Path, config: EvalConfig, text: str | os.PathLike | None) -> dict:
+    """Loss, perplexity, bits per byte and accuracy on whole held-out documents (and a text file)."""
+    split = open_split(folder, config.split)
+    sequences = lm.document_sequences(split, run.tokenizer.eot_id, config.lm_docs)
+    block = run.config.model.block_size
+    token_bytes = lm.byte_lengths(run.tokenizer)
+    scores = lm.score_sequences(run.model, sequences, [1] * len(sequences), block_size=block, batch_size=config.batch_size)
+    summary = lm.summarize(scores, token_bytes)
+    summary["computed_on"] = {
+        "split": config.split,
+        "documents": len(sequences),
+        "documents_in_split": int(len(split.docs)),
+        "tokens": summary["tokens"],
+        "window_and_stride": f"{block} / {max(1, block // 2)} tokens",
+    }
+    result = {"split": summary}
+    if text is not None:
+        path = Path(text)
+        if not path.is_file():
+            raise AigcError(f"--text file not found: {path}; give a UTF-8 text file to score")
+        ids = [run.tokenizer.eot_id] + run.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        file_scores = lm.score_sequences(run.model, [ids], [1], block_size=block, batch_size=config.batch_size)
+        file_summary = lm.summarize(file_scores, token_bytes)
+        result["text_file"] = {**file_summary, "computed_on": {"file": str(path), "tokens": file_summary["tokens"]}}
+    return result
+
+
+def control_section(run: Run, folder: Path, info: dict, config: EvalConfig, items: Sequence[Generated]) -> dict:
+    """Classifier trained on the train split, its held-out accuracy, then control accuracy of samples."""
+    labels = list(run.tokenizer.labels)
+    if not labels:
+        return {"skipped": "the run was trained without labels, so no sample was generated for a requested label; "
+                "prepare the data with --label-column to train a labelled run"}
+    # Document label indices follow dataset.json's label list; map them onto the run's order by name.
+    names = list(info.get("labels") or labels)
+    remap = np.array([labels.index(n) if n in labels else -1 for n in names] + [-1], dtype=np.int64)
+    train_texts, train_ids = control.labelled_texts(
+        open_split(folder, "train"), run.tokenizer, max_docs=config.classifier_docs, seed=config.seed
+    )
+    held_texts, held_ids = control.labelled_texts(open_split(folder, config.split), run.tokenizer)
+    train_ids, held_ids = remap[train_ids], remap[held_ids]
+    classifier = control.train_classifier(
+        [t for t, i in zip(train_texts, train_ids) if i >= 0], train_ids[train_ids >= 0], labels, seed=config.seed
+    )
+    samples = [item for item in items if item.kind == "sample"]
+    scores = control.control_accuracy(classifier, [s.text for s in samples], [s.label for s in samples])
+    return {
+        **scores,
+        "classifier": {
+            "model": "TF-IDF (unigrams, sublinear tf, 20k features) + logistic regression (scikit-learn)",
+            "train_documents": int((train_ids >= 0).sum()),
+            "held_out_split": config.split,
+            "held_out_documents": int((held_ids >= 0).sum()),
+            "held_out_accuracy": control.classifier_accuracy(
+                classifier, [t for t, i in zip(held_texts, held_ids) if i >= 0], held_ids[held_ids >= 0]
+            ),
+        },
+        "computed_on": {
+            "samples": len(samples),
+            "samples_per_label": config.samples,
+            "classifier_trained_on": f"{int((train_ids >= 0).sum())} train documents",
+            "classifier_tested_on": f"{int((held_ids >= 0).sum())} {config.split} documents",
+        },
+    }
+
+
+def memorisation_section(run: Run, folder: Path, config: EvalConfig, items: Sequence[Generated]) -> dict:
+    """Longest verbatim span of every generated text in the train split, via the n-gram index."""
+    start = time.perf_counter()
+    index = memorise.NgramIndex(np.asarray(open_split(folder, "train").tokens))
+    built = time.perf_counter() - start
+    encoded = run.tokenizer.encode_batch([item.text for item in items])
+    metrics = memorise.memorisation_metrics(index, encoded, config.min_span)
+    return {
+        **metrics,
+        "index_build_s": built,
+        "query_s": time.perf_counter() - start - built,
+        "computed_on": {
+            "index": f"every {index.n}-gram of the train split ({len(index):,} tokens)",
+            "texts": f"{len(items)} ({sum(i.kind == 'sample' for i in items)} samples, "
+            f"{sum(i.kind == 'continuation' for i in items)} continuations)",
+        },
+    }
+
+
+class _Stages:
+    """Times each stage and reports it through the progress callback."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.timings = progress, {}
+
+    def run(self, name: str, function: Callable, *args, **kwargs):
+        if self.progress:
+            self.progress(f"{name} …")
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.progress:
+            self.progress(f"{name}: {self.timings[name]:.1f} s")
+        return result
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    config: EvalConfig = EvalConfig(),
+    sampling: SampleConfig = SampleConfig(),
+    data: str | os.PathLike | None = None,
+    references: str | os.PathLike | None = None,
+    text: str | os.PathLike | None = None,
+    judge: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Evaluate one run; returns the dict that `aigc eval` writes to RUN/eval/metrics.json."""
+    from aigc.train.runtime import pick_device
+
+    started = time.perf_counter()
+    device = pick_device(config.device)
+    run = load_run(run_dir, device=device)
+    folder, info = dataset_folder(run, data)
+    pairs = reference.read_references(references) if references is not None else None
+    judge_run = load_run(judge, device=device) if judge is not None else None
+    sampling = _replace(sampling, max_new_tokens=config.max_new_tokens)
+    stages = _Stages(progress)
+    lm_result = stages.run("language modelling", language_modelling, run, folder, config, text)
+    if pairs is None:
+        pairs = reference.held_out_pairs(
+            open_split(folder, config.split), run.tokenizer, info.get("labels") or run.tokenizer.labels,
+            count=config.prompts, prompt_tokens=config.prompt_tokens,
+            reference_tokens=config.max_new_tokens, seed=config.seed,
+        )
+    items = stages.run("generation", draw, run, pairs, config, sampling)
+    result = {
+        "run": str(run.path), "model": run.config.model.kind, "data": str(folder), "device": str(device),
+        "config": to_dict(config), "sampling": {**to_dict(sampling), "seed": f"{config.seed} + sample index"},
+        "language_modelling": lm_result,
+    }
+    result.update(stages.run("text metrics", _text_metrics, items, pairs, references, config))
+    self_fluency, self_ppl = stages.run("fluency", fluency, run, items, config.batch_size)
+    result["fluency"] = {"self": self_fluency, "note": FLUENCY_NOTE}
+    if judge_run is not None:
+        result["fluency"]["judge"], _ = stages.run("judge fluency", fluency, judge_run, items, config.batch_size)
+    result["control"] = stages.run("control accuracy", control_section, run, folder, info, config, items)
+    result["memorisation"] = stages.run("memorisation", memorisation_section, run, folder, config, items)
+    result["privacy"] = privacy.redaction_check([item.text for item in items])
+    result["samples"] = _sample_rows(items, self_ppl, result)
+    result["timings_s"] = stages.timings
+    result["elapsed_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+FLUENCY_NOTE = (
+    "Perplexity of the generated text under a model: a crude fluency proxy. Under the run itself it "
+    "rewards text the model finds likely (low-temperature loops score well); a second run (--judge) is "
+    "a less self-serving reader, but still no substitute for human judgement."
+)
+
+
+def _text_metrics(items: Sequence[Generated], pairs, references, config: EvalConfig) -> dict:
+    continuations = [item for item in items if item.kind == "continuation"]
+    samples = [item for item in items if item.kind == "sample"]
+    source = str(references) if references is not None else f"held-out {config.split} documents"
+    ref = reference.reference_metrics([c.text for c in continuations], [c.reference or "" for c in continuations])
+    ref["computed_on"] = {
+        "pairs_from": source, "pairs": len(continuations),
+        "prompt_tokens": config.prompt_tokens if references is None else "as given",
+        "reference_tokens": config.max_new_tokens if references is None else "as given",
+    }
+    diversity = textstats.diversity_metrics(
+        [s.text for s in samples], [s.tokens for s in samples], [s.ended_at_eot for s in samples]
+    )
+    diversity["computed_on"] = {"samples": len(samples), "prompt": "empty (free samples)", "unit": "words"}
+    return {"reference": ref, "diversity": diversity}
+
+
+def _sample_rows(items: Sequence[Generated], perplexities: Sequence[float | None], result: dict) -> list[dict]:
+    """Every generated text with its own scores, for the report and for inspection."""
+    spans = result["memorisation"]["longest_span_per_sample"]
+    probabilities = iter(result["control"].get("sample_probabilities", []))
+    rows = []
+    for item, ppl, span in zip(items, perplexities, spans):
+        row = {**asdict(item), "perplexity": ppl, "longest_span": span}
+        if item.kind == "sample" and "sample_probabilities" in result["control"]:
+            row["label_probability"] = next(probabilities)
+        rows.append(row)
+    return rows
