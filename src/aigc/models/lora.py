@@ -158,6 +158,14 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
 
 
+def run_record(model: nn.Module, spec: LoRASpec | None) -> dict:
+    """What a training run records in config.json `extra`: parameter counts, and the LoRA settings."""
+    record: dict = {"parameters": count_parameters(model)}
+    if spec is not None:
+        record["lora"] = spec.to_json()
+    return record
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if ".lora_" in name}
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
 from aigc.models import build_model
+from aigc.models import lora
 from aigc.train import checkpoint as ckpt
 from aigc.train import runtime as rt
 from aigc.train import setup
@@ -114,6 +115,11 @@ class Trainer:
             ckpt.load_weights(model, Path(self.plan.init_from) / ckpt.WEIGHTS)
         if self.cfg.freeze_embeddings:
             setup.freeze_embeddings(model)
+        self.lora = lora.spec_from_config(self.cfg)
+        if self.lora is not None:  # before the optimizer is built: it takes only trainable parameters
+            if not self.plan.init_from:
+                raise AigcError("--lora-rank needs --init-from RUN: adapters fine-tune a trained model")
+            lora.apply_lora(model, self.lora)
         return model.to(self.rt.device).train()
 
     def _wrap(self, model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None]:
@@ -131,6 +137,7 @@ class Trainer:
             train=self.cfg,
             data=setup.data_provenance(self.plan.data),
             init_from=self.plan.init_from,
+            extra=lora.run_record(self.model, self.lora),
         )
         if self.plan.resume:
             self.log_truncate()

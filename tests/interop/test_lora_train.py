@@ -1,0 +1,82 @@
+"""`aigc train --init-from RUN --lora-rank R`: adapters learn a new corpus; the base stays as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import torch
+from safetensors.torch import load_file
+
+from aigc.cli import main
+from aigc.data.shards import open_split
+from aigc.evaluate.lm import document_sequences, score_sequences
+from aigc.models.lora import has_lora
+from aigc.train.checkpoint import load_run
+
+
+def _recipes(n: int, seed: int = 0) -> str:
+    """A corpus unlike the reviews the base tokenizer was trained on: short, regular recipes."""
+    rng = random.Random(seed)
+    foods = ["flour", "sugar", "butter", "rice", "beans", "apples", "milk", "onions"]
+    verbs = ["mix", "stir", "whisk", "fold", "chop", "boil"]
+    docs = [
+        f"Recipe {i}: {rng.choice(verbs)} {rng.randint(1, 9)} cups of {rng.choice(foods)} with "
+        f"{rng.choice(foods)}, then bake for {rng.randint(10, 60)} minutes."
+        for i in range(n)
+    ]
+    return "\n\n".join(docs) + "\n"
+
+
+def _val_loss(model, data, eot_id: int, block_size: int) -> float:
+    sequences = document_sequences(open_split(data, "val"), eot_id)
+    scores = score_sequences(model, sequences, [1] * len(sequences), block_size=block_size)
+    nll = torch.cat([torch.as_tensor(s[1]) for s in scores])
+    return nll.mean().item()
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, tmp_path):
+    base_dir = make_run("gpt", name="base", seed=1)
+    base_digest = _digest(base_dir / "model.safetensors")
+    (tmp_path / "recipes.txt").write_text(_recipes(240))
+    data = tmp_path / "recipes"
+    prepare = ["prepare", str(tmp_path / "recipes.txt"), "--out", str(data), "--tokenizer", str(base_dir / "tokenizer.json")]
+    assert main([*prepare, "--no-dedup", "--no-redact", "--val-fraction", "0.1"]) == 0
+    train = ["train", "--data", str(data), "--init-from", str(base_dir), "--out", str(tmp_path / "lora")]
+    options = "--lora-rank 4 --lora-alpha 8 --lora-targets c_attn,c_fc --max-steps 30 --eval-every 30 --eval-batches 2"
+    options += " --batch-size 8 --learning-rate 3e-2 --warmup-steps 3 --sample-tokens 0 --device cpu --dtype fp32 --quiet"
+    assert main([*train, *options.split()]) == 0
+
+    base, tuned = load_run(base_dir), load_run(tmp_path / "lora")
+    assert has_lora(tuned.model)
+    block = base.config.model.block_size
+    before = _val_loss(base.model, data, base.tokenizer.eot_id, block)
+    after = _val_loss(tuned.model, data, base.tokenizer.eot_id, block)
+    assert after < before - 0.25, (before, after)  # measured: 5.99 -> 5.53 nats
+
+    assert _digest(base_dir / "model.safetensors") == base_digest
+    base_tensors, tuned_tensors = load_file(base_dir / "model.safetensors"), load_file(tmp_path / "lora" / "model.safetensors")
+    frozen = {name: t for name, t in tuned_tensors.items() if ".lora_" not in name}
+    assert frozen.keys() == base_tensors.keys()
+    assert all(torch.equal(frozen[name], base_tensors[name]) for name in frozen)
+
+    extra = json.loads((tmp_path / "lora" / "config.json").read_text())["extra"]
+    assert extra["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["c_attn", "c_fc"], "dropout": 0.0}
+    adapters = sum(t.numel() for name, t in tuned_tensors.items() if ".lora_" in name)
+    assert extra["parameters"] == {"trainable": adapters, "total": base.model.num_params() + adapters}
+
+
+def test_lora_rank_without_init_from_is_refused(make_run, tmp_path, capsys):
+    base_dir = make_run("gpt", name="base")
+    (tmp_path / "recipes.txt").write_text(_recipes(60))
+    data = tmp_path / "recipes"
+    prepare = ["prepare", str(tmp_path / "recipes.txt"), "--out", str(data), "--tokenizer", str(base_dir / "tokenizer.json")]
+    assert main([*prepare, "--no-dedup", "--no-redact", "--val-fraction", "0.2"]) == 0
+    command = ["train", "--data", str(data), "--out", str(tmp_path / "lora"), "--preset", "tiny", "--lora-rank", "4"]
+    assert main([*command, "--max-steps", "2", "--device", "cpu", "--quiet"]) == 2
+    assert "--lora-rank needs --init-from RUN" in capsys.readouterr().err
