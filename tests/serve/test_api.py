@@ -151,14 +151,39 @@ def test_completions_lstm_run_is_served(make_app):
         ({"stream": "maybe"}, "stream", "valid boolean"),
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"model": None}, "model", "valid string"),
+        ({"max_tokens": "5"}, "max_tokens", "valid integer"),
+        ({"stream_options": {"include_usage": 1}}, "stream_options", "valid boolean"),
+        ({"prompt": "\ud800"}, "prompt", "lone surrogate"),
+        ({"stop": ["\udfff"]}, "stop", "lone surrogate"),
     ],
 )
 def test_completions_bad_parameter_is_400_naming_field(client, fields, param, fragment):
-    response = client.post("/v1/completions", json={"model": MODEL, **fields})
+    # json.dumps escapes to ASCII, so lone surrogates travel as `\ud800` the way a JSON client may send them.
+    body = json.dumps({"model": MODEL, **fields})
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert fragment in error["message"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 1e300},
+        {"repetition_penalty": 1e300, "prompt": "a wonderful film"},
+        {"top_p": 1e-300},
+        {"top_k": 10**30},
+        {"seed": 2**63 - 1, "n": 3},
+        {"stop": ["\u0000", "\n"]},
+        {"prompt": "<|endoftext|><|pos|><|pad|>"},
+        {"logprobs": 20, "n": 32},
+    ],
+)
+def test_completions_extreme_but_valid_values_succeed(client, fields):
+    body = complete(client, max_tokens=3, **fields)
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
 
 
 def test_completions_non_finite_float_is_400(client):

@@ -72,6 +72,11 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
     prompts = (body.prompt,) if isinstance(body.prompt, str) else tuple(body.prompt)
     if not prompts:
         raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    for param, texts in (("prompt", prompts), ("stop", stops)):
+        if not all(_is_unicode(text) for text in texts):
+            raise ApiError(400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)",
+                           param=param)
     if body.n < 1 or body.n * len(prompts) > limits.max_batch:
         raise ApiError(
             400,
@@ -138,6 +143,15 @@ def _choice_config(config: SampleConfig, j: int) -> SampleConfig:
     if config.seed is None or j == 0:
         return config
     return replace(config, seed=(config.seed + j) % SEED_LIMIT)
+
+
+def _is_unicode(text: str) -> bool:
+    """JSON escapes can smuggle lone surrogates into a str; they cannot be encoded or tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_unsupported(body: CompletionRequest) -> None:

@@ -36,6 +36,10 @@ from aigc.train.checkpoint import Run
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("aigc.serve")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+# With `stream: true`: one server-sent event per token (a CompletionResponse chunk as JSON), then [DONE].
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string", "description": "chunk JSON or [DONE]"}}}
+STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "JSON, or with `stream: true` "
+          "server-sent events: `data: {completion chunk}` per token, then `data: [DONE]`"}
 
 
 def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
@@ -60,6 +64,7 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     app.state.scheduler = scheduler
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     _add_error_handlers(app)
+    _document_model_name(app, name)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -84,7 +89,7 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     async def run_info() -> dict:
         return summary
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM})
     async def completions(body: CompletionRequest):
         _check_model(body.model, name)
         plan = api.plan_request(body, run.tokenizer, config)
@@ -103,6 +108,19 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
         return api.completion_body(meta, plan, body.n, done, events)
 
     return app
+
+
+def _document_model_name(app: FastAPI, name: str) -> None:
+    """List the one valid `model` in the OpenAPI schema, so clients and fuzzers can find it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"] = [name]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _check_model(model: str, name: str) -> None:
@@ -206,7 +224,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(ApiError(exc.status_code, message, code=code))
+        response = _error_response(ApiError(exc.status_code, message, code=code))
+        response.headers.update(exc.headers or {})  # e.g. `Allow` on 405
+        return response
 
     async def on_aigc(request: HttpRequest, exc: AigcError) -> JSONResponse:
         return _error_response(ApiError(400, str(exc)))

@@ -16,14 +16,27 @@ _NULL_MEANS_DEFAULT = frozenset(
 )
 
 
+def _null_allowed(schema: dict[str, Any]) -> None:
+    """Say in the JSON schema that these fields also take null (meaning: the default)."""
+    for name in _NULL_MEANS_DEFAULT:
+        prop = schema["properties"][name]
+        if "anyOf" in prop:
+            prop["anyOf"].append({"type": "null"})
+        else:
+            prop["anyOf"] = [{"type": prop.pop("type")}, {"type": "null"}]
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = Field(False, description="send a last chunk with the token counts")
 
 
 class CompletionRequest(BaseModel):
-    """`POST /v1/completions`. Unknown fields are ignored, as OpenAI-compatible servers usually do."""
+    """`POST /v1/completions`. Types are strict (no "1" for 1); unknown fields are ignored, as
+    OpenAI-compatible servers usually do."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True, json_schema_extra=_null_allowed)
 
     model: str = Field(description="model id from GET /v1/models")
     prompt: str | list[str] = Field("", description="text to continue, or a list of texts; '' starts a document")
