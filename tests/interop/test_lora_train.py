@@ -29,6 +29,15 @@ def _recipes(n: int, seed: int = 0) -> str:
     return "\n\n".join(docs) + "\n"
 
 
+def _prepare(tmp_path, tokenizer_path, docs: int, val_fraction: float):
+    """A prepared recipes dataset that reuses the base run's tokenizer, as fine-tuning requires."""
+    (tmp_path / "recipes.txt").write_text(_recipes(docs))
+    data = tmp_path / "recipes"
+    prepare = ["prepare", str(tmp_path / "recipes.txt"), "--out", str(data), "--tokenizer", str(tokenizer_path)]
+    assert main([*prepare, "--no-dedup", "--no-redact", "--val-fraction", str(val_fraction)]) == 0
+    return data
+
+
 def _val_loss(model, data, eot_id: int, block_size: int) -> float:
     sequences = document_sequences(open_split(data, "val"), eot_id)
     scores = score_sequences(model, sequences, [1] * len(sequences), block_size=block_size)
@@ -43,10 +52,7 @@ def _digest(path) -> str:
 def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, tmp_path):
     base_dir = make_run("gpt", name="base", seed=1)
     base_digest = _digest(base_dir / "model.safetensors")
-    (tmp_path / "recipes.txt").write_text(_recipes(240))
-    data = tmp_path / "recipes"
-    prepare = ["prepare", str(tmp_path / "recipes.txt"), "--out", str(data), "--tokenizer", str(base_dir / "tokenizer.json")]
-    assert main([*prepare, "--no-dedup", "--no-redact", "--val-fraction", "0.1"]) == 0
+    data = _prepare(tmp_path, base_dir / "tokenizer.json", docs=240, val_fraction=0.1)
     train = ["train", "--data", str(data), "--init-from", str(base_dir), "--out", str(tmp_path / "lora")]
     options = "--lora-rank 4 --lora-alpha 8 --lora-targets c_attn,c_fc --max-steps 30 --eval-every 30 --eval-batches 2"
     options += " --batch-size 8 --learning-rate 3e-2 --warmup-steps 3 --sample-tokens 0 --device cpu --dtype fp32 --quiet"
@@ -73,10 +79,21 @@ def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, t
 
 def test_lora_rank_without_init_from_is_refused(make_run, tmp_path, capsys):
     base_dir = make_run("gpt", name="base")
-    (tmp_path / "recipes.txt").write_text(_recipes(60))
-    data = tmp_path / "recipes"
-    prepare = ["prepare", str(tmp_path / "recipes.txt"), "--out", str(data), "--tokenizer", str(base_dir / "tokenizer.json")]
-    assert main([*prepare, "--no-dedup", "--no-redact", "--val-fraction", "0.2"]) == 0
+    data = _prepare(tmp_path, base_dir / "tokenizer.json", docs=60, val_fraction=0.2)
     command = ["train", "--data", str(data), "--out", str(tmp_path / "lora"), "--preset", "tiny", "--lora-rank", "4"]
     assert main([*command, "--max-steps", "2", "--device", "cpu", "--quiet"]) == 2
     assert "--lora-rank needs --init-from RUN" in capsys.readouterr().err
+
+
+def test_init_from_an_unmerged_lora_run_asks_for_a_merge(make_run, tmp_path, capsys):
+    from aigc.models.lora import LoRASpec, apply_lora
+    from aigc.train.checkpoint import RunConfig, save_run
+
+    base = load_run(make_run("gpt", name="base"))
+    apply_lora(base.model, LoRASpec(rank=2, alpha=2.0))
+    config = RunConfig(model=base.config.model, extra={"lora": LoRASpec(rank=2, alpha=2.0).to_json()})
+    lora_dir = save_run(tmp_path / "lora", config, base.tokenizer, base.model)
+    data = _prepare(tmp_path, lora_dir / "tokenizer.json", docs=60, val_fraction=0.2)
+    command = ["train", "--data", str(data), "--init-from", str(lora_dir), "--out", str(tmp_path / "next")]
+    assert main([*command, "--max-steps", "2", "--device", "cpu", "--quiet"]) == 2
+    assert f"is a LoRA run; merge its adapters first: `aigc merge {lora_dir}`" in capsys.readouterr().err

@@ -102,6 +102,9 @@ def plan_session(
         if data_dir is None:
             raise AigcError("--init-from needs --data: the prepared dataset to fine-tune on")
         base = ckpt.read_run_config(init_from)
+        if "lora" in base.extra or "quantization" in base.extra:  # weights that are not a plain model
+            fix = f"merge its adapters first: `aigc merge {init_from}`" if "lora" in base.extra else "start from the fp32 run it was exported from"
+            raise AigcError(f"--init-from {init_from} is a {'LoRA' if 'lora' in base.extra else 'int8'} run; {fix}")
         if model_config is not None and _shape(model_config) != _shape(base.model):
             raise AigcError(f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)")
         data = open_dataset(data_dir)
