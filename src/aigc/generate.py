@@ -18,6 +18,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import codecs
+import functools
 import random
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -274,14 +275,24 @@ class _Sampler:
         self.configs = configs
         self.generators = [_row_generator(c.seed) for c in configs]
         self.eot = tokenizer.eot_id
-        # Padding and label control tokens never belong in generated text.
+        # Padding and label control tokens never belong in generated text: -inf added to their logits.
         banned = [tokenizer.pad_id] + [tokenizer.label_id(label) for label in tokenizer.labels]
-        self.banned = column([i for i in banned if i < vocab], torch.long)
+        self.ban = torch.zeros(vocab, device=device)  # (V,)
+        self.ban[[i for i in banned if i < vocab]] = NEG_INF
         self.seen = None
         if any(c.repetition_penalty != 1.0 for c in configs):
             self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
             for r, row in enumerate(rows):
                 self.seen[r, torch.tensor(row.body, dtype=torch.long, device=device)] = True
+        self._summarise()
+
+    def _summarise(self) -> None:
+        """Which processing steps any active row needs (checked in Python: no device sync per step)."""
+        sampling = [c for c in self.configs if c.temperature > 0]
+        self.sampling = [c.temperature > 0 for c in self.configs]
+        self.any_top_k = any(c.top_k > 0 for c in sampling)
+        self.any_top_p = any(c.top_p < 1.0 for c in sampling)
+        self.most_min_new = max(c.min_new_tokens for c in self.configs)
 
     def keep(self, index: torch.Tensor, kept: list[int]) -> None:
         for name in ("temperature", "top_k", "top_p", "penalty", "min_new", "seen"):
@@ -289,22 +300,25 @@ class _Sampler:
                 setattr(self, name, getattr(self, name)[index])
         self.configs = [self.configs[i] for i in kept]
         self.generators = [self.generators[i] for i in kept]
+        self._summarise()
 
     def pick(self, raw: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """raw (B, V) logits -> chosen tokens (B,) and their log-probabilities under the raw logits."""
-        logits = raw.to(torch.float32, copy=True)  # (B, V); `raw` stays intact for the logprobs
-        logits[:, self.banned] = NEG_INF
-        if max(c.min_new_tokens for c in self.configs) > step:
+        logits = raw.float() + self.ban  # (B, V), a new tensor: `raw` stays intact for the logprobs
+        if self.most_min_new > step:
             logits[:, self.eot] = logits[:, self.eot].masked_fill(self.min_new > step, NEG_INF)
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
-        sampling = [c.temperature > 0 for c in self.configs]
-        if any(s and c.top_k > 0 for s, c in zip(sampling, self.configs)):
+        if self.any_top_k:
             logits = apply_top_k(logits, self.top_k)
-        if any(s and c.top_p < 1.0 for s, c in zip(sampling, self.configs)):
+        if self.any_top_p:
             logits = apply_top_p(logits, self.top_p)
-        uniforms = [float(torch.rand((), generator=g)) if s else 0.0 for s, g in zip(sampling, self.generators)]
-        tokens = sample_tokens(logits, self.temperature, torch.tensor(uniforms, device=raw.device))
+        if any(self.sampling):
+            draws = zip(self.sampling, self.generators)
+            uniforms = [float(torch.rand((), generator=g)) if s else 0.0 for s, g in draws]
+            tokens = sample_tokens(logits, self.temperature, torch.tensor(uniforms, device=raw.device))
+        else:
+            tokens = logits.argmax(dim=-1)  # all greedy: skip the softmax and cumulative sums
         if self.seen is not None:
             self.seen[torch.arange(len(tokens), device=raw.device), tokens] = True
         raw = raw.float()
@@ -335,7 +349,7 @@ def decode_stream(
     limit = context_limit(model)
     contexts = [row.window(limit) if limit else row.prefix + row.body for row in rows]
     backend = _GPTBackend(model, tokenizer.pad_id, device) if limit else _LSTMBackend(model, device)
-    token_bytes = _memoize(tokenizer.token_bytes)
+    token_bytes = functools.lru_cache(maxsize=None)(tokenizer.token_bytes)  # bytes of each token id
     was_training = model.training
     model.eval()
     try:
@@ -409,14 +423,3 @@ def _top_alternatives(raw: torch.Tensor, configs: list[SampleConfig], tokenizer:
         tuple((tokenizer.decode([i], skip_special=False), v) for i, v in zip(ids[r], values[r]))[: c.logprobs]
         for r, c in enumerate(configs)
     ]
-
-
-def _memoize(function):
-    cache: dict = {}
-
-    def lookup(key):
-        if key not in cache:
-            cache[key] = function(key)
-        return cache[key]
-
-    return lookup
