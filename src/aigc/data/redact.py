@@ -47,7 +47,9 @@ def _digits(text: str) -> str:
 
 def _is_ipv6(candidate: str) -> bool:
     groups = [g for g in re.split(r"[:.]", candidate) if g]
-    if len(groups) < 2:  # "::" or "::1" carry no personal data; "a:b" is usually not an address
+    # "::1" carries no personal data and "a::b" is more likely C++ than an address: ask for two
+    # groups and five hex digits, which every routable address written in text has.
+    if len(groups) < 2 or sum(map(len, groups)) < 5:
         return False
     try:
         ipaddress.IPv6Address(candidate)
@@ -73,15 +75,32 @@ def _is_phone(candidate: str) -> bool:
     return 7 <= len(_digits(candidate)) <= 15
 
 
-# (placeholder, pattern, validator, cheap test that the text could contain a match)
+# Cheap tests, each one regex scan or less, that a text could hold a match; the full patterns are
+# slow to scan (lookbehinds defeat the regex engine's prefix search), so they run only when needed.
+_NUMBERISH = re.compile(r"\d[\d .()/-]{5,}\d")  # 7+ characters of digits and separators
+_COLON_PAIR = re.compile(r":[0-9A-Fa-f]{0,4}:")
+
+
+def _might_hold_email(text: str) -> bool:
+    return "@" in text
+
+
+def _might_hold_ipv6(text: str) -> bool:
+    return ":" in text and _COLON_PAIR.search(text) is not None
+
+
+def _might_hold_number(text: str) -> bool:
+    return _NUMBERISH.search(text) is not None
+
+
+# (placeholder, pattern, validator, prefilter)
 _RULES = (
-    ("EMAIL", _EMAIL, None, lambda text: "@" in text),
-    ("IP", _IPV6, _is_ipv6, lambda text: "::" in text or text.count(":") >= 2),
-    ("IP", _IPV4, _is_ipv4, lambda text: "." in text),
-    ("CARD", _CARD, _is_card, None),
-    ("PHONE", _PHONE, _is_phone, None),
+    ("EMAIL", _EMAIL, None, _might_hold_email),
+    ("IP", _IPV6, _is_ipv6, _might_hold_ipv6),
+    ("IP", _IPV4, _is_ipv4, _might_hold_number),
+    ("CARD", _CARD, _is_card, _might_hold_number),
+    ("PHONE", _PHONE, _is_phone, _might_hold_number),
 )
-_DIGIT = re.compile(r"\d")
 
 
 class Redactor:
@@ -92,14 +111,13 @@ class Redactor:
         self.documents = 0  # documents with at least one replacement
 
     def __call__(self, text: str) -> str:
-        has_digit = _DIGIT.search(text) is not None
-        if not has_digit and "@" not in text and "::" not in text:
-            return text  # every pattern but e-mail and IPv6 needs a digit
         before = sum(self.counts.values())
+        verdicts: dict = {}
         for name, pattern, valid, might_match in _RULES:
-            if (might_match is None and not has_digit) or (might_match is not None and not might_match(text)):
-                continue
-            text = pattern.sub(self._replacer(name, valid), text)
+            if might_match not in verdicts:  # the number prefilter is shared by three rules
+                verdicts[might_match] = might_match(text)
+            if verdicts[might_match]:
+                text = pattern.sub(self._replacer(name, valid), text)
         if sum(self.counts.values()) > before:
             self.documents += 1
         return text
