@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -60,25 +59,18 @@ def test_serve_cli_interrupt_lets_in_flight_request_finish(make_run, tmp_path):
     try:
         wait_until_up(url, server)
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from AIGC_API_KEY
-        result: dict = {}
-
-        def long_request() -> None:
-            body = {"model": "run", "max_tokens": 400, "min_tokens": 400}
-            result["response"] = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
-
-        caller = threading.Thread(target=long_request)
-        caller.start()
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/health").json()["running"] == 0:
-            assert time.monotonic() < deadline
-        server.send_signal(signal.SIGINT)
-        caller.join(120)
+        body = {"model": "run", "max_tokens": 100, "min_tokens": 100, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120) as response:
+            lines = response.iter_lines()
+            first = next(lines)  # the request is in flight
+            server.send_signal(signal.SIGINT)
+            events = [first, *(line for line in lines if line.startswith("data: "))]
         assert server.wait(60) == 0
     finally:
         if server.poll() is None:
             server.kill()
-    response = result["response"]
-    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 400
+    assert events[-1] == "data: [DONE]"
+    assert len(events) == 1 + 99 + 1 + 1  # the first token, the other 99, the finish chunk, [DONE]
     log.seek(0)
     output = log.read()
     assert "playground http://127.0.0.1" in output and "stopped; requests in flight were finished" in output

@@ -55,38 +55,40 @@ def test_concurrent_requests_share_batches(live_server):
     scheduler = server.app.state.scheduler
 
     def call(i: int) -> int:
-        body = {"model": "run", "prompt": f"review {i}", "max_tokens": 24, "min_tokens": 24, "seed": i}
+        body = {"model": "run", "prompt": f"review {i}", "max_tokens": 12, "min_tokens": 12, "seed": i}
         response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
         return response.json()["usage"]["completion_tokens"]
 
     with ThreadPoolExecutor(16) as pool:
         tokens = list(pool.map(call, range(32)))
-    assert tokens == [24] * 32
+    assert tokens == [12] * 32
     # 32 requests fit in far fewer than 32 decode batches once they overlap.
     assert scheduler.largest_batch > 1 and scheduler.batches < 32
 
 
 def test_full_queue_answers_429(live_server):
-    server = live_server(max_batch=1, max_queue=1)
+    server = live_server(max_batch=1, max_queue=1, max_tokens_limit=8192)
     scheduler = server.app.state.scheduler
-    long = {"model": "run", "max_tokens": 1024, "min_tokens": 1024}
+    # Long enough to hold the only batch slot for seconds; hanging up below ends it early.
+    long = {"model": "run", "max_tokens": 8192, "min_tokens": 8192, "stream": True}
     results: dict[str, int] = {}
 
-    def post(name: str, body: dict) -> None:
-        results[name] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).status_code
+    def post_small() -> None:
+        body = {"model": "run", "max_tokens": 2}
+        results["queued"] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).status_code
 
-    running = threading.Thread(target=post, args=("running", long))
-    running.start()
-    wait_for(lambda: scheduler.running == 1)
-    queued = threading.Thread(target=post, args=("queued", {"model": "run", "max_tokens": 2}))
-    queued.start()
-    wait_for(lambda: scheduler.queued == 1)
-    refused = httpx.post(f"{server.url}/v1/completions", json={"model": "run", "max_tokens": 2}, timeout=30)
-    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
-    running.join(120)
-    queued.join(120)
-    assert results == {"running": 200, "queued": 200}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=60) as running:
+        lines = running.iter_lines()  # kept: dropping the iterator would close the connection
+        next(lines)  # decoding now, and it fills the only batch slot
+        queued = threading.Thread(target=post_small)
+        queued.start()
+        wait_for(lambda: scheduler.queued == 1)
+        refused = httpx.post(f"{server.url}/v1/completions", json={"model": "run", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+    queued.join(120)  # hanging up on the long stream ended its batch, so the queued one runs
+    assert results == {"queued": 200}
 
 
 def test_client_leaving_a_stream_frees_the_worker(live_server):

@@ -39,7 +39,7 @@ def test_scheduler_batches_jobs_queued_while_a_batch_runs(run):
     async def main():
         scheduler = Scheduler(run.model, run.tokenizer, max_batch=8, max_queue=64)
         scheduler.start()
-        first = scheduler.submit(rows(1, tokens=200), want_events=True)
+        first = scheduler.submit(rows(1, tokens=60), want_events=True)
         await first.next()  # the first batch is decoding now; these four wait for the next one
         waiting = [scheduler.submit(rows(2, seed=i), want_events=False) for i in range(4)]
         assert scheduler.queued == 8
