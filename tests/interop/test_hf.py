@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -97,3 +98,23 @@ def test_export_hf_lstm_run_is_refused(make_run, tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert "LSTM" in err and "no GPT-2 equivalent" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_hf_without_biases_writes_zero_biases(make_run, tmp_path):
+    run_dir = make_run("gpt", bias=False)
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    run = load_run(run_dir)
+    idx = torch.tensor([run.tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        ours, _ = run.model(idx)
+    assert (ours - _hf_logits(tmp_path / "hf", idx)).abs().max().item() < 1e-4
+
+
+def test_export_hf_files_are_readable_by_other_users(make_run, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert main(["export", str(make_run("gpt")), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # not the 0600 of a temp file

@@ -36,9 +36,14 @@ def _size_rows(run: Run) -> dict:
     }
 
 
+# Friendlier names for the metrics.jsonl fields a reader of the card looks for first.
+METRIC_NAMES = {"tokens": "training tokens", "elapsed_s": "training time (s)", "step": "optimizer steps"}
+
+
 def _training_rows(run: Run, metrics: list[dict]) -> dict:
     last = metrics[-1] if metrics else {}
-    rows = {key: value for key, value in last.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rows = {METRIC_NAMES.get(key, key): value for key, value in numbers.items()}
     losses = [m["val_loss"] for m in metrics if isinstance(m.get("val_loss"), (int, float))]
     if losses:
         rows["best val_loss"] = min(losses)
@@ -53,7 +58,8 @@ def _usage(run: Run) -> list[str]:
         "",
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
         'model = AutoModelForCausalLM.from_pretrained("PATH")',
-        f'ids = tokenizer("{example}The", return_tensors="pt").input_ids',
+        "# Like aigc, start with <|endoftext|>: every training document follows one.",
+        f'ids = tokenizer(tokenizer.eos_token + "{example}The", return_tensors="pt").input_ids',
         "out = model.generate(ids, max_new_tokens=40, do_sample=True, temperature=0.8)",
         "print(tokenizer.decode(out[0], skip_special_tokens=True))",
         "```",
@@ -95,4 +101,10 @@ def model_card(run: Run) -> str:
         provenance = {"init_from": config.init_from, **config.extra}
         lines += ["", "## Provenance", "```json", json.dumps(provenance, indent=2, ensure_ascii=False), "```"]
     lines += ["", "## Use", *_usage(run), ""]
+    lines += [
+        "## Limitations",
+        "A small model trained on the data above: it imitates the style of that text, is not a source of facts, "
+        "and repeats the biases of its data.",
+        "",
+    ]
     return "\n".join(lines)
