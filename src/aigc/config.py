@@ -236,8 +236,8 @@ class ServeConfig:
 
     host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
     port: int = opt(8000, "TCP port (0 = any free port)")
-    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1 routes (default: env AIGC_API_KEY)")
-    model_name: str | None = opt(None, "model id clients pass as `model` (default: the run folder's name)")
+    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1 routes; env AIGC_API_KEY also sets it")
+    model_name: str | None = opt(None, "model id clients pass as `model`; none = the run folder's name")
     device: str = opt("auto", "device for the model: auto picks cuda > mps > cpu", choices=DEVICES)
     max_batch: int = opt(32, "most sequences decoded together in one batch (and per request: n x prompts)")
     max_queue: int = opt(256, "most sequences waiting for a batch; beyond it requests get 429")
