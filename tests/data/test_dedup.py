@@ -76,3 +76,34 @@ def test_near_duplicates_scale_linearly_with_distinct_documents(count):
     texts = [" ".join(rng.choice(words, size=40)) for _ in range(count)]
     sigs = MinHasher().signatures(texts)
     assert not near_duplicates(sigs, threshold=0.8).any()
+
+
+def _datasketch_reference(signatures, threshold):
+    """The plain datasketch loop (every document queried and indexed), for comparison."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=signatures.shape[1])
+    duplicate = []
+    for i, row in enumerate(signatures):
+        sketch = LeanMinHash(seed=1, hashvalues=row, scheme="affine32")
+        hit = any(np.mean(signatures[c] == row) >= threshold for c in lsh.query(sketch))
+        duplicate.append(hit)
+        if not hit:
+            lsh.insert(i, sketch)
+    return np.array(duplicate)
+
+
+def test_near_duplicates_band_prefilter_matches_plain_datasketch():
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(3000)]
+    bases = [list(rng.choice(words, size=60)) for _ in range(40)]
+    texts = []
+    for _ in range(400):  # each text: a random base with 0-2 words replaced
+        text = list(bases[rng.integers(len(bases))])
+        for position in rng.choice(60, size=rng.integers(0, 3), replace=False):
+            text[position] = str(rng.choice(words))
+        texts.append(" ".join(text))
+    signatures = MinHasher().signatures(texts)
+    ours = near_duplicates(signatures, threshold=0.8)
+    assert 100 < ours.sum() < 400  # the corpus really holds near duplicates
+    assert np.array_equal(ours, _datasketch_reference(signatures, 0.8))

@@ -12,7 +12,9 @@ computed for a whole batch of documents at once with numpy, never with a Python 
 Documents are then visited in input order: datasketch's `MinHashLSH` returns candidates among the
 documents already kept, and a candidate counts when the two signatures agree on at least `threshold`
 of their slots (the MinHash estimate of Jaccard similarity). The first copy survives, and the work is
-linear in the number of documents plus the candidates LSH returns: never all pairs.
+linear in the number of documents plus the candidates LSH returns: never all pairs. A vectorised
+pre-pass finds the documents that share an LSH band with any other; only those enter the index, so
+memory stays near 300 bytes per document (the signature) instead of ~2.5 kB per index entry.
 """
 
 from __future__ import annotations
@@ -136,6 +138,26 @@ class MinHasher:
         return signatures
 
 
+def _shares_a_band(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(N,) bool: the documents whose signature equals some other document's on at least one LSH band.
+
+    Only these can ever be LSH candidates, so only they need to enter the datasketch index. A band is
+    reduced to one 64-bit key (a random linear hash of its values, wrapping), so equal bands always
+    get equal keys; a rare key collision merely adds a document to the index.
+    """
+    count = len(signatures)
+    shared = np.zeros(count, dtype=bool)
+    weights = np.random.default_rng(_SEED).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)
+    for band in range(bands):
+        values = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)  # (N, r)
+        keys = (values * weights).sum(axis=1, dtype=np.uint64)  # (N,)
+        order = np.argsort(keys, kind="stable")
+        repeated = keys[order][1:] == keys[order][:-1]  # (N-1,) equal to its neighbour in sorted order
+        shared[order[1:][repeated]] = True
+        shared[order[:-1][repeated]] = True
+    return shared
+
+
 def near_duplicates(signatures: np.ndarray, threshold: float) -> np.ndarray:
     """Boolean mask (N,): True for each document that nearly duplicates an earlier kept one."""
     from datasketch import LeanMinHash, MinHashLSH
@@ -144,9 +166,12 @@ def near_duplicates(signatures: np.ndarray, threshold: float) -> np.ndarray:
     duplicate = np.zeros(count, dtype=bool)
     needed = math.ceil(threshold * num_perm - 1e-9)  # slots that must agree
     # datasketch cannot band above ~0.95 with 64 slots; candidates are verified against `threshold` below.
-    lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm)
+    lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm, hashfunc=hash)
     has_shingles = (signatures != _NO_SHINGLE).any(axis=1)
-    for i in np.flatnonzero(has_shingles):
+    # A document that shares no band with any other is kept without touching the index: this keeps
+    # the index (about 2 kB per entry) to the few documents that could be duplicates at all.
+    suspects = has_shingles & _shares_a_band(signatures, lsh.b, lsh.r)
+    for i in np.flatnonzero(suspects):
         row = signatures[i]
         sketch = LeanMinHash(seed=_SEED, hashvalues=row, scheme="affine32")
         for candidate in lsh.query(sketch):

@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,13 +291,34 @@ def _tokenizer(train: Spool, labels: list[str], config: PrepareConfig, report: P
     return Tokenizer.train((text for text, _ in train), config.vocab_size, labels)
 
 
+def _encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """Batch encoding without character offsets (`encode_batch_fast`, tokenizers >= 0.20): the same
+    ids, about 15 % less work. Falls back to `Tokenizer.encode_batch` on older `tokenizers`."""
+    fast = getattr(tokenizer.hf, "encode_batch_fast", None)
+    if fast is None:
+        return tokenizer.encode_batch
+    return lambda texts: [e.ids for e in fast(texts, add_special_tokens=False)]
+
+
 def _framed(tokenizer: Tokenizer, spool: Spool, label_ids: list[int]) -> Iterator[list[int]]:
-    """Token ids of each document laid out as `[<|label|>] tokens… <|endoftext|>`."""
+    """Token ids of each document laid out as `[<|label|>] tokens… <|endoftext|>`.
+
+    The next batch is encoded in a worker thread (tokenizers releases the GIL and uses all cores)
+    while this thread frames and writes the current one."""
     eot = [tokenizer.eot_id]
-    for batch in spool.batches(_ENCODE_BATCH):
-        encoded = tokenizer.encode_batch([text for text, _ in batch])
-        for ids, (_, label) in zip(encoded, batch):
-            yield ([label_ids[label]] if label >= 0 else []) + ids + eot
+    encode = _encoder(tokenizer)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batches = spool.batches(_ENCODE_BATCH)
+        batch = next(batches, None)
+        pending = pool.submit(encode, [text for text, _ in batch]) if batch else None
+        while batch is not None:
+            encoded = pending.result()
+            following = next(batches, None)
+            if following is not None:
+                pending = pool.submit(encode, [text for text, _ in following])
+            for ids, (_, label) in zip(encoded, batch):
+                yield ([label_ids[label]] if label >= 0 else []) + ids + eot
+            batch = following
 
 
 def _write_shards(tokenizer: Tokenizer, spools: dict[str, Spool], labels: list[str], tmp: Path) -> dict:

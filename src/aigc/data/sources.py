@@ -39,6 +39,7 @@ class ReadStats:
     """What the reader saw; filled in while the source is streamed."""
 
     documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of the text read, before cleaning
     invalid_utf8_bytes: int = 0
     bad_lines_skipped: int = 0
 
@@ -118,6 +119,7 @@ def read_source(source: Source, config: PrepareConfig, stats: ReadStats) -> Iter
         records = _read_parquet(source.paths[0], config, stats)
     for record in records:
         stats.documents += 1
+        stats.bytes += len(record[0].encode("utf-8", "surrogatepass"))
         yield record
 
 
