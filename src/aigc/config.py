@@ -90,7 +90,7 @@ class PrepareConfig:
     text_column: str = opt("text", "CSV/TSV/Parquet column (or JSONL field) holding the text")
     label_column: str | None = opt(None, "column (or JSONL field) holding a label; adds control tokens")
     doc_per_file: bool = opt(False, "treat each .txt file as one document instead of splitting on blank lines")
-    skip_bad_lines: bool = opt(False, "skip malformed JSONL lines instead of stopping")
+    skip_bad_lines: bool = opt(False, "skip malformed records (bad JSON lines, short CSV rows, missing labels) instead of stopping")
     min_chars: int = opt(1, "drop documents shorter than this after cleaning")
     max_chars: int = opt(1_000_000, "drop documents longer than this after cleaning")
     dedup: bool = opt(True, "remove exact and near-duplicate documents")

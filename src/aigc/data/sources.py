@@ -235,7 +235,7 @@ def _read_jsonl(path: Path, config: PrepareConfig, stats: ReadStats) -> Iterator
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            _bad_line(config, stats, f"{path}: malformed JSON on line {number} ({exc.msg} at column {exc.colno})")
+            _bad_line(config, stats, f"{path}: malformed JSON on line {number} ({exc.msg}, column {exc.colno})")
             continue
         if not isinstance(record, dict):
             _bad_line(config, stats, f"{path}: line {number} is not a JSON object")
