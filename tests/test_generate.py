@@ -178,7 +178,7 @@ def test_generate_logprobs_match_the_model(tiny_tokenizer):
     assert first.logprob == pytest.approx(expected[first.token_id].item(), abs=1e-4)
     assert len(first.top_logprobs) == 4
     values = [v for _, v in first.top_logprobs]
-    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(first.logprob, abs=1e-5)
+    assert values == sorted(values, reverse=True) and values[0] == first.logprob  # greedy took the top one
     assert generate(model, tiny_tokenizer, [Request("a film", config=GREEDY)])[0].logprobs is None
 
 

@@ -302,8 +302,8 @@ class _Sampler:
         self.generators = [self.generators[i] for i in kept]
         self._summarise()
 
-    def pick(self, raw: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """raw (B, V) logits -> chosen tokens (B,) and their log-probabilities under the raw logits."""
+    def pick(self, raw: torch.Tensor, step: int) -> torch.Tensor:
+        """raw (B, V) logits -> the chosen token of each row (B,)."""
         logits = raw.float() + self.ban  # (B, V), a new tensor: `raw` stays intact for the logprobs
         if self.most_min_new > step:
             logits[:, self.eot] = logits[:, self.eot].masked_fill(self.min_new > step, NEG_INF)
@@ -321,9 +321,7 @@ class _Sampler:
             tokens = logits.argmax(dim=-1)  # all greedy: skip the softmax and cumulative sums
         if self.seen is not None:
             self.seen[torch.arange(len(tokens), device=raw.device), tokens] = True
-        raw = raw.float()
-        chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - raw.logsumexp(dim=-1)
-        return tokens, chosen
+        return tokens
 
 
 def _row_generator(seed: int | None) -> torch.Generator:
@@ -359,8 +357,10 @@ def decode_stream(
         active, step = rows, 0
         while active:
             with torch.inference_mode():
-                tokens, chosen = sampler.pick(logits, step)  # (B,), (B,)
-                alternatives = _top_alternatives(logits, sampler.configs, tokenizer)
+                tokens = sampler.pick(logits, step)  # (B,)
+                logprobs = logits.float().log_softmax(dim=-1)  # (B, V), temperature 1, before any processing
+                chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+                alternatives = _top_alternatives(logprobs, sampler.configs, tokenizer)
             for row, token, logprob, top in zip(active, tokens.tolist(), chosen.tolist(), alternatives):
                 yield _advance(row, token, logprob, top, tokenizer.eot_id, token_bytes)
             step += 1
@@ -412,12 +412,12 @@ def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) 
     return event
 
 
-def _top_alternatives(raw: torch.Tensor, configs: list[SampleConfig], tokenizer: Tokenizer) -> list[tuple]:
+def _top_alternatives(logprobs: torch.Tensor, configs: list[SampleConfig], tokenizer: Tokenizer) -> list[tuple]:
     """For each row, its `config.logprobs` most likely tokens as (token text, logprob) pairs."""
     k = max(c.logprobs for c in configs)
     if k == 0:
         return [()] * len(configs)
-    values, ids = raw.float().log_softmax(dim=-1).topk(k, dim=-1)  # (B, k) each
+    values, ids = logprobs.topk(k, dim=-1)  # (B, k) each
     values, ids = values.tolist(), ids.tolist()
     return [
         tuple((tokenizer.decode([i], skip_special=False), v) for i, v in zip(ids[r], values[r]))[: c.logprobs]

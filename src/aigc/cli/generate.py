@@ -56,14 +56,15 @@ def load(args: argparse.Namespace):
 
 def warn_if_truncated(run, prompt: str, label: str | None, command: str) -> None:
     """Tell the user when a prompt is longer than the context and only its end will be used."""
-    from aigc.generate import Request, context_limit, encode_request
+    from aigc.generate import Request, context_limit, prompt_prefix
 
     limit = context_limit(run.model)
-    fed = len(encode_request(run.tokenizer, Request(prompt, label)))
-    if limit is not None and fed > limit:
+    prefix = len(prompt_prefix(run.tokenizer, Request(prompt, label)))  # <|endoftext|> and the label token
+    tokens = len(run.tokenizer.encode(prompt))
+    if limit is not None and prefix + tokens > limit:
         print(
-            f"aigc {command}: warning: the prompt is {fed} tokens but the model's context holds {limit}; "
-            f"only its last {limit} tokens are used",
+            f"aigc {command}: warning: the prompt is {tokens} tokens but the model's context holds {limit}; "
+            f"only its last {limit - prefix} tokens are used",
             file=sys.stderr,
         )
 
