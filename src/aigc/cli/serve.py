@@ -41,8 +41,9 @@ def handle(args: argparse.Namespace) -> int:
 
     from aigc.serve import create_app
     from aigc.train.checkpoint import load_run
+    from aigc.train.runtime import pick_device
 
-    run = load_run(args.run, device=_device(config.device))
+    run = load_run(args.run, device=pick_device(config.device))
     app = create_app(run, config)
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
@@ -75,14 +76,3 @@ def _bind(host: str, port: int) -> socket.socket:
         raise AigcError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host") from exc
     return sock
 
-
-def _device(name: str) -> str:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
-    import torch
-
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available[name]:
-        raise AigcError(f"--device {name} is not available on this machine; use --device cpu or auto")
-    return name

@@ -52,7 +52,9 @@ async function loadSummary() {
   addPart(summary, "model", `${run.kind.toUpperCase()} ${formatCount(run.params)} params`);
   addPart(summary, "shape", `${run.n_layer} layers × ${run.n_embd}, context ${run.block_size}, vocab ${run.vocab_size}`);
   const data = run.data || {};
-  addPart(summary, "data", data.source || data.dataset || data.path || null);
+  const source = data.source || data.dataset || data.path || null;
+  const trained = data.train_tokens ? ` (${formatCount(data.train_tokens)} training tokens)` : "";
+  addPart(summary, "data", source && source + trained);
   if (run.val_bpb !== null) {
     const best = run.best_val_bpb !== null ? ` (best ${run.best_val_bpb.toFixed(3)})` : "";
     addPart(summary, "val", `${run.val_bpb.toFixed(3)} bits/byte at step ${run.step}${best}`);
