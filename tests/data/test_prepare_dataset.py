@@ -199,3 +199,15 @@ def test_prepare_dataset_unlabelled_documents_have_label_index_minus_one(tmp_pat
     assert info["labels"] == [] and info["label_distribution"] == {}
     assert (open_split(tmp_path / "ds", "train").docs[:, 2] == -1).all()
     assert np.isclose(info["bytes_per_token"], sum(s["bytes"] for s in info["splits"].values()) / sum(s["tokens"] for s in info["splits"].values()), atol=1e-3)
+
+
+def test_prepare_dataset_publishes_with_umask_permissions(tmp_path, reviews):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        prepare_dataset(_csv(tmp_path / "r.csv", reviews[:40]), tmp_path / "ds", _config(val_fraction=0.0))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "ds").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ds").iterdir()} == {0o644}

@@ -363,6 +363,7 @@ def _existing_dataset(out: Path, checksum: str, options: dict, overwrite: bool) 
 
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished dataset into place; an old one is swapped out first and restored on failure."""
+    _use_default_permissions(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -375,3 +376,13 @@ def _publish(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _use_default_permissions(folder: Path) -> None:
+    """mkdtemp/mkstemp create owner-only (0700/0600) entries; a published dataset gets the usual
+    permissions that the user's umask gives new files, like any folder they create."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
