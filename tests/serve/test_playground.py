@@ -79,7 +79,8 @@ def test_playground_streams_coloured_tokens_in_chromium(make_run, live_server, b
     page.check("#colour")
     assert "coloured" in page.get_attribute("#output", "class")
     first = shown.first
-    assert 0 < float(first.evaluate("el => el.style.getPropertyValue('--p')")) <= 1
+    colour = float(first.evaluate("el => el.style.getPropertyValue('--c')"))  # log-scale probability
+    assert 0 <= colour <= 1 and page.locator("#legend").is_visible()
     first.hover()
     tooltip = page.locator("#tooltip")
     tooltip.wait_for(state="visible")

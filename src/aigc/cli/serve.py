@@ -49,7 +49,7 @@ def handle(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     params = run.model.num_params()
-    print(f"aigc serve: {app.title} serving {run.path} ({params:,} parameters) as model "
+    print(f"aigc serve: serving {run.path} ({run.config.model.kind}, {params:,} parameters) as model "
           f"{config.model_name or run.path.name!r}", file=sys.stderr)
     print(f"aigc serve: playground http://{shown}:{port}/  API http://{shown}:{port}/v1  "
           f"(auth {'on' if config.api_key else 'off'}; Ctrl+C to stop)", file=sys.stderr)

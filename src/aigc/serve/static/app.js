@@ -90,6 +90,12 @@ function requestBody() {
   return body;
 }
 
+// Probability on a log scale, 0.1% -> 0 (red) ... 100% -> 1 (green): small models rarely exceed 50%,
+// and the difference between 0.1% and 5% matters as much as the one between 5% and 100%.
+function colourPosition(logprob) {
+  return Math.min(1, Math.max(0, (logprob / Math.LN10 + 3) / 3));
+}
+
 function addToken(text, logprobs) {
   if (text === "") return; // an unfinished multi-byte character or the end-of-text token
   const span = document.createElement("span");
@@ -97,7 +103,7 @@ function addToken(text, logprobs) {
   span.textContent = text;
   if (logprobs) {
     const logprob = logprobs.token_logprobs[0];
-    span.style.setProperty("--p", Math.exp(logprob).toFixed(4));
+    span.style.setProperty("--c", colourPosition(logprob).toFixed(3));
     tokenInfo.set(span, { text, logprob, top: logprobs.top_logprobs[0] || {} });
   }
   $("generated").append(span);
