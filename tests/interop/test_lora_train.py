@@ -76,6 +76,12 @@ def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, t
     adapters = sum(t.numel() for name, t in tuned_tensors.items() if ".lora_" in name)
     assert extra["parameters"] == {"trainable": adapters, "total": base.model.num_params() + adapters}
 
+    # Resuming keeps the adapters (and the frozen base) from the saved config and state.
+    assert main(["train", "--resume", str(tmp_path / "lora"), "--max-steps", "32", "--quiet"]) == 0
+    resumed = load_file(tmp_path / "lora" / "model.safetensors")
+    assert all(torch.equal(resumed[name], base_tensors[name]) for name in base_tensors)
+    assert not torch.equal(resumed["h.0.attn.c_attn.lora_B"], tuned_tensors["h.0.attn.c_attn.lora_B"])
+
 
 def test_lora_rank_without_init_from_is_refused(make_run, tmp_path, capsys):
     base_dir = make_run("gpt", name="base")
