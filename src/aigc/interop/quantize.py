@@ -3,9 +3,9 @@
 Each `nn.Linear` weight is stored as int8 with one scale per output row (symmetric, zero point 0);
 activations are quantized per batch at run time, so no calibration data is needed. We use
 `torch.ao.quantization.quantize_dynamic` with a per-channel config: it is deprecated in favour of
-`torchao.quantize_`, but on this CPU in eager mode torchao's int8 dynamic path decoded about 5x slower
-than fp32 and its weight-only path gave no speed-up, while `quantize_dynamic` is about 1.8x faster
-(see docs/interop.md). Embeddings, LayerNorms and the LSTM's recurrent weights stay fp32.
+`torchao.quantize_`, but on this CPU in eager mode it was the fastest of the three we measured
+(docs/interop.md): torchao's int8 dynamic path decoded 3x slower than fp32, its weight-only path
+1.2x faster, `quantize_dynamic` 1.8x faster. Embeddings, LayerNorms and the LSTM's recurrent weights stay fp32.
 
 The GPT's output head is tied to the token embedding: the head is quantized, and the embedding is
 replaced by the dequantized head weight, so the one int8 matrix serves both and is stored once.
