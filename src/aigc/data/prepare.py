@@ -15,13 +15,10 @@ complete.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ import numpy as np
 from aigc.config import PrepareConfig
 from aigc.data.clean import Cleaner
 from aigc.data.dedup import ExactDedup, MinHasher, near_duplicates
+from aigc.data.publish import existing_dataset, publish
 from aigc.data.redact import Redactor
 from aigc.data.shards import DATASET_JSON, SPLITS, token_dtype, write_split
 from aigc.data.sources import ReadStats, Source, read_source, resolve_source, source_sha256
@@ -71,7 +69,7 @@ def prepare_dataset(source: str, out: Path, config: PrepareConfig, progress: Pro
     src = resolve_source(source)
     checksum = source_sha256(src)
     options = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
-    existing = _existing_dataset(out, checksum, options, config.overwrite)
+    existing = existing_dataset(out, checksum, options, config.overwrite)
     if existing is not None:
         report(f"{out} already holds this dataset (same source and options); reusing it")
         return existing
@@ -82,7 +80,7 @@ def prepare_dataset(source: str, out: Path, config: PrepareConfig, progress: Pro
         info.update(_build(src, tmp, config, report))
         info["elapsed_s"] = round(time.perf_counter() - started, 3)
         write_json(tmp / DATASET_JSON, info)
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info
@@ -331,58 +329,3 @@ def _write_shards(tokenizer: Tokenizer, spools: dict[str, Spool], labels: list[s
         info[split] = {**stats, "bytes": spool.nbytes, "label_distribution": distribution}
         spool.remove()
     return info
-
-
-# -- output folder --------------------------------------------------------------------------
-
-
-def _existing_dataset(out: Path, checksum: str, options: dict, overwrite: bool) -> dict | None:
-    """The existing dataset in `out` when it is the same one; raises when `out` must not be replaced."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise AigcError(f"--out {out} is a file; give a folder path for the dataset")
-    if not any(out.iterdir()):
-        return None
-    info_path = out / DATASET_JSON
-    if not info_path.is_file():
-        raise AigcError(f"--out {out} is not empty and holds no dataset; choose a new or empty folder")
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        info = {}
-    if overwrite:
-        return None
-    if info.get("source_sha256") == checksum and info.get("options") == options:
-        return info
-    raise AigcError(
-        f"--out {out} already holds a different dataset (from {info.get('source', 'an unknown source')}); "
-        "pass --overwrite to replace it, or choose another folder"
-    )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished dataset into place; an old one is swapped out first and restored on failure."""
-    _use_default_permissions(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _use_default_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only (0700/0600) entries; a published dataset gets the usual
-    permissions that the user's umask gives new files, like any folder they create."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)

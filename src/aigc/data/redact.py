@@ -45,25 +45,23 @@ def _digits(text: str) -> str:
     return "".join(ch for ch in text if ch.isdigit())
 
 
+def _parses_as(kind: type, candidate: str) -> bool:
+    try:
+        kind(candidate)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_ipv6(candidate: str) -> bool:
     groups = [g for g in re.split(r"[:.]", candidate) if g]
     # "::1" carries no personal data and "a::b" is more likely C++ than an address: ask for two
     # groups and five hex digits, which every routable address written in text has.
-    if len(groups) < 2 or sum(map(len, groups)) < 5:
-        return False
-    try:
-        ipaddress.IPv6Address(candidate)
-    except ValueError:
-        return False
-    return True
+    return len(groups) >= 2 and sum(map(len, groups)) >= 5 and _parses_as(ipaddress.IPv6Address, candidate)
 
 
 def _is_ipv4(candidate: str) -> bool:
-    try:
-        ipaddress.IPv4Address(candidate)
-    except ValueError:
-        return False
-    return True
+    return _parses_as(ipaddress.IPv4Address, candidate)
 
 
 def _is_card(candidate: str) -> bool:
