@@ -45,7 +45,11 @@ def test_serve_cli_busy_port_is_one_line_error(make_run, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
 
 
-def test_serve_cli_interrupt_lets_in_flight_request_finish(make_run, tmp_path):
+@pytest.mark.parametrize(
+    ("stop", "exit_code"),
+    [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)],  # SIGTERM is re-raised once shut down, as usual
+)
+def test_serve_cli_signal_lets_in_flight_request_finish(make_run, tmp_path, stop, exit_code):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -63,9 +67,9 @@ def test_serve_cli_interrupt_lets_in_flight_request_finish(make_run, tmp_path):
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120) as response:
             lines = response.iter_lines()
             first = next(lines)  # the request is in flight
-            server.send_signal(signal.SIGINT)
+            server.send_signal(stop)
             events = [first, *(line for line in lines if line.startswith("data: "))]
-        assert server.wait(60) == 0
+        assert server.wait(60) == exit_code
     finally:
         if server.poll() is None:
             server.kill()
@@ -73,7 +77,9 @@ def test_serve_cli_interrupt_lets_in_flight_request_finish(make_run, tmp_path):
     assert len(events) == 1 + 99 + 1 + 1  # the first token, the other 99, the finish chunk, [DONE]
     log.seek(0)
     output = log.read()
-    assert "playground http://127.0.0.1" in output and "stopped; requests in flight were finished" in output
+    assert "playground http://127.0.0.1" in output and "Application shutdown complete" in output
+    if stop == signal.SIGINT:
+        assert "stopped; requests in flight were finished" in output
 
 
 def wait_until_up(url: str, server: subprocess.Popen) -> None:
