@@ -15,12 +15,13 @@ complete.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,49 +140,82 @@ def _summary(counts: dict, split_info: dict, labels: list[str], tokenizer: Token
 # -- pass 1: read, clean, exact dedup, signatures -----------------------------------------------
 
 
+class _Signer:
+    """MinHash signatures computed in a worker thread while the main thread keeps reading and cleaning
+    (numpy releases the GIL); datasketch, slow to import (scipy), is imported there first."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pool.submit(importlib.import_module, "datasketch")
+        self._hasher = MinHasher()
+        self._done: list[np.ndarray] = []
+        self._running: list[Future] = []
+        self._pending: list[str] = []
+        self._chars = 0
+
+    def add(self, text: str) -> None:
+        self._pending.append(text)
+        self._chars += len(text)
+        if self._chars >= _MINHASH_BATCH_CHARS:
+            self._submit()
+
+    def _submit(self) -> None:
+        self._running.append(self._pool.submit(self._hasher.signatures, self._pending))
+        self._pending, self._chars = [], 0
+        while len(self._running) > 2:  # bounded: text waiting for the worker stays a few batches
+            self._done.append(self._running.pop(0).result())
+
+    def signatures(self) -> np.ndarray:
+        """(N, NUM_PERM) for every text added, in order."""
+        self._submit()
+        self._done.extend(future.result() for future in self._running)
+        self._running = []
+        self.close()
+        return np.concatenate(self._done)
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
 def _collect(src: Source, config: PrepareConfig, tmp: Path, report: Progress) -> _Collected:
     if config.label_column and src.kind in ("txt", "folder"):
         raise AigcError("--label-column needs a CSV/TSV, JSONL or Parquet source; .txt files carry no labels")
     read, cleaner, exact = ReadStats(), Cleaner(config.min_chars, config.max_chars), ExactDedup()
-    hasher = MinHasher() if config.dedup else None
     spool, label_ids, label_names = Spool(tmp / "cleaned.spool"), {}, []
-    pending: list[str] = []
-    pending_chars, signatures, exact_removed = 0, [], 0
-    for raw, label in read_source(src, config, read):
-        text = cleaner(raw)
-        if text is None:
-            continue
-        if config.dedup and exact.is_duplicate(text):
-            exact_removed += 1
-            continue
-        if label is not None and label not in label_ids:
-            _check_label_count(label_names, label, config)
-            label_ids[label] = len(label_names)
-            label_names.append(label)
-        spool.append(text, -1 if label is None else label_ids[label])
-        if hasher is not None:
-            pending.append(text)
-            pending_chars += len(text)
-            if pending_chars >= _MINHASH_BATCH_CHARS:
-                signatures.append(hasher.signatures(pending))
-                pending, pending_chars = [], 0
-        if read.documents % 100_000 == 0:
-            report(f"read {read.documents:,} documents")
-    spool.close()
-    if hasher is not None:
-        signatures.append(hasher.signatures(pending))
-    counts = {
-        "read": dataclasses.asdict(read),
-        "clean": dataclasses.asdict(cleaner.stats),
-        "dedup": {"exact": exact_removed, "near": 0},
-    }
+    signer, exact_removed = (_Signer() if config.dedup else None), 0
+    try:
+        for raw, label in read_source(src, config, read):
+            text = cleaner(raw)
+            if text is None:
+                continue
+            if config.dedup and exact.is_duplicate(text):
+                exact_removed += 1
+                continue
+            if label is not None and label not in label_ids:
+                _check_label_count(label_names, label, config)
+                label_ids[label] = len(label_names)
+                label_names.append(label)
+            spool.append(text, -1 if label is None else label_ids[label])
+            if signer is not None:
+                signer.add(text)
+            if read.documents % 100_000 == 0:
+                report(f"read {read.documents:,} documents")
+        signatures = signer.signatures() if signer is not None else None
+    finally:
+        spool.close()
+        if signer is not None:
+            signer.close()
     if not len(spool):
         raise AigcError(
             f"the corpus is empty after cleaning ({read.documents} documents read, {cleaner.stats.too_short} too "
             f"short, {cleaner.stats.too_long} too long); check --text-column and --min-chars/--max-chars"
         )
-    merged = np.concatenate(signatures) if hasher is not None else None
-    return _Collected(spool, label_names, merged, read, counts)
+    counts = {
+        "read": dataclasses.asdict(read),
+        "clean": dataclasses.asdict(cleaner.stats),
+        "dedup": {"exact": exact_removed, "near": 0},
+    }
+    return _Collected(spool, label_names, signatures, read, counts)
 
 
 def _check_label_count(label_names: list[str], new_label: str, config: PrepareConfig) -> None:
