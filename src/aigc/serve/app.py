@@ -43,11 +43,10 @@ STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description"
 
 
 def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
+    """The app over a loaded run; uvicorn runs it (its lifespan starts and stops the scheduler)."""
     config = config or ServeConfig()
     name = config.model_name or run.path.name
     scheduler = Scheduler(run.model, run.tokenizer, max_batch=config.max_batch, max_queue=config.max_queue)
-    created = int(time.time())
-    summary = run_summary(run, name, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +65,13 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     _add_error_handlers(app)
     _document_model_name(app, name)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_info_routes(app, name, scheduler, run_summary(run, name, config))
+    _add_completions_route(app, run, config, name, scheduler)
+    return app
+
+
+def _add_info_routes(app: FastAPI, name: str, scheduler: Scheduler, summary: dict) -> None:
+    created = int(time.time())
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
@@ -89,6 +95,8 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     async def run_info() -> dict:
         return summary
 
+
+def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: str, scheduler: Scheduler) -> None:
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM})
     async def completions(body: CompletionRequest):
         _check_model(body.model, name)
@@ -106,8 +114,6 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
         finally:
             job.cancel()  # nothing more to deliver (or the handler was cancelled)
         return api.completion_body(meta, plan, body.n, done, events)
-
-    return app
 
 
 def _document_model_name(app: FastAPI, name: str) -> None:
