@@ -3,6 +3,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,14 @@ def test_prepare_console_script_error_has_no_traceback(tmp_path):
         f"aigc prepare: error: source not found: {tmp_path / 'missing.txt'}; give a file (.txt .csv .tsv .jsonl "
         ".parquet), a folder of .txt files, or one of: imdb, rotten-tomatoes"
     ]
+
+
+def test_prepare_cli_out_dot_fills_the_empty_working_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "c.txt").write_text("\n\n".join(f"paragraph {i} about a film" for i in range(20)))
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", ".", "--vocab-size", "300", "--no-dedup"]) == 0
+    assert "dedup     off" in capsys.readouterr().out
+    assert (tmp_path / "work" / "dataset.json").is_file()
+    assert Path.cwd().samefile(tmp_path / "work")  # the folder itself was kept, not replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "work"]

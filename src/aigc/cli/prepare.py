@@ -62,7 +62,8 @@ def summary(info: dict, out: Path) -> str:
         f"  read      {read['documents']:,} documents ({read['invalid_utf8_bytes']:,} invalid UTF-8 bytes replaced, "
         f"{read['bad_lines_skipped']:,} bad lines skipped)",
         f"  clean     {clean['kept']:,} kept, {clean['too_short']:,} too short, {clean['too_long']:,} too long",
-        f"  dedup     {dedup['exact']:,} exact and {dedup['near']:,} near duplicates removed",
+        f"  dedup     {dedup['exact']:,} exact and {dedup['near']:,} near duplicates removed"
+        if dedup.get("enabled", True) else "  dedup     off",
     ]
     if redact.get("enabled"):
         found = ", ".join(f"{redact[k]:,} {k}" for k in ("EMAIL", "PHONE", "CARD", "IP"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
 import shutil
 import tempfile
@@ -66,7 +67,7 @@ def prepare_dataset(source: str, out: Path, config: PrepareConfig, progress: Pro
     """
     started = time.perf_counter()
     report = progress or (lambda message: None)
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # so that `--out .` or `--out x/` still has a real parent and name
     src = resolve_source(source)
     checksum = source_sha256(src)
     options = {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"}
@@ -213,7 +214,7 @@ def _collect(src: Source, config: PrepareConfig, tmp: Path, report: Progress) ->
     counts = {
         "read": dataclasses.asdict(read),
         "clean": dataclasses.asdict(cleaner.stats),
-        "dedup": {"exact": exact_removed, "near": 0},
+        "dedup": {"enabled": config.dedup, "exact": exact_removed, "near": 0},
     }
     return _Collected(spool, label_names, signatures, read, counts)
 

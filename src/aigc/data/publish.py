@@ -44,6 +44,12 @@ def existing_dataset(out: Path, checksum: str, options: dict, overwrite: bool) -
 def publish(tmp: Path, out: Path) -> None:
     """Move the finished dataset into place; an old one is swapped out first and restored on failure."""
     _use_default_permissions(tmp)
+    if out.is_dir() and not any(out.iterdir()):
+        # An empty folder the user made (maybe their working directory) keeps its identity: the files
+        # move in one by one and dataset.json, the mark of a complete dataset, comes last.
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == DATASET_JSON):
+            os.replace(path, out / path.name)
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
