@@ -26,3 +26,24 @@ def test_load_run_names_the_missing_or_corrupted_file(make_run, tmp_path):
     (run_dir / "model.safetensors").unlink()
     with pytest.raises(AigcError, match="model.safetensors is missing"):
         load_run(run_dir)
+
+
+def test_state_round_trip_keeps_tensors_and_numbers(tmp_path):
+    from aigc.train.checkpoint import load_state, save_state
+
+    state = {"step": 7, "elapsed_s": 1.5, "sampler": '{"a": 1}', "rng": torch.get_rng_state(), "nested": {"x": [1, 2]}}
+    save_state(tmp_path, state)
+    loaded = load_state(tmp_path)
+    assert loaded["step"] == 7 and loaded["sampler"] == '{"a": 1}' and loaded["nested"] == {"x": [1, 2]}
+    assert torch.equal(loaded["rng"], state["rng"])
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"], "no temp file left behind"
+
+
+def test_load_state_names_a_missing_or_corrupted_file(tmp_path):
+    from aigc.train.checkpoint import load_state
+
+    with pytest.raises(AigcError, match="state.pt is missing"):
+        load_state(tmp_path)
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(AigcError, match="state.pt is corrupted"):
+        load_state(tmp_path)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from aigc.cli import main
+
+TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps", "2"]
+
+
+def _train(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_train_prints_evaluations_and_samples_then_resumes(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "--max-steps", "4", "--eval-every", "2", "--sample-tokens", "6") == 0
+    err = capsys.readouterr().err
+    assert "training gpt" in err and "step 2: train loss" in err and "val bpb" in err
+    assert "[pos]" in err and "[neg]" in err
+    assert "done (max-steps) at step 4" in err
+    assert main(["train", "--resume", str(run), "--max-steps", "6", "--quiet"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["max_steps"] == 6 and config["model"]["n_layer"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{tmp}/missing", "--out", "{tmp}/run", "--max-steps", "2"], "data folder not found"),
+        (["--data", "{tmp}", "--out", "{tmp}/run", "--max-steps", "2"], "not a prepared dataset"),
+        (["--data", "{data}", "--out", "{tmp}/run"], "no training budget"),
+        (["--data", "{data}", "--out", "{tmp}/run", "--max-steps", "2", "--learning-rate", "-1"], "--learning-rate must be > 0"),
+        (["--data", "{data}", "--max-steps", "2"], "--out is required"),
+        (["--resume", "{tmp}/nope"], "run folder not found"),
+    ],
+)
+def test_cli_train_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, capsys, args, message):
+    argv = [a.format(tmp=tmp_path, data=tiny_data) for a in args]
+    assert main(["train", *argv]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("aigc train: error: ") and message in line
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--preset", "huge"), ("--dtype", "fp8"), ("--model", "rnn")])
+def test_cli_train_unknown_choice_lists_the_valid_ones(tiny_data, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), flag, value])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_train_resume_names_the_corrupted_file(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "--max-steps", "2", "--eval-every", "2", "--quiet") == 0
+    good = (run / "state.pt").read_bytes()
+    (run / "state.pt").write_bytes(good[: len(good) // 2])
+    assert main(["train", "--resume", str(run), "--max-steps", "4"]) == 2
+    assert "state.pt is corrupted" in _error_line(capsys)
+    (run / "state.pt").write_bytes(good)
+    (run / "config.json").write_text("{ not json")
+    assert main(["train", "--resume", str(run), "--max-steps", "4"]) == 2
+    assert "config.json is corrupted" in _error_line(capsys)
+
+
+def test_cli_train_existing_run_needs_resume_or_overwrite(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "--max-steps", "2", "--quiet") == 0
+    assert _train(tiny_data, run, "--max-steps", "2") == 2
+    assert "--overwrite" in _error_line(capsys)
+    assert main(["train", "--resume", str(run), "--n-layer", "3"]) == 2
+    assert "drop the model options" in _error_line(capsys)
+    assert _train(tiny_data, run, "--max-steps", "2", "--overwrite", "--quiet") == 0
+
+
+def test_cli_train_tensorboard_writes_events_or_says_what_is_missing(tiny_data, tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
+    code = _train(tiny_data, tmp_path / "run", "--max-steps", "2", "--eval-every", "2", "--tensorboard", "--quiet")
+    if installed:
+        assert code == 0
+        assert any((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    else:
+        assert code == 2
+        assert "needs the tensorboard package" in _error_line(capsys)
+        assert not (tmp_path / "run").exists()
