@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +56,7 @@ class _Collected:
     spool: Spool
     label_names: list[str]  # in first-seen order; spool label ids index this list
     signatures: np.ndarray | None  # (N, NUM_PERM) uint32, None when dedup is off
-    read: ReadStats
-    counts: dict = field(default_factory=dict)
+    counts: dict  # per step: read, clean, dedup
 
 
 def prepare_dataset(source: str, out: Path, config: PrepareConfig, progress: Progress | None = None) -> dict:
@@ -100,7 +99,7 @@ def _build(src: Source, tmp: Path, config: PrepareConfig, report: Progress) -> d
 
     report(f"reading {src.name}")
     collected = _collect(src, config, tmp, report)
-    labels = _checked_labels(collected, src, config)
+    labels = _checked_labels(collected, config)
     lap("read_clean_exact_dedup")
     keep = np.ones(len(collected.spool), dtype=bool)
     if collected.signatures is not None:
@@ -216,7 +215,7 @@ def _collect(src: Source, config: PrepareConfig, tmp: Path, report: Progress) ->
         "clean": dataclasses.asdict(cleaner.stats),
         "dedup": {"enabled": config.dedup, "exact": exact_removed, "near": 0},
     }
-    return _Collected(spool, label_names, signatures, read, counts)
+    return _Collected(spool, label_names, signatures, counts)
 
 
 def _check_label_count(label_names: list[str], new_label: str, config: PrepareConfig) -> None:
@@ -228,7 +227,7 @@ def _check_label_count(label_names: list[str], new_label: str, config: PrepareCo
         )
 
 
-def _checked_labels(collected: _Collected, src: Source, config: PrepareConfig) -> list[str]:
+def _checked_labels(collected: _Collected, config: PrepareConfig) -> list[str]:
     """Sorted label names, validated: 2..256 values, each usable inside a `<|label|>` token."""
     names = collected.label_names
     column = config.label_column or "label"
