@@ -98,6 +98,7 @@ def client_loop(url: str, model: str, client_id: int, requests: int, max_tokens:
 
 
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    before = httpx.get(f"{url}/health").json()
     results: list = []
     threads = [threading.Thread(target=client_loop, args=(url, model, c, requests, max_tokens, results))
                for c in range(clients)]
@@ -107,6 +108,7 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    after = httpx.get(f"{url}/health").json()
     latencies = sorted(r[0] for r in results)
     errors = [r[2] for r in results if r[2]]
     return {
@@ -120,6 +122,7 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
         "requests_per_s": len(results) / wall,
         "p50_s": statistics.median(latencies),
         "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "mean_batch": (after["sequences"] - before["sequences"]) / max(1, after["batches"] - before["batches"]),
     }
 
 
@@ -175,11 +178,12 @@ def main() -> int:
 
 def report(rows: list[dict], fuzz_result, healthy: bool, code: int, server_log: str) -> None:
     base = next((r["tokens_per_s"] for r in rows if r["clients"] == 1), rows[0]["tokens_per_s"])
-    print("| clients | requests | errors | tokens/s | vs 1 client | requests/s | p50 latency | p99 latency |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| clients | requests | errors | tokens/s | vs 1 client | requests/s | p50 latency | p99 latency | mean batch |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_s'] / base:.1f}x | {r['requests_per_s']:.1f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s |")
+              f"{r['tokens_per_s'] / base:.1f}x | {r['requests_per_s']:.1f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | "
+              f"{r['mean_batch']:.1f} |")
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     if fuzz_result:

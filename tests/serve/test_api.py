@@ -269,8 +269,11 @@ def test_run_summary_reports_size_labels_and_val_bpb(make_run):
     assert (summary["step"], summary["val_bpb"], summary["best_val_bpb"]) == (300, 2.2, 2.1)
 
 
-def test_health_reports_queue(client):
-    assert client.get("/health").json() == {"status": "ok", "model": MODEL, "queued": 0, "running": 0}
+def test_health_reports_queue_and_batches(client):
+    expected = {"status": "ok", "model": MODEL, "queued": 0, "running": 0, "batches": 0, "sequences": 0}
+    assert client.get("/health").json() == expected
+    complete(client, prompt=["a", "b"], n=2, max_tokens=1)
+    assert client.get("/health").json() == {**expected, "batches": 1, "sequences": 4}
 
 
 def test_playground_page_is_self_contained(client):

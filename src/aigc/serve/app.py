@@ -80,7 +80,8 @@ def _add_info_routes(app: FastAPI, name: str, scheduler: Scheduler, summary: dic
     @app.get("/health", response_model=Health)
     async def health() -> dict:
         status = "shutting_down" if scheduler.closed else "ok"
-        return {"status": status, "model": name, "queued": scheduler.queued, "running": scheduler.running}
+        return {"status": status, "model": name, "queued": scheduler.queued, "running": scheduler.running,
+                "batches": scheduler.batches, "sequences": scheduler.sequences}
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict:

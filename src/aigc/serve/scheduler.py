@@ -69,6 +69,7 @@ class Scheduler:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.batches = 0  # batches decoded so far
+        self.sequences = 0  # rows decoded so far (sequences / batches = mean batch size)
         self.largest_batch = 0  # most rows decoded together so far
 
     # -- called from the event loop --------------------------------------------------------------
@@ -144,6 +145,7 @@ class Scheduler:
     def _run_batch(self, batch: list[Job]) -> None:
         owners = [(job, row) for job in batch for row in range(len(job.requests))]
         self.batches += 1
+        self.sequences += len(owners)
         self.largest_batch = max(self.largest_batch, len(owners))
         try:
             completions = self._decode([r for job in batch for r in job.requests], owners, batch)

@@ -141,3 +141,5 @@ class Health(BaseModel):
     model: str
     queued: int = Field(description="sequences waiting for a batch")
     running: int = Field(description="sequences being decoded now")
+    batches: int = Field(description="batches decoded since start-up")
+    sequences: int = Field(description="sequences decoded since start-up (sequences / batches = mean batch size)")
