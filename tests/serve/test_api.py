@@ -269,6 +269,20 @@ def test_run_summary_reports_size_labels_and_val_bpb(make_run):
     assert (summary["step"], summary["val_bpb"], summary["best_val_bpb"]) == (300, 2.2, 2.1)
 
 
+def test_server_bug_is_500_in_error_shape(make_app, monkeypatch):
+    from aigc.serve import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api, "plan_request", broken)
+    with TestClient(make_app(), raise_server_exceptions=False) as client:
+        response = client.post("/v1/completions", json={"model": MODEL})
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal server error (RuntimeError)", "type": "server_error",
+                                        "param": None, "code": None}
+
+
 def test_health_reports_queue_and_batches(client):
     expected = {"status": "ok", "model": MODEL, "queued": 0, "running": 0, "batches": 0, "sequences": 0}
     assert client.get("/health").json() == expected

@@ -238,7 +238,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_aigc(request: HttpRequest, exc: AigcError) -> JSONResponse:
         return _error_response(ApiError(400, str(exc)))
 
+    async def on_bug(request: HttpRequest, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the usual error shape, not plain text.
+        return _error_response(ApiError(500, f"internal server error ({type(exc).__name__})", type="server_error"))
+
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(Exception, on_bug)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(AigcError, on_aigc)
