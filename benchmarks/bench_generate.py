@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def corpus_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer.train(texts, vocab_size=vocab_size)
 
 
-def to_transformers(model):
+def to_transformers(model, eot_id: int):
     """A GPT2LMHeadModel with our model's weights (GPT-2's Conv1D stores weights transposed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -40,6 +41,7 @@ def to_transformers(model):
     hf_config = GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+        bos_token_id=eot_id, eos_token_id=eot_id,
     )
     hf = GPT2LMHeadModel(hf_config).eval()
     state = {}
@@ -123,14 +125,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
     torch.manual_seed(0)
     model = build_model(model_preset("small", vocab_size=8192)).eval()
-    hf = to_transformers(model)
     tokenizer = corpus_tokenizer(8192)
+    hf = to_transformers(model, tokenizer.eot_id)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"small preset, {model.num_params():,} parameters, {args.new_tokens} new tokens, greedy", file=sys.stderr)
     print("| batch | aigc tokens/s | transformers tokens/s | speed-up | speed-up (CPU time) "
