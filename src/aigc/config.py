@@ -154,6 +154,7 @@ class TrainConfig:
     dtype: str = opt("auto", "compute precision: auto (bf16 where the hardware is fast at it), fp32, bf16", choices=DTYPES)
     device: str = opt("auto", "device: auto picks cuda > mps > cpu", choices=DEVICES)
     compile: bool = opt(False, "compile the model with torch.compile")
+    threads: int = opt(0, "CPU threads per process; 0 = auto: the cores other work leaves free at start (at least 1)")
     seed: int = opt(1337, "seed for initialisation and batch sampling")
     freeze_embeddings: bool = opt(False, "when fine-tuning, keep token and position embeddings fixed")
     tensorboard: bool = opt(False, "also write TensorBoard event files (needs `tensorboard`)")
@@ -174,7 +175,7 @@ class TrainConfig:
         _check(bool(targets), "--lora-targets is empty; name at least one linear layer, e.g. c_attn")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_steps", "max_tokens", "save_every", "sample_tokens"):
+        for name in ("warmup_steps", "max_steps", "max_tokens", "save_every", "sample_tokens", "threads"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -271,13 +272,13 @@ class EvalConfig:
     """Options of `aigc eval`: what is scored, how many samples, and how they are drawn."""
 
     split: str = opt("val", "held-out split that is scored and supplies the prompts", choices=EVAL_SPLITS)
-    lm_docs: int = opt(256, "documents of the split scored for loss, perplexity, bits per byte; 0 = all")
+    lm_docs: int = opt(64, "documents of the split scored for loss, perplexity, bits per byte; 0 = all")
     prompts: int = opt(64, "held-out documents whose opening is continued and scored against the real text")
     prompt_tokens: int = opt(32, "tokens of each held-out document given as the prompt")
     samples: int = opt(32, "samples generated per label (in total for an unlabelled run)")
     max_new_tokens: int = opt(128, f"most tokens per sample or continuation (1..{MAX_NEW_TOKENS_LIMIT})")
     min_span: int = opt(32, "a sample counts as memorised when this many tokens appear verbatim in the train split")
-    classifier_docs: int = opt(0, "train documents the control classifier learns from; 0 = all")
+    classifier_docs: int = opt(10000, "train documents the control classifier learns from; 0 = all")
     batch_size: int = opt(32, "sequences generated or scored together")
     seed: int = opt(1337, "seed for the choice of prompts and for sampling (sample i uses seed + i)")
     device: str = opt("auto", "device: auto picks cuda > mps > cpu", choices=DEVICES)

@@ -51,6 +51,7 @@ def score_sequences(
     """Per sequence: (targets, nll in nats, correct) for target positions >= its `first_targets` entry.
 
     Position p's target is `sequence[p]`, predicted from the tokens before it (within one window).
+    `batch_size` windows go through the model at once; their logits take batch × block × vocab floats.
     """
     device = next(model.parameters()).device
     windows = [w for k, seq in enumerate(sequences) for w in _windows(k, len(seq), first_targets[k], block_size)]
@@ -67,9 +68,10 @@ def score_sequences(
             skip = w.score_from - w.start - 1  # targets before score_from were counted by an earlier window
             targets[row, skip : w.length] = seq[1 + skip :]
         logits, _ = model(inputs.to(device))  # (B, T, V)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device), ignore_index=-1, reduction="none")
+        flat = logits.float().view(-1, logits.size(-1))  # (B*T, V); a transposed view made this 10x slower
+        nll = F.cross_entropy(flat, targets.view(-1).to(device), ignore_index=-1, reduction="none")
+        nll = nll.view(len(batch), width).cpu()
         correct = logits.argmax(dim=-1).cpu() == targets  # (B, T)
-        nll = nll.cpu()
         for row, w in enumerate(batch):
             keep = targets[row] >= 0
             pieces[w.sequence].append(
