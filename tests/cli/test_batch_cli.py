@@ -2,6 +2,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import aigc.generate
 from aigc.cli import main
@@ -17,6 +18,15 @@ ROWS = [
     {"title": "Cats", "sentiment": "neg"},
 ]
 OPTIONS = ("--max-new-tokens", "6", "--seed", "10", "--batch-size", "2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU the threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_csv(path, rows):

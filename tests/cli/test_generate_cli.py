@@ -1,13 +1,24 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
 from aigc.train.checkpoint import load_run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU the threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(capsys, *argv):
@@ -100,6 +111,7 @@ def test_generate_console_script_output_pipes(make_run):
     run_dir = make_run()
     argv = [sys.executable, "-m", "aigc", "generate", str(run_dir), "--json"]
     argv += ["--max-new-tokens", "3", "--min-new-tokens", "3"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0
     assert json.loads(result.stdout)["completion_tokens"] == 3 and "tokens/s" in result.stderr
