@@ -30,6 +30,7 @@ th, td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; vertical-align: top; }
 th { background: #f4f4f4; } td:nth-child(2) { font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
 pre { white-space: pre-wrap; background: #f7f7f7; padding: 0.6rem; border-radius: 4px; }
+pre code { font-family: Georgia, serif; font-size: 0.95rem; }  /* samples are prose, not code */
 blockquote { color: #555; border-left: 3px solid #ccc; margin-left: 0; padding-left: 1rem; }
 """
 
@@ -95,7 +96,7 @@ def summary_section(run_dir: Path, config: dict, metrics: list[dict]) -> str:
         ("report written on", _this_machine()),
         ("best val loss", _best_line(best)),
     ]
-    return "## Summary\n\n" + table(["", "value"], rows)
+    return "## Summary\n\n" + table(["item", "value"], rows)
 
 
 def _data_counts(data: dict) -> str:
