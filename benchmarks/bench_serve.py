@@ -133,6 +133,7 @@ def fuzz(url: str, examples: int, report: Path) -> tuple[int, str]:
                f"{url}/openapi.json", "--checks", FUZZ_CHECKS, "--max-examples", str(examples), "--seed", "1",
                "--generation-database", "none", "--no-color", "--workers", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(done.stdout + done.stderr, encoding="utf-8")
     lines = [line for line in done.stdout.splitlines() if "generated" in line or "issues" in line or "failure" in line]
     return done.returncode, "\n".join(lines[-3:])
