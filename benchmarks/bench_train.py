@@ -2,7 +2,8 @@
 
 Variants, all on the same model shape and batch:
   plain    fp32 eager, default (per-tensor) AdamW, `loss.item()` every step: the naive loop
-  aigc     what `aigc train` does here: fused AdamW, fp32 (`--dtype auto` on an AVX2 CPU)
+  aigc     what `aigc train` does here: fused AdamW, fp32 (`--dtype auto` on an AVX2 CPU), and
+           `--threads 0` (auto: the cores other work leaves free; the plain loop uses all cores)
   compile  aigc + torch.compile
   bf16     aigc + bf16 autocast (measured on a reduced batch: emulated bf16 is very slow here)
 MFU = achieved model FLOP/s (6N + attention, `flops_per_token`) / measured matmul peak of this machine.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 
 import torch
@@ -22,7 +24,7 @@ import torch
 from aigc.config import TrainConfig, model_preset
 from aigc.models import build_model
 from aigc.train.optim import build_optimizer
-from aigc.train.runtime import cpu_has_fast_bf16
+from aigc.train.runtime import auto_threads, cpu_has_fast_bf16
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
@@ -37,9 +39,13 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> f
 
 
 class Variant:
+    all_cores = torch.get_num_threads()
+    auto = auto_threads()  # decided once, before we load the machine ourselves (as `aigc train` does)
+
     def __init__(self, name: str, config, batch: int, *, plain=False, compile=False, bf16=False):
         torch.manual_seed(0)
         self.name, self.batch, self.bf16 = name, batch, bf16
+        self.plain = plain
         self.model = build_model(config).train()
         if plain:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=False)
@@ -52,6 +58,8 @@ class Variant:
     def step(self) -> None:
         x, y = self.inputs[:, :-1], self.inputs[:, 1:]
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        # The plain loop keeps torch's default (every core); aigc picks the free ones.
+        torch.set_num_threads(self.all_cores if self.plain else self.auto)
         start = time.perf_counter()
         with autocast:
             _, loss = self.forward(x, y)
@@ -80,7 +88,7 @@ def main() -> None:
     config = model_preset("small", vocab_size=args.vocab)
     flops = build_model(config).flops_per_token()
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, size=256)
-    print(f"machine: {torch.get_num_threads()} threads, fast bf16: {cpu_has_fast_bf16()}, "
+    print(f"machine: {torch.get_num_threads()} threads (auto: {Variant.auto}, load {os.getloadavg()[0]:.1f}), fast bf16: {cpu_has_fast_bf16()}, "
           f"matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.2f} GFLOP/s")
     print(f"model: small ({config.n_layer}x{config.n_embd}, context {config.block_size}, vocab {args.vocab}), "
           f"batch {args.batch}, {flops / 1e6:.1f} MFLOP per token (train)")

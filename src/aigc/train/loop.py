@@ -61,7 +61,7 @@ def train(
     if not (config.max_steps or config.max_tokens or config.minutes):
         raise AigcError("no training budget; give --max-steps, --max-tokens or --minutes")
     check_tensorboard(config.tensorboard)
-    runtime = rt.start(config.device, config.dtype)
+    runtime = rt.start(config.device, config.dtype, config.threads)
     try:
         setup.check_world_size(plan, runtime.world_size)
         with rt.rank_zero_first(runtime):
@@ -377,7 +377,7 @@ class Trainer:
         warning = rt.precision_warning(self.rt)
         return TrainStart(
             run_dir=self.run_dir, step=self.step, model_config=self.plan.model_config, train_config=self.cfg,
-            num_params=sum(p.numel() for p in self.model.parameters()), device=str(self.rt.device),
+            num_params=sum(p.numel() for p in self.model.parameters()), device=self.rt.describe(),
             dtype=self.rt.dtype, world_size=self.rt.world_size, resumed=self.plan.resume,
             init_from=self.plan.init_from, notes=(warning,) if warning else (),
         )
