@@ -114,6 +114,14 @@ def test_import_hf_rejects_a_model_that_is_not_gpt2(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("make", "message"), [(None, "is not a folder"), ("empty", "has no config.json")])
+def test_import_hf_rejects_a_missing_or_empty_folder(tmp_path, capsys, make, message):
+    if make:
+        (tmp_path / "src").mkdir()
+    assert main(["import", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_import_hf_rejects_an_untied_or_other_activation_gpt2(tiny_tokenizer, tmp_path, capsys):
     _save_hf_gpt2(tmp_path / "hf", tiny_tokenizer.hf, tiny_tokenizer.vocab_size, activation_function="relu")
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2

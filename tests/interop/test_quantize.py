@@ -84,11 +84,20 @@ def test_export_int8_folds_lora_adapters_in(make_run, tiny_tokenizer, tmp_path):
     assert (_logits(loaded.model, tiny_tokenizer) - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("fmt", ["hf", "int8"])
+def test_export_of_an_int8_run_is_refused(make_run, tmp_path, capsys, fmt):
+    run_dir = make_run("gpt")
+    assert main(["export", str(run_dir), "--format", "int8", "--out", str(tmp_path / "int8")]) == 0
+    assert main(["export", str(tmp_path / "int8"), "--format", fmt, "--out", str(tmp_path / "again")]) == 2
+    assert f"is already int8 (dynamically quantized); export {run_dir.resolve()} instead" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
 def test_load_int8_rejects_mismatched_weights(make_run, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main(["export", str(make_run("gpt")), "--format", "int8", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     config["model"]["n_layer"] = 3
     (out / "config.json").write_text(json.dumps(config))
-    assert main(["export", str(out), "--format", "int8", "--out", str(tmp_path / "again")]) == 2
+    assert main(["generate", str(out), "--prompt", "Review", "--max-new-tokens", "2"]) == 2
     assert "do not match the model in config.json" in capsys.readouterr().err

@@ -123,6 +123,7 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
     from aigc.models.lora import has_lora, merge_lora
 
     model = run.model
+    refuse_quantized(run)
     if not isinstance(model, GPT):
         raise AigcError(
             f"run {run.path} is an LSTM; the Hugging Face format has no GPT-2 equivalent of an "
@@ -151,6 +152,14 @@ def _readable_by_all(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             path.chmod(0o666 & ~umask)
+
+
+def refuse_quantized(run: Run) -> None:
+    """An int8 run has lost precision for good: exports start from the fp32 run it came from."""
+    quantization = run.config.extra.get("quantization")
+    if quantization:
+        source = quantization.get("source", "the fp32 run it was made from")
+        raise AigcError(f"run {run.path} is already int8 (dynamically quantized); export {source} instead")
 
 
 def special_tokens_map(tokenizer: Tokenizer) -> dict:

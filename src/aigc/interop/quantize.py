@@ -115,8 +115,9 @@ def export_int8(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False
     from safetensors.torch import save_file
 
     from aigc.fsutil import write_with
-    from aigc.interop.hf import prepare_out_dir
+    from aigc.interop.hf import prepare_out_dir, refuse_quantized
 
+    refuse_quantized(run)
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     tensors = int8_state(quantize_int8(run.model))
     extra = {key: value for key, value in run.config.extra.items() if key != "lora"}
