@@ -118,3 +118,15 @@ def test_export_hf_files_are_readable_by_other_users(make_run, tmp_path):
         os.umask(previous)
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "hf").iterdir()}
     assert set(modes.values()) == {0o644}, modes  # not the 0600 of a temp file
+
+
+def test_export_hf_card_reports_training_metrics(make_run, tmp_path):
+    from aigc.fsutil import append_jsonl
+
+    run_dir = make_run("gpt")
+    append_jsonl(run_dir / "metrics.jsonl", {"step": 100, "tokens": 51200, "val_loss": 4.5, "val_bpb": 1.9})
+    append_jsonl(run_dir / "metrics.jsonl", {"step": 200, "tokens": 102400, "val_loss": 4.75, "val_bpb": 2.0})
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| training tokens | 102,400 |" in card and "| optimizer steps | 200 |" in card
+    assert "| best val_loss | 4.5 |" in card and "| val_bpb | 2 |" in card
