@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -208,7 +206,7 @@ class Trainer:
         self._emit(self._start_event())
         reason = self._done_reason()
         already_done = reason is not None
-        with self._sigint_sets_flag():
+        with rt.sigint_calls(self._request_stop):  # first Ctrl-C: finish the step, save, stop
             while reason is None:
                 reason = self._one_step()
         if not already_done and self.last_eval_step != self.step:
@@ -389,22 +387,7 @@ class Trainer:
         try:
             self.on_event(event)
         except KeyboardInterrupt:
-            self.interrupt_requested = True
+            self._request_stop()
 
-    @contextlib.contextmanager
-    def _sigint_sets_flag(self):
-        """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum, frame):
-            self.interrupt_requested = True
-            signal.signal(signal.SIGINT, previous)
-
-        signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    def _request_stop(self) -> None:
+        self.interrupt_requested = True

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -127,22 +129,22 @@ def stop(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def all_sum(values: list[float], runtime: Runtime) -> list[float]:
-    """Sum numbers over all processes (identity in a single process)."""
+def _all_reduce(values: list[float], runtime: Runtime, op) -> list[float]:
     if runtime.world_size == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Sum numbers over all processes (identity in a single process)."""
+    return _all_reduce(values, runtime, dist.ReduceOp.SUM)
 
 
 def all_max(values: list[float], runtime: Runtime) -> list[float]:
     """Per position, the largest value over all processes (e.g. flags, so all processes stop together)."""
-    if runtime.world_size == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+    return _all_reduce(values, runtime, dist.ReduceOp.MAX)
 
 
 def barrier(runtime: Runtime) -> None:
@@ -158,3 +160,23 @@ def rank_zero_first(runtime: Runtime) -> Iterator[None]:
     yield
     if runtime.is_main:
         barrier(runtime)
+
+
+@contextlib.contextmanager
+def sigint_calls(on_interrupt) -> Iterator[None]:
+    """While active, the first Ctrl-C calls `on_interrupt()` instead of raising (so the caller can stop
+    at a clean point); it also restores the previous handler, so a second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        on_interrupt()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
