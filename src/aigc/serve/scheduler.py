@@ -119,11 +119,7 @@ class Scheduler:
 
     def _work(self) -> None:
         while batch := self._take_batch():
-            try:
-                self._run_batch(batch)
-            finally:
-                with self._cond:
-                    self._running_rows = 0
+            self._run_batch(batch)
 
     def _take_batch(self) -> list[Job]:
         """Wait for work; return the queued jobs that fit in one batch ([] once closed and drained)."""
@@ -150,8 +146,13 @@ class Scheduler:
         try:
             completions = self._decode([r for job in batch for r in job.requests], owners, batch)
         except Exception as exc:  # one failed batch must not kill the worker: every caller gets the error
+            completions = exc
+        finally:
+            with self._cond:
+                self._running_rows = 0  # before answering, so no caller sees its own rows still running
+        if isinstance(completions, Exception):
             for job in batch:
-                job.push(("error", None, exc))
+                job.push(("error", None, completions))
             return
         if completions is None:
             return
