@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, given_options
-from aigc.config import MODEL_PRESETS, ModelConfig, TrainConfig, model_preset
+from aigc.config import MODEL_PRESETS, ModelConfig, TrainConfig, model_preset, train_preset
 from aigc.errors import AigcError
 
 
@@ -49,7 +49,9 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]
     if args.resume:
         saved = read_run_config(args.resume).train
         return model, dataclasses.replace(saved, **given_options(args, TrainConfig))
-    return model, dataclass_from_args(args, TrainConfig)
+    if args.init_from:
+        return model, dataclass_from_args(args, TrainConfig)
+    return model, train_preset(args.preset or "small", **given_options(args, TrainConfig))
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from aigc.config import ModelConfig, TrainConfig, model_preset
+from aigc.config import ModelConfig, TrainConfig, model_preset, train_preset
 from aigc.data.shards import Split, open_split, read_dataset_info
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
@@ -118,7 +118,7 @@ def plan_session(
         config = model_config or model_preset(preset)
         # The vocabulary always comes from the dataset's tokenizer.
         config = dataclasses.replace(config, vocab_size=data.tokenizer.vocab_size)
-        plan = Plan(run_dir, data, config, train_config or TrainConfig(), False, None)
+        plan = Plan(run_dir, data, config, train_config or train_preset(preset), False, None)
     _check_sizes(plan)
     return plan
 
