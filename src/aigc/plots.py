@@ -112,6 +112,8 @@ def comparison_chart(
         ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.margins(y=0.2)
+        if max(heights, default=0.0) <= 0.0 <= min(heights, default=0.0):
+            ax.set_ylim(0, 1)  # all zero: keep the axis at 0..1 rather than centred on 0
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")

@@ -21,6 +21,7 @@ def test_comparison_table_marks_best_by_direction():
     assert lines[3].split() == ["BLEU", "↑", "5*", "1"]
     assert lines[4].split() == ["chrF", "↑", "–", "4"]  # a single value is not "best"
     assert best_index([None, None], True) is None
+    assert best_index([0.0, 0.0, 1.0], False) is None  # a tie for best marks nobody
 
 
 def test_fmt_numbers_for_people():

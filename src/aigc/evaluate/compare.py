@@ -35,10 +35,13 @@ def comparison_rows(results: Sequence[dict]) -> list[tuple[str, bool, list[float
 
 
 def best_index(values: Sequence[float | None], higher: bool) -> int | None:
-    present = [(v, i) for i, v in enumerate(values) if v is not None]
+    """Index of the single best value; None with fewer than two values or a tie for best."""
+    present = [v for v in values if v is not None]
     if len(present) < 2:
         return None
-    return (max(present) if higher else min(present))[1]
+    best = max(present) if higher else min(present)
+    winners = [i for i, v in enumerate(values) if v == best]
+    return winners[0] if len(winners) == 1 else None
 
 
 def comparison_table(names: Sequence[str], rows: Sequence[tuple[str, bool, list[float | None]]]) -> str:
