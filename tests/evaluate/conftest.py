@@ -23,6 +23,7 @@ def _write_dataset(folder, tokenizer, reviews, *, labelled: bool = True) -> None
         write_split(folder, split, docs, labels, tokenizer.vocab_size)
     info = {"labels": names, "token_dtype": "uint16", "tokenizer_fingerprint": tokenizer.vocab_fingerprint()}
     (folder / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
+    tokenizer.save(folder / "tokenizer.json")
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,19 @@ def test_eval_run_without_its_data_asks_for_data(tmp_path, tiny_dataset, tiny_to
     assert "moved or deleted?" in _error(capsys)
 
 
+def test_eval_dataset_of_another_tokenizer_is_refused(tmp_path, tiny_dataset, tiny_tokenizer, reviews, capsys, save_tiny_run, fast):
+    from aigc.tokenizer import Tokenizer
+
+    other = Tokenizer.train((t for t, _ in reviews[:50]), vocab_size=300, labels=("pos", "neg"))
+    (tmp_path / "data").mkdir()
+    for item in tiny_dataset.iterdir():
+        shutil.copy(item, tmp_path / "data" / item.name)
+    other.save(tmp_path / "data" / "tokenizer.json")  # the dataset now claims another tokenizer
+    run = save_tiny_run(tmp_path / "run", tiny_tokenizer, data=tmp_path / "data")
+    assert main(["eval", str(run), *fast]) == 2
+    assert "tokenized with a different tokenizer" in _error(capsys)
+
+
 def test_eval_malformed_references_names_the_line(tmp_path, tiny_dataset, tiny_tokenizer, capsys, save_tiny_run, fast):
     run = save_tiny_run(tmp_path / "run", tiny_tokenizer, data=tiny_dataset)
     refs = tmp_path / "refs.jsonl"
