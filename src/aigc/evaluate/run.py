@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,9 +65,29 @@ def generate_all(run: Run, requests: Sequence, batch_size: int) -> list:
     from aigc.generate import generate
 
     completions = []
-    for first in range(0, len(requests), batch_size):
-        completions += generate(run.model, run.tokenizer, requests[first : first + batch_size])
+    with _one_cpu_thread(run):
+        for first in range(0, len(requests), batch_size):
+            completions += generate(run.model, run.tokenizer, requests[first : first + batch_size])
     return completions
+
+
+@contextmanager
+def _one_cpu_thread(run: Run) -> Iterator[None]:
+    """Decode on CPU with one intra-op thread. Each decode step is many tiny ops on (B, 1, C)
+    activations; measured on the 2-core dev machine (shared), two threads made a 32 x 128-token decode
+    of the `small` GPT 3-12x slower than one (thread hand-offs cost more than the work), whereas the
+    big batches of `lm.score_sequences` do run 2x faster on two threads, so only this stage is pinned."""
+    import torch
+
+    if next(run.model.parameters()).device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def draw(run: Run, pairs: Sequence[reference.Pair], config: EvalConfig, sampling: SampleConfig) -> list[Generated]:
