@@ -23,10 +23,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes owner-only files; the result should have the permissions of any new file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

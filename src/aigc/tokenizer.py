@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from aigc.errors import AigcError
+from aigc.fsutil import write_with
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -82,15 +82,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename) so a crash never leaves half a tokenizer."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        os.close(fd)
-        try:
-            self.hf.save(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_with(path, lambda tmp: self.hf.save(str(tmp)))
 
     # -- use ------------------------------------------------------------------------------------
 

@@ -140,18 +140,7 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
     write_json(out / "tokenizer_config.json", tokenizer_config(run.tokenizer, model.config.block_size))
     write_json(out / "special_tokens_map.json", special_tokens_map(run.tokenizer))
     write_text(out / "README.md", model_card(run))
-    _readable_by_all(out)
     return out
-
-
-def _readable_by_all(folder: Path) -> None:
-    """Atomic writes create owner-only (0600) temp files; an export is meant to be shared and served
-    (e.g. by a container running as another user), so give its files the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def refuse_quantized(run: Run) -> None:
