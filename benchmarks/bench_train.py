@@ -1,7 +1,8 @@
 """Training speed of the `small` preset: tokens/s and model FLOPs utilisation (MFU), measured side by side.
 
 Variants, all on the same model shape and batch:
-  plain    fp32 eager, default (per-tensor) AdamW, `loss.item()` every step: the naive loop
+  plain    fp32 eager, per-tensor AdamW loop, torch's default threads (every core): the naive loop
+  fused    plain + the fused AdamW kernel (still every core)
   aigc     what `aigc train` does here: fused AdamW, fp32 (`--dtype auto` on an AVX2 CPU), and
            `--threads 0` (auto: the cores other work leaves free; the plain loop uses all cores)
   compile  aigc + torch.compile
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from aigc.config import TrainConfig, model_preset
+from aigc.config import TrainConfig, model_preset, train_preset
 from aigc.models import build_model
 from aigc.train.optim import build_optimizer
 from aigc.train.runtime import auto_threads, cpu_has_fast_bf16
@@ -42,10 +43,10 @@ class Variant:
     all_cores = torch.get_num_threads()
     auto = auto_threads()  # decided once, before we load the machine ourselves (as `aigc train` does)
 
-    def __init__(self, name: str, config, batch: int, *, plain=False, compile=False, bf16=False):
+    def __init__(self, name: str, config, batch: int, *, plain=False, all_cores=False, compile=False, bf16=False):
         torch.manual_seed(0)
         self.name, self.batch, self.bf16 = name, batch, bf16
-        self.plain = plain
+        self.threads = self.all_cores if all_cores else self.auto
         self.model = build_model(config).train()
         if plain:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=False)
@@ -59,7 +60,7 @@ class Variant:
         x, y = self.inputs[:, :-1], self.inputs[:, 1:]
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         # The plain loop keeps torch's default (every core); aigc picks the free ones.
-        torch.set_num_threads(self.all_cores if self.plain else self.auto)
+        torch.set_num_threads(self.threads)
         start = time.perf_counter()
         with autocast:
             _, loss = self.forward(x, y)
@@ -80,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
-    parser.add_argument("--batch", type=int, default=TrainConfig().batch_size)
+    parser.add_argument("--batch", type=int, default=train_preset("small").batch_size)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
@@ -92,7 +93,11 @@ def main() -> None:
           f"matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.2f} GFLOP/s")
     print(f"model: small ({config.n_layer}x{config.n_embd}, context {config.block_size}, vocab {args.vocab}), "
           f"batch {args.batch}, {flops / 1e6:.1f} MFLOP per token (train)")
-    variants = [Variant("plain", config, args.batch, plain=True), Variant("aigc", config, args.batch)]
+    variants = [
+        Variant("plain", config, args.batch, plain=True, all_cores=True),
+        Variant("fused", config, args.batch, all_cores=True),
+        Variant("aigc", config, args.batch),
+    ]
     if not args.no_compile:
         variants.append(Variant("compile", config, args.batch, compile=True))
     bf16 = Variant("bf16", config, 1 if not cpu_has_fast_bf16() else args.batch, bf16=True)
@@ -105,11 +110,10 @@ def main() -> None:
                 v.step()
     bf16.step()
     base = variants[0].tokens_per_s
-    print(f"{'variant':8} {'tokens/s':>9} {'vs plain':>8} {'MFU fp32 peak':>13} {'MFU bf16 peak':>13}")
+    print(f"{'variant':8} {'threads':>7} {'batch':>5} {'tokens/s':>9} {'vs plain':>8} {'MFU':>6}  (of the matmul peak in its dtype)")
     for v in variants + [bf16]:
-        achieved = v.tokens_per_s * flops
-        print(f"{v.name:8} {v.tokens_per_s:9.0f} {v.tokens_per_s / base:7.2f}x "
-              f"{achieved / peak32:12.1%} {achieved / peak16:12.1%}")
+        mfu = v.tokens_per_s * flops / (peak16 if v.bf16 else peak32)
+        print(f"{v.name:8} {v.threads:7d} {v.batch:5d} {v.tokens_per_s:9.0f} {v.tokens_per_s / base:7.2f}x {mfu:6.1%}")
 
 
 if __name__ == "__main__":

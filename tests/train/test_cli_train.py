@@ -95,3 +95,30 @@ def test_cli_train_tensorboard_writes_events_or_says_what_is_missing(tiny_data, 
         assert code == 2
         assert "needs the tensorboard package" in _error_line(capsys)
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_killed_with_sigkill_leaves_a_loadable_resumable_run(tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from aigc.train.checkpoint import load_run
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "aigc", "train", "--data", str(tiny_data), "--out", str(run), *TINY,
+            "--max-steps", "100000", "--eval-every", "1", "--save-every", "1", "--quiet", "--threads", "1"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert process.poll() is None, process.stderr.read().decode()[-1000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)  # mid-write of some checkpoint, most likely
+        process.wait()
+    load_run(run)
+    assert main(["train", "--resume", str(run), "--max-steps", "8", "--quiet"]) in (0,)
+    assert load_run(run).metrics()[-1]["step"] >= 3
