@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, given_options
-from aigc.config import MODEL_PRESETS, ModelConfig, TrainConfig, model_preset, train_preset
+from aigc.config import MODEL_PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, model_preset, train_preset
 from aigc.errors import AigcError
 
 
@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train a model on a dataset made by `aigc prepare` and write the run folder --out (config, "
             "tokenizer, weights, training state, metrics.jsonl, plots). Budget with --max-steps, "
             "--max-tokens or --minutes. `--resume RUN` continues a run exactly; `--init-from RUN` "
-            "fine-tunes one on new data. Distributed: `torchrun --nproc_per_node=N -m aigc train ...`."
+            "fine-tunes one on new data. Distributed: `torchrun --nproc_per_node=N -m aigc train ...`. "
+            "A preset also sets training options where no flag does: "
+            + "; ".join(f"{name}: {_settings(values)}" for name, values in TRAIN_PRESETS.items() if values)
+            + ". The defaults shown below are those of the other presets."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -34,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_args(parser, ModelConfig, exclude=("vocab_size",))
     add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(handler=handle)
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in values.items())
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]:
