@@ -89,13 +89,13 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from aigc.cli.train import Progress
-    from aigc.config import TrainConfig
+    from aigc.config import train_preset
     from aigc.train.loop import train
 
     resume = (args.out / "config.json").is_file() and not args.fresh
     if resume:
         _say(f"  {args.out} exists: continuing it if unfinished (pass --fresh to train again)")
-    config = TrainConfig(minutes=args.minutes, seed=args.seed, eval_every=100)
+    config = train_preset(args.preset, minutes=args.minutes, seed=args.seed, eval_every=100)
     progress = Progress(sample_tokens=32, seed=args.seed)
     try:
         train(
