@@ -21,13 +21,7 @@ POS_TEXT = "I loved this film, great acting."
 NEG_TEXT = "这部电影太无聊了，剧情很差。"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU the threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(tokenizer, kind="gpt", seed=0, **overrides):

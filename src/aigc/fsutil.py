@@ -60,6 +60,23 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def parse_jsonl_objects(text: str, source: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of user-supplied JSONL; a line that is not a
+    JSON object is an AigcError naming the file and line."""
+    from aigc.errors import AigcError
+
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AigcError(f"{source} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise AigcError(f"{source} line {number} is not a JSON object; each line must be {{\"field\": value, ...}}")
+        yield number, row
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file, ignoring a torn last line left by a crash mid-append."""
     records = []

@@ -20,13 +20,7 @@ ROWS = [
 OPTIONS = ("--max-new-tokens", "6", "--seed", "10", "--batch-size", "2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU the threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_csv(path, rows):

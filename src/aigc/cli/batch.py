@@ -107,18 +107,9 @@ def read_rows(path: Path) -> list[dict]:
 def _parse_table(text: str, path: Path) -> list[dict]:
     if path.suffix.lower() != ".jsonl":
         return list(csv.DictReader(io.StringIO(text)))
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AigcError(f"{path} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise AigcError(f"{path} line {n} is not a JSON object; each line must be {{\"field\": value, ...}}")
-        rows.append(row)
-    return rows
+    from aigc.fsutil import parse_jsonl_objects
+
+    return [row for _, row in parse_jsonl_objects(text, path)]
 
 
 def fill_template(template: str, row: dict, n: int) -> str:

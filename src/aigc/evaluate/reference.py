@@ -7,7 +7,6 @@ Chinese text is not dropped). Nothing here re-implements a metric.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from aigc.errors import AigcError
+from aigc.fsutil import parse_jsonl_objects
 from aigc.evaluate.textstats import WordTokenizer
 
 
@@ -34,17 +34,10 @@ def read_references(path: str | os.PathLike) -> list[Pair]:
     if not path.is_file():
         raise AigcError(f"references file not found: {path}; give a JSONL file of {{\"prompt\", \"reference\"}} lines")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AigcError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("reference"), str):
+    for number, row in parse_jsonl_objects(path.read_text(encoding="utf-8"), path):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("reference"), str):
             raise AigcError(
-                f"{path} line {number} needs string fields \"prompt\" and \"reference\"; "
-                f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}"
+                f"{path} line {number} needs string fields \"prompt\" and \"reference\"; got {sorted(row)}"
             )
         label = row.get("label")
         pairs.append(Pair(row["prompt"], row["reference"], label if isinstance(label, str) else None))
