@@ -117,8 +117,11 @@ def _generate(run_dir: Path, seed: int) -> list[tuple[str, str, str]]:
     run = load_run(run_dir, device=pick_device("auto"))
     requests = []
     for label in run.labels:
-        for i in range(REVIEWS_PER_LABEL):
-            config = SampleConfig(max_new_tokens=160, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=seed + i)
+        for _ in range(REVIEWS_PER_LABEL):
+            # A distinct seed per sample: with shared seeds the labels' samples start alike.
+            config = SampleConfig(
+                max_new_tokens=160, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=seed + len(requests)
+            )
             requests.append(Request(label=label, config=config))
     requests.append(Request(prompt=CONTINUATION_PROMPT, config=SampleConfig(max_new_tokens=80, temperature=0.7, top_k=50, seed=seed)))
     completions = generate(run.model, run.tokenizer, requests)
