@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import signal
 import threading
 from collections.abc import Iterator
@@ -96,12 +97,36 @@ def auto_threads(processes: int = 1) -> int:
     region outnumber the free cores, each region waits for a descheduled thread (measured here
     under a load of 7 on 2 cores: 2 threads ran at 1/3 the speed of 1 thread)."""
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on every platform
-        busy = 0.0
-    free = max(1, round(cores - busy))
+    free = max(1, round(cores - busy_cores()))
     return max(1, min(cores, free) // processes)
+
+
+def busy_cores(interval_s: float = 0.2) -> float:
+    """How many cores other work keeps busy right now.
+
+    Sampled from /proc/stat over a short interval rather than read from the load average: the
+    load average trails by a minute, so a job that just finished (a test run, a previous step of
+    `aigc demo`) would make us pick one thread on an idle machine, measured ~3x slower here."""
+    first = _cpu_times()
+    if first is None:
+        try:
+            return os.getloadavg()[0]
+        except OSError:  # neither source exists on this platform: assume the machine is ours
+            return 0.0
+    time.sleep(interval_s)
+    second = _cpu_times()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (1 - idle / total) if total > 0 else 0.0
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(total, idle) jiffies over all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]  # user..steal; idle + iowait
 
 
 def start(device: str, dtype: str, threads: int = 0) -> Runtime:
