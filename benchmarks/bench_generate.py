@@ -131,7 +131,10 @@ def main() -> int:
     import transformers
 
     torch.manual_seed(0)
-    model = build_model(model_preset("small", vocab_size=8192)).eval()
+    # The small preset's shape, with the context stretched to hold the prompt plus every new token:
+    # transformers cannot slide its window, and sliding ours would not be a like-for-like comparison.
+    small = model_preset("small", vocab_size=8192)
+    model = build_model(model_preset("small", vocab_size=8192, block_size=max(small.block_size, args.new_tokens + 1))).eval()
     tokenizer = corpus_tokenizer(8192)
     hf = to_transformers(model, tokenizer.eot_id)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
