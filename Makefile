@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test install install-dev clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,6 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q
-
-bench: install-dev
-	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs data build *.egg-info src/*.egg-info
