@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import random
 
 import pytest
@@ -36,6 +37,15 @@ def make_reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
         sentences = rng.sample(pool, k=2)
         rows.append((f"Review {i}: " + ". ".join(sentences) + f". Rated {rng.randint(1, 10)}/10.", label))
     return rows
+
+
+def write_csv(path, rows, header=("text", "label")) -> str:
+    """Write `rows` under `header` as a UTF-8 CSV; returns the path as a string."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,16 @@
 """`aigc demo` end to end at toy scale: a small CSV instead of IMDb, the tiny preset, seconds of training."""
 
-import csv
 import json
 
 import pytest
 
 from aigc.cli import main
-from tests.conftest import make_reviews
+from tests.conftest import make_reviews, write_csv
 
 
 @pytest.fixture
 def review_csv(tmp_path):
-    path = tmp_path / "reviews.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(make_reviews(300, seed=1))
-    return path
+    return write_csv(tmp_path / "reviews.csv", make_reviews(300, seed=1))
 
 
 @pytest.mark.slow

@@ -1,4 +1,3 @@
-import csv
 import dataclasses
 import json
 import subprocess
@@ -8,15 +7,10 @@ from pathlib import Path
 import pytest
 
 from aigc.cli import main
+from tests.conftest import write_csv as _csv
 from aigc.config import PrepareConfig
 
 
-def _csv(path, rows, header=("text", "label")):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return str(path)
 
 
 def _error_line(capsys) -> str:

@@ -1,4 +1,3 @@
-import csv
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ from aigc.data.prepare import assign_splits, prepare_dataset
 from aigc.data.shards import open_split
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
+from tests.conftest import write_csv as _csv
 
 REQUIRED_KEYS = {
     "source", "source_sha256", "options", "counts", "splits", "bytes_per_token", "labels", "label_distribution",
@@ -17,12 +17,6 @@ REQUIRED_KEYS = {
 }
 
 
-def _csv(path, rows, header=("text", "label")):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return str(path)
 
 
 def _config(**options):
