@@ -136,7 +136,12 @@ class _TextStream:
         self.stopped = False
 
     def push(self, data: bytes, final: bool) -> str:
-        self.text += self.decoder.decode(data, final=final)
+        piece = self.decoder.decode(data, final=final)
+        if not self.stops:  # nothing to hold back: the common case, kept cheap (it runs per row per token)
+            self.text += piece
+            self.emitted = len(self.text)
+            return piece
+        self.text += piece
         # A stop string can only start at or after `emitted`: anything that could begin one is held back.
         hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
         if hits:
@@ -293,6 +298,7 @@ class _Sampler:
         self.any_top_k = any(c.top_k > 0 for c in sampling)
         self.any_top_p = any(c.top_p < 1.0 for c in sampling)
         self.most_min_new = max(c.min_new_tokens for c in self.configs)
+        self.least_min_new = min(c.min_new_tokens for c in self.configs)
 
     def keep(self, index: torch.Tensor, kept: list[int]) -> None:
         for name in ("temperature", "top_k", "top_p", "penalty", "min_new", "seen"):
@@ -305,7 +311,9 @@ class _Sampler:
     def pick(self, raw: torch.Tensor, step: int) -> torch.Tensor:
         """raw (B, V) logits -> the chosen token of each row (B,)."""
         logits = raw.float() + self.ban  # (B, V), a new tensor: `raw` stays intact for the logprobs
-        if self.most_min_new > step:
+        if self.least_min_new > step:  # every row still suppresses end-of-text: one write
+            logits[:, self.eot] = NEG_INF
+        elif self.most_min_new > step:
             logits[:, self.eot] = logits[:, self.eot].masked_fill(self.min_new > step, NEG_INF)
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)

@@ -53,3 +53,26 @@ def test_gpt_refuses_sequence_longer_than_context():
     model = build_model(model_preset("tiny", vocab_size=50, block_size=8))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gpt_single_row_head_follows_weight_updates():
+    """Batch-1 decoding projects with a cached transposed head; it must match the batched path,
+    in inference mode and out of it, and be rebuilt when the weights change in place."""
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", vocab_size=50)).eval()
+    idx = torch.tensor([[7]])
+
+    def single_and_batched():
+        single, _ = model(idx)
+        batched, _ = model(idx.repeat(2, 1))
+        return single[0], batched[0]
+
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            torch.testing.assert_close(*single_and_batched())
+    with torch.no_grad():
+        before, _ = model(idx)
+        model.wte.weight.mul_(1.5)  # tied to the head: an optimizer step or load_state_dict does the same
+        after, expected = single_and_batched()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)
