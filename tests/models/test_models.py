@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aigc.config import model_preset
-from aigc.models import build_model
+from aigc.models import build_model, packed
 
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
@@ -55,24 +55,40 @@ def test_gpt_refuses_sequence_longer_than_context():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_gpt_single_row_head_follows_weight_updates():
-    """Batch-1 decoding projects with a cached transposed head; it must match the batched path,
-    in inference mode and out of it, and be rebuilt when the weights change in place."""
+def test_gpt_decoding_head_matches_the_plain_layer_and_is_packed_per_cache():
+    """While decoding, the CPU head runs from the cache's packed copy of the weight
+    (aigc.models.packed): same logits as the plain layer; a new cache sees new weights."""
     torch.manual_seed(0)
     model = build_model(model_preset("tiny", vocab_size=50)).eval()
-    idx = torch.tensor([[7]])
+    idx = torch.randint(0, 50, (3, 5))
 
-    def single_and_batched():
-        single, _ = model(idx)
-        batched, _ = model(idx.repeat(2, 1))
-        return single[0], batched[0]
+    def cached_and_plain():
+        with torch.inference_mode():
+            cached, _ = model(idx, cache=model.new_cache(3))
+            plain, _ = model(idx)
+        return cached, plain
 
-    for context in (torch.inference_mode, torch.no_grad):
-        with context():
-            torch.testing.assert_close(*single_and_batched())
+    torch.testing.assert_close(*cached_and_plain())
     with torch.no_grad():
-        before, _ = model(idx)
-        model.wte.weight.mul_(1.5)  # tied to the head: an optimizer step or load_state_dict does the same
-        after, expected = single_and_batched()
-    assert not torch.allclose(before, after)
+        cache = model.new_cache(3)
+        first, _ = model(idx[:, :1], cache=cache)
+        assert cache.head.packed is not None or not packed.onednn_linear_available()
+        model.wte.weight.mul_(1.5)  # tied to the head
+    after, expected = cached_and_plain()
+    assert not torch.allclose(first, after[:, :1])
     torch.testing.assert_close(after, expected)
+
+
+def test_packed_head_falls_back_to_the_plain_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", vocab_size=50)).eval()
+    idx = torch.randint(0, 50, (2, 4))
+    with torch.no_grad():
+        reference, _ = model(idx)
+        monkeypatch.setattr(packed, "onednn_linear_available", lambda: False)
+        cache = model.new_cache(2)
+        torch.testing.assert_close(model(idx, cache=cache)[0], reference)
+        assert cache.head.packed is None
+    cache = model.new_cache(2)
+    model(idx, cache=cache)  # autograd on: never packed
+    assert cache.head.packed is None

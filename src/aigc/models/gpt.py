@@ -18,13 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.config import ModelConfig
+from aigc.models.packed import PackedLinear
 
 
 def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` without nn.Module's call machinery for a plain Linear or LayerNorm.
 
-    A decode step of a small model is bound by per-call overhead, not arithmetic: this saves about a
-    third of it. Anything else (a LoRA or int8 layer, say) is called normally.
+    A decode step of a small model makes about 20 such calls, each paying a few microseconds of hook
+    handling for nothing. Anything else (a LoRA or int8 layer, say) is called normally.
     """
     kind = type(module)
     if kind is nn.Linear:
@@ -47,6 +48,7 @@ class KVCache:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # True where a cached position holds a real (non-padding) token.   # (B, block_size)
         self.valid = torch.ones(batch_size, config.block_size, device=device, dtype=torch.bool)
+        self.head = PackedLinear()  # the output layer packed for this session's fixed weights
         # Whether any cached position is padding: tracked in Python so a decode step needs no device sync.
         self.padded = False
         self.length = 0
@@ -169,32 +171,20 @@ class GPT(nn.Module):
         x = _run(self.ln_f, x)
         if cache is not None:
             cache.length = start + T
-        logits = self._project(x)  # (B, T, V)
+        logits = self._project(x, cache)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, C) -> logits (B, T, V).
-
-        One row on the CPU without autograd (a batch-1 decode step) multiplies by a cached (C, V) copy
-        of the head instead: MKL's matrix-vector product is about twice as fast with the vocabulary as
-        the contiguous axis (0.54 -> 0.43 ms per token for the `small` model, docs/benchmarks.md).
-        """
-        if x.shape[0] * x.shape[1] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
-            if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-                return x @ self._head_columns()
+    def _project(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Hidden states (B, T, C) -> logits (B, T, V). While decoding on the CPU, the head runs from
+        the cache's packed copy of its weight (aigc.models.packed: the biggest product of a step)."""
+        if cache is not None and type(self.lm_head) is nn.Linear:
+            logits = cache.head(self.lm_head, x)
+            if logits is not None:
+                return logits
         return _run(self.lm_head, x)
-
-    def _head_columns(self) -> torch.Tensor:
-        """The head's weight as a contiguous (C, V) tensor, rebuilt whenever the weight changes
-        (its storage or its in-place version counter: an optimizer step, a load_state_dict)."""
-        weight = self.lm_head.weight
-        key = (weight.data_ptr(), weight._version)
-        if getattr(self, "_head_key", None) != key:
-            self._head_key, self._head_t = key, weight.detach().t().contiguous()
-        return self._head_t
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:
