@@ -6,7 +6,7 @@ that, then times 256 new tokens at batch 1 and 16 (end-of-text suppressed in bot
 all 256 tokens). Each row starts from `<|endoftext|>` alone, so the 256-token context holds exactly
 the fed tokens. Ours includes its per-token text decoding and events; `transformers` returns ids only.
 
-    python benchmarks/bench_generate.py [--new-tokens 256] [--batches 1 16] [--repeats 3] [--threads N]
+    python benchmarks/bench_generate.py [--new-tokens 256] [--batches 1 16] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices

@@ -69,6 +69,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None):
         B, T, C = x.shape
+        if cache is not None and T == 1:
+            return self._decode_step(x, cache, layer, mask)
         # (B, T, 3C) -> (3, B, nh, T, hs): q, k and v with heads split out, as views.
         qkv = _run(self.c_attn, x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -79,12 +81,23 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             # Training / plain prefill: pure causal attention, the fast fused path.
-            # With a cache and no mask this is either a prefill from position 0 or a single new token.
+            # With a cache and no mask this is a prefill from position 0.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return _run(self.c_proj, y)
+
+    def _decode_step(self, x, cache: KVCache, layer: int, mask: torch.Tensor | None):
+        """One new token per row, the bulk of generation: the same maths with fewer view ops."""
+        B, _, C = x.shape
+        heads = _run(self.c_attn, x).view(B, 3, self.n_head, C // self.n_head)  # (B, 3, nh, hs)
+        start, stored = cache.length, cache.kv[layer]
+        stored[:, :, :, start] = heads[:, 1:].transpose(0, 1)  # keys and values in one copy
+        k, v = stored[0, :, :, : start + 1], stored[1, :, :, : start + 1]  # (B, nh, S, hs)
+        # A single query attends to every cached key (causality holds trivially); `mask` drops padding.
+        y = F.scaled_dot_product_attention(heads[:, 0].unsqueeze(2), k, v, attn_mask=mask)  # (B, nh, 1, hs)
+        return _run(self.c_proj, y.reshape(B, 1, C))
 
 
 class MLP(nn.Module):
