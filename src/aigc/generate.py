@@ -284,6 +284,8 @@ class _Sampler:
         banned = [tokenizer.pad_id] + [tokenizer.label_id(label) for label in tokenizer.labels]
         self.ban = torch.zeros(vocab, device=device)  # (V,)
         self.ban[[i for i in banned if i < vocab]] = NEG_INF
+        self.ban_and_eot = self.ban.clone()  # while every row is below its min_new_tokens
+        self.ban_and_eot[self.eot] = NEG_INF
         self.seen = None
         if any(c.repetition_penalty != 1.0 for c in configs):
             self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
@@ -310,10 +312,9 @@ class _Sampler:
 
     def pick(self, raw: torch.Tensor, step: int) -> torch.Tensor:
         """raw (B, V) logits -> the chosen token of each row (B,)."""
-        logits = raw.float() + self.ban  # (B, V), a new tensor: `raw` stays intact for the logprobs
-        if self.least_min_new > step:  # every row still suppresses end-of-text: one write
-            logits[:, self.eot] = NEG_INF
-        elif self.most_min_new > step:
+        # A new (B, V) tensor: `raw` stays intact for the logprobs.
+        logits = raw.float() + (self.ban_and_eot if self.least_min_new > step else self.ban)
+        if self.least_min_new <= step < self.most_min_new:  # only some rows still suppress end-of-text
             logits[:, self.eot] = logits[:, self.eot].masked_fill(self.min_new > step, NEG_INF)
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)

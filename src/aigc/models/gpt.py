@@ -22,7 +22,7 @@ from aigc.models.packed import PackedLinear
 
 
 def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` without nn.Module's call machinery for a plain Linear or LayerNorm.
+    """`module(x)` without nn.Module's call machinery for a plain Linear, LayerNorm or Embedding.
 
     A decode step of a small model makes about 20 such calls, each paying a few microseconds of hook
     handling for nothing. Anything else (a LoRA or int8 layer, say) is called normally.
@@ -32,6 +32,8 @@ def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module.weight, module.bias)
     if kind is nn.LayerNorm:
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if kind is nn.Embedding and module.max_norm is None:
+        return F.embedding(x, module.weight, module.padding_idx, None, 2.0, module.scale_grad_by_freq, module.sparse)
     return module(x)
 
 
@@ -176,7 +178,7 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
         mask = self._attention_mask(cache, start, T, pad_mask, idx.device)
-        x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
+        x = _run(self.wte, idx) + _run(self.wpe, positions)  # (B, T, C)
         if self.training:
             x = self.drop(x)
         for layer, block in enumerate(self.h):
