@@ -3,8 +3,8 @@
 Why: in a decode step the vocabulary projection is the largest matrix product (rows = batch,
 weight V x C). PyTorch's `F.linear` hands it to MKL, which repacks the weight on every call; oneDNN
 can pack it once, and picks its kernels from the CPU's features (AVX-512 where there is one).
-Measured on the `small` model: the whole decode loop 1.4x faster at batch 16 and 1.8x at batch 4,
-the same at batch 1, and a 2048-row product no slower (docs/benchmarks.md); packing takes 0.25 ms.
+Measured on the `small` model: the whole decode loop 1.5x faster at batch 16 and 1.6-2x at batch
+4, the same at batch 1, and a 2048-row product no slower (docs/benchmarks.md); packing takes 0.25 ms.
 The results equal `F.linear` to float32 rounding. Anything unsupported (no oneDNN, not float32, not on the CPU,
 autograd on) returns None and the caller uses the plain layer.
 """
