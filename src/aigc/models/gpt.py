@@ -61,6 +61,7 @@ class KVCache:
         self.kv = [kv[:, index] for kv in self.kv]
         self.valid = self.valid[index]
 
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

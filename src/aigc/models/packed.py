@@ -1,12 +1,13 @@
 """A oneDNN-packed copy of a Linear layer's weight, for inference on the CPU.
 
 Why: in a decode step the vocabulary projection is the largest matrix product (rows = batch,
-weight V x C). PyTorch's `F.linear` hands it to MKL, which repacks the weight on every call; oneDNN
-can pack it once, and picks its kernels from the CPU's features (AVX-512 where there is one).
-Measured on the `small` model: the whole decode loop 1.5x faster at batch 16 and 1.6-2x at batch
-4, the same at batch 1, and a 2048-row product no slower (docs/benchmarks.md); packing takes 0.25 ms.
-The results equal `F.linear` to float32 rounding. Anything unsupported (no oneDNN, not float32, not on the CPU,
-autograd on) returns None and the caller uses the plain layer.
+weight V x C). PyTorch's `F.linear` hands it to MKL, whose GEMM copies the weight into its blocked
+layout inside every call; oneDNN packs it once, and picks its kernels from the CPU's features
+(AVX-512 where there is one). Measured on the `small` model: the whole decode loop 1.5x faster at
+batch 16 and 1.6-2x at batch 4, the same at batch 1, and a 2048-row product no slower
+(docs/benchmarks.md); packing takes 0.25 ms. The results equal `F.linear` up to float32 rounding.
+Anything unsupported (no oneDNN, not float32, not on the CPU, autograd on) returns None and the
+caller uses the plain layer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TUNED_ROWS = 16
 
 @functools.lru_cache(maxsize=1)
 def onednn_linear_available() -> bool:
-    """Whether this PyTorch build has oneDNN's packed linear ops (x86 and arm64 wheels do)."""
+    """Whether this PyTorch build has oneDNN's packed linear ops and they compute correctly."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
