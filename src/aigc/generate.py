@@ -137,11 +137,10 @@ class _TextStream:
 
     def push(self, data: bytes, final: bool) -> str:
         piece = self.decoder.decode(data, final=final)
+        self.text += piece
         if not self.stops:  # nothing to hold back: the common case, kept cheap (it runs per row per token)
-            self.text += piece
             self.emitted = len(self.text)
             return piece
-        self.text += piece
         # A stop string can only start at or after `emitted`: anything that could begin one is held back.
         hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
         if hits:
