@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--scan-samples", type=int, default=4, help="samples timed with the scan baseline")
     args = parser.parse_args()
     if args.data:
-        from aigc.data.shards import open_split
+        from aigc.artifacts.dataset import open_split
 
         tokens = np.asarray(open_split(args.data, "train").tokens)
         source = f"train split of {args.data}"

@@ -42,7 +42,7 @@ def _generation_speed(model, tokenizer, batch: int, new_tokens: int, repeats: in
 
 
 def _bits_per_byte(model, tokenizer, data: Path, docs: int, block_size: int) -> dict:
-    from aigc.data.shards import open_split
+    from aigc.artifacts.dataset import open_split
     from aigc.evaluate.lm import byte_lengths, document_sequences, score_sequences, summarize
 
     sequences = document_sequences(open_split(data, "val"), tokenizer.eot_id, max_docs=docs)
@@ -58,7 +58,8 @@ def _variants(run, workdir: Path) -> dict:
     from safetensors.torch import save_model
 
     from aigc.interop.quantize import export_int8
-    from aigc.train.checkpoint import WEIGHTS, load_run
+    from aigc.artifacts.run import WEIGHTS
+    from aigc.models import load_run
 
     int8_dir = export_int8(run, workdir / "int8")
     bf16 = load_run(run.path).model.to(torch.bfloat16)
@@ -97,7 +98,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from aigc.train.checkpoint import load_run
+    from aigc.models import load_run
 
     run = load_run(args.run)
     block = run.config.model.block_size

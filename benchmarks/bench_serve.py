@@ -46,7 +46,7 @@ def random_run(folder: Path, preset: str) -> Path:
     from aigc.config import model_preset
     from aigc.models import build_model
     from aigc.tokenizer import Tokenizer
-    from aigc.train.checkpoint import RunConfig, save_run
+    from aigc.artifacts.run import RunConfig, save_run
 
     files = sorted(Path(json.__file__).parent.parent.glob("*.py"))
     texts = (path.read_text(encoding="utf-8", errors="replace") for path in files)

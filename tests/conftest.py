@@ -11,7 +11,7 @@ import torch
 from aigc.config import model_preset
 from aigc.models import build_model
 from aigc.tokenizer import Tokenizer
-from aigc.train.checkpoint import RunConfig, save_run
+from aigc.artifacts.run import RunConfig, save_run
 
 _POSITIVE = [
     "a wonderful film with a moving story and great acting",

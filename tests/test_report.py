@@ -6,8 +6,9 @@ import base64
 import re
 
 from aigc.fsutil import append_jsonl, write_json
-from aigc.report import count_parameters, write_report
-from aigc.train.checkpoint import load_run
+from aigc.artifacts.run import stored_parameter_count
+from aigc.report import write_report
+from aigc.models import load_run
 
 # Smallest valid PNG (1x1 pixel), so the test needs no plotting.
 _PNG = base64.b64decode(
@@ -86,5 +87,5 @@ def test_report_without_evaluation_or_with_a_damaged_one_says_so(make_run):
 def test_count_parameters_reads_the_safetensors_header(make_run):
     for kind in ("gpt", "lstm"):
         run = make_run(kind, name=kind)
-        assert count_parameters(run / "model.safetensors") == load_run(run).model.num_params()
-    assert count_parameters(run / "missing.safetensors") is None
+        assert stored_parameter_count(run / "model.safetensors") == load_run(run).model.num_params()
+    assert stored_parameter_count(run / "missing.safetensors") is None

@@ -11,10 +11,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from aigc.artifacts.run import PLOTS, read_metrics
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
 
-PLOTS_DIR = "plots"
+PLOTS_DIR = PLOTS
 # (file name, title, y label, train key, val key)
 CURVES = (
     ("loss.png", "Loss", "cross-entropy (nats per token)", "train_loss", "val_loss"),
@@ -33,8 +34,6 @@ def _figure_module():
 
 
 def _load(run_dir: Path) -> list[dict]:
-    from aigc.train.metrics import read_metrics
-
     if not run_dir.is_dir():
         raise AigcError(f"run folder not found: {run_dir}; pass a folder made by `aigc train`")
     records = [r for r in read_metrics(run_dir) if "step" in r]

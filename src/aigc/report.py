@@ -11,13 +11,14 @@ import base64
 import datetime
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 from aigc import __version__
 from aigc.evaluate.describe import eval_markdown, fmt, table
-from aigc.fsutil import read_jsonl, write_text
+from aigc.artifacts.run import EVAL, PLOTS, WEIGHTS, read_metrics, read_run_config, stored_parameter_count
+from aigc.errors import AigcError
+from aigc.fsutil import write_text
 
 Section = tuple[str, str]  # (title, Markdown body)
 
@@ -52,10 +53,10 @@ def write_report(
 
 
 def build_markdown(run_dir: Path, extra_sections: Sequence[Section] = (), *, evaluation: dict | None = None) -> str:
-    config = _read_json(run_dir / "config.json") or {}
-    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    config = _run_config_json(run_dir)
+    metrics = read_metrics(run_dir)
     if evaluation is None:
-        evaluation = _read_json(run_dir / "eval" / "metrics.json")
+        evaluation = _read_json(run_dir / EVAL / "metrics.json")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"# Run report: {run_dir.name}", f"_Written {stamp} by aigc {__version__} from `{run_dir}`._"]
     parts.append(summary_section(run_dir, config, metrics))
@@ -63,7 +64,7 @@ def build_markdown(run_dir: Path, extra_sections: Sequence[Section] = (), *, eva
     parts += [f"## {title}\n\n{body.strip()}" for title, body in extra_sections]
     if evaluation:
         parts.append(eval_markdown(evaluation, chart=_relative_if_exists(run_dir, "eval/compare.png")))
-    elif (run_dir / "eval" / "metrics.json").is_file():
+    elif (run_dir / EVAL / "metrics.json").is_file():
         parts.append(f"## Evaluation\n\n`eval/metrics.json` is damaged; run `aigc eval {run_dir}` again.")
     else:
         parts.append(f"## Evaluation\n\nNot evaluated yet: run `aigc eval {run_dir}` to add it here.")
@@ -82,7 +83,7 @@ def summary_section(run_dir: Path, config: dict, metrics: list[dict]) -> str:
     train = config.get("train", {})
     last = metrics[-1] if metrics else {}
     best = min((m for m in metrics if m.get("val_loss") is not None), key=lambda m: m["val_loss"], default={})
-    params = count_parameters(run_dir / "model.safetensors")
+    params = stored_parameter_count(run_dir / WEIGHTS)
     rows = [
         ("data", f"`{data.get('path', 'not recorded')}`" + _data_counts(data)),
         ("labels", ", ".join(data.get("labels") or []) or "none"),
@@ -153,28 +154,11 @@ def _duration(seconds: float | None) -> str:
 
 
 def curves_section(run_dir: Path) -> str:
-    plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+    plots = sorted((run_dir / PLOTS).glob("*.png")) if (run_dir / PLOTS).is_dir() else []
     if not plots:
         return "## Training curves\n\nNo plots in this run (make them with `aigc plot`)."
     images = "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in plots)
     return "## Training curves\n\n" + images
-
-
-def count_parameters(weights: Path) -> int | None:
-    """Parameter count from a safetensors header (8-byte length + JSON), without loading tensors."""
-    if not weights.is_file():
-        return None
-    with open(weights, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    total = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            count = 1
-            for dim in entry["shape"]:
-                count *= dim
-            total += count
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +195,14 @@ def _data_uri(path: Path) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _run_config_json(run_dir: Path) -> dict:
+    """config.json through the run loader (so old layouts are migrated), as the dict the tables read."""
+    try:
+        return read_run_config(run_dir).to_json()
+    except AigcError:  # a report still describes a run whose config is missing or damaged
+        return {}
 
 
 def _read_json(path: Path) -> dict | None:

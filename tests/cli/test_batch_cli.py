@@ -8,7 +8,7 @@ import aigc.generate
 from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 TEMPLATE = "Write a {sentiment} review of {title}:"
 ROWS = [

@@ -9,7 +9,7 @@ import torch
 from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

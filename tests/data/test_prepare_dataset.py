@@ -6,7 +6,7 @@ import pytest
 from aigc.config import PrepareConfig
 from aigc.data.clean import clean_text
 from aigc.data.prepare import assign_splits, prepare_dataset
-from aigc.data.shards import open_split
+from aigc.artifacts.dataset import open_split
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
 from tests.conftest import write_csv as _csv

@@ -1,4 +1,4 @@
-"""A tiny labelled dataset folder written with `data.shards.write_split` (no prepare step needed)."""
+"""A tiny labelled dataset folder written with `artifacts.dataset.write_split` (no prepare step needed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from aigc.data.shards import write_split
+from aigc.artifacts.dataset import write_split
 
 
 def _write_dataset(folder, tokenizer, reviews, *, labelled: bool = True) -> None:
@@ -45,7 +45,7 @@ def _save_tiny_run(folder, tokenizer, *, kind: str = "gpt", data=None, seed: int
 
     from aigc.config import model_preset
     from aigc.models import build_model
-    from aigc.train.checkpoint import RunConfig, save_run
+    from aigc.artifacts.run import RunConfig, save_run
 
     torch.manual_seed(seed)
     config = model_preset("tiny", kind=kind, vocab_size=tokenizer.vocab_size)

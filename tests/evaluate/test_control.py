@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from aigc.data.shards import open_split
+from aigc.artifacts.dataset import open_split
 from aigc.errors import AigcError
 from aigc.evaluate.control import (
     classifier_accuracy,

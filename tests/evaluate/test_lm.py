@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc.evaluate.lm import _windows, score_sequences, summarize
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 
 def test_windows_cover_every_target_once():

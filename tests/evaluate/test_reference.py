@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from aigc.data.shards import write_split
+from aigc.artifacts.dataset import write_split
 from aigc.errors import AigcError
 from aigc.evaluate.reference import Pair, held_out_pairs, read_references, reference_metrics
 
@@ -52,7 +52,7 @@ def test_held_out_pairs_split_documents_at_prompt_tokens(tmp_path, tiny_tokenize
     docs = [[tok.label_id("pos")] + tok.encode(t) + [tok.eot_id] for t in texts]
     (tmp_path / "dataset.json").write_text(json.dumps({"token_dtype": "uint16"}), encoding="utf-8")
     write_split(tmp_path, "val", docs, [0, 1], tok.vocab_size)
-    from aigc.data.shards import open_split
+    from aigc.artifacts.dataset import open_split
 
     pairs = held_out_pairs(open_split(tmp_path, "val"), tok, ["pos", "neg"], count=5,
                            prompt_tokens=4, reference_tokens=6, seed=0)

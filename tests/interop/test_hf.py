@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from aigc.cli import main  # noqa: E402
 from aigc.config import SampleConfig  # noqa: E402
 from aigc.generate import Request, generate  # noqa: E402
-from aigc.train.checkpoint import load_run  # noqa: E402
+from aigc.models import load_run  # noqa: E402
 
 TEXT = "<|pos|>Review 7: a wonderful film, 这部电影非常好看 😀  with  spaces\nand a new line"
 

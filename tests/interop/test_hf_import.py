@@ -15,7 +15,7 @@ from aigc.cli import main  # noqa: E402
 from aigc.config import SampleConfig  # noqa: E402
 from aigc.generate import Request, generate  # noqa: E402
 from aigc.tokenizer import EOT, PAD  # noqa: E402
-from aigc.train.checkpoint import load_run  # noqa: E402
+from aigc.models import load_run  # noqa: E402
 
 
 def _save_hf_gpt2(folder, hf_tokenizer: HFTokenizer, vocab_size: int, seed: int = 0, **config) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from aigc.models.lora import (
     LoRALinear,
     LoRASpec,
     apply_lora,
-    count_parameters,
+    parameter_counts,
     has_lora,
     load_adapters,
     merge_lora,
@@ -52,11 +52,11 @@ def test_apply_lora_starts_from_the_base_model_and_freezes_it():
     assert trainable and all(".lora_" in name for name in trainable)
 
 
-def test_count_parameters_reports_trainable_and_total():
+def test_parameter_counts_reports_trainable_and_total():
     model = _gpt()
-    total = count_parameters(model)["total"]
+    total = parameter_counts(model)["total"]
     apply_lora(model, LoRASpec(rank=2, alpha=2.0, targets=("c_fc",)))
-    counts = count_parameters(model)
+    counts = parameter_counts(model)
     c = 64  # tiny preset width
     adapters = 2 * (2 * c + 2 * 4 * c)  # two layers: A (r, C) + B (4C, r)
     assert counts == {"trainable": adapters, "total": total + adapters}

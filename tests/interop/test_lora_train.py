@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from aigc.cli import main
-from aigc.data.shards import open_split
+from aigc.artifacts.dataset import open_split
 from aigc.evaluate.lm import document_sequences, score_sequences
 from aigc.models.lora import has_lora
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 
 def _recipes(n: int, seed: int = 0) -> str:
@@ -71,8 +71,10 @@ def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, t
     assert frozen.keys() == base_tensors.keys()
     assert all(torch.equal(frozen[name], base_tensors[name]) for name in frozen)
 
-    extra = json.loads((tmp_path / "lora" / "config.json").read_text())["extra"]
-    assert extra["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["c_attn", "c_fc"], "dropout": 0.0}
+    saved = json.loads((tmp_path / "lora" / "config.json").read_text())
+    extra = saved["extra"]
+    assert saved["weights"]["format"] == "lora"
+    assert saved["weights"]["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["c_attn", "c_fc"], "dropout": 0.0}
     adapters = sum(t.numel() for name, t in tuned_tensors.items() if ".lora_" in name)
     assert extra["parameters"] == {"trainable": adapters, "total": base.model.num_params() + adapters}
 
@@ -93,11 +95,11 @@ def test_lora_rank_without_init_from_is_refused(make_run, tmp_path, capsys):
 
 def test_init_from_an_unmerged_lora_run_asks_for_a_merge(make_run, tmp_path, capsys):
     from aigc.models.lora import LoRASpec, apply_lora
-    from aigc.train.checkpoint import RunConfig, save_run
+    from aigc.artifacts.run import RunConfig, Weights, save_run
 
     base = load_run(make_run("gpt", name="base"))
     apply_lora(base.model, LoRASpec(rank=2, alpha=2.0))
-    config = RunConfig(model=base.config.model, extra={"lora": LoRASpec(rank=2, alpha=2.0).to_json()})
+    config = RunConfig(model=base.config.model, weights=Weights("lora", lora=LoRASpec(rank=2, alpha=2.0).to_json()))
     lora_dir = save_run(tmp_path / "lora", config, base.tokenizer, base.model)
     data = _prepare(tmp_path, lora_dir / "tokenizer.json", docs=60, val_fraction=0.2)
     command = ["train", "--data", str(data), "--init-from", str(lora_dir), "--out", str(tmp_path / "next")]

@@ -7,7 +7,8 @@ import torch
 
 from aigc.cli import main
 from aigc.models.lora import LoRASpec, apply_lora, has_lora, load_adapters
-from aigc.train.checkpoint import RunConfig, load_run, save_run
+from aigc.artifacts.run import RunConfig, Weights, save_run
+from aigc.models import load_run
 
 SPEC = LoRASpec(rank=2, alpha=4.0, targets=("c_attn", "c_fc"))
 IDX = torch.tensor([[0, 5, 17, 42, 99, 7, 3]])  # (1, T)
@@ -23,7 +24,7 @@ def lora_run(make_run, tiny_tokenizer, tmp_path):
         for name, param in base.model.named_parameters():
             if name.endswith("lora_B"):
                 param.normal_(0, 0.1)
-    config = RunConfig(model=base.config.model, data=base.config.data, extra={"lora": SPEC.to_json()})
+    config = RunConfig(model=base.config.model, data=base.config.data, weights=Weights("lora", lora=SPEC.to_json()))
     run_dir = save_run(tmp_path / "lora", config, tiny_tokenizer, base.model)
     with torch.no_grad():
         return run_dir, base.model(IDX)[0]
@@ -34,7 +35,7 @@ def test_merge_into_a_new_run_keeps_outputs_and_adapters(lora_run, make_run, tmp
     assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
     merged = load_run(tmp_path / "merged")
     assert not has_lora(merged.model)
-    assert merged.config.extra["merged_lora"] == SPEC.to_json() and "lora" not in merged.config.extra
+    assert merged.config.extra["merged_lora"] == SPEC.to_json() and merged.config.weights.format == "full"
     with torch.no_grad():
         assert (merged.model(IDX)[0] - adapted).abs().max().item() < 1e-5
     assert has_lora(load_run(run_dir).model)  # the source run is untouched

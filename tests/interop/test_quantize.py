@@ -10,9 +10,10 @@ import torch
 from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
-from aigc.interop.quantize import int8_state, quantize_int8
+from aigc.models.int8 import int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora
-from aigc.train.checkpoint import RunConfig, load_run, save_run
+from aigc.artifacts.run import RunConfig, Weights, save_run
+from aigc.models import load_run
 
 DYNAMIC_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 
@@ -51,7 +52,8 @@ def test_export_int8_reloads_exactly_and_is_smaller(make_run, tmp_path, kind):
     run, loaded = load_run(run_dir), load_run(out)
     expected = _logits(quantize_int8(run.model), run.tokenizer)
     assert torch.equal(_logits(loaded.model, loaded.tokenizer), expected)
-    assert loaded.config.extra["quantization"]["method"] == "dynamic-int8"
+    assert loaded.config.weights.format == "int8"
+    assert loaded.config.weights.quantization["method"] == "dynamic-int8"
     size_fp32, size_int8 = (run_dir / "model.safetensors").stat().st_size, (out / "model.safetensors").stat().st_size
     # The GPT is almost all linear weights (4 bytes -> 1); the LSTM keeps its recurrent weights in fp32.
     assert size_int8 < (0.35 if kind == "gpt" else 0.9) * size_fp32
@@ -75,11 +77,11 @@ def test_export_int8_folds_lora_adapters_in(make_run, tiny_tokenizer, tmp_path):
         for name, param in base.model.named_parameters():
             if name.endswith("lora_B"):
                 param.normal_(0, 0.1)
-    config = RunConfig(model=base.config.model, data=base.config.data, extra={"lora": spec.to_json()})
+    config = RunConfig(model=base.config.model, data=base.config.data, weights=Weights("lora", lora=spec.to_json()))
     save_run(tmp_path / "lora", config, tiny_tokenizer, base.model)
     assert main(["export", str(tmp_path / "lora"), "--format", "int8", "--out", str(tmp_path / "q")]) == 0
     loaded = load_run(tmp_path / "q")
-    assert "lora" not in loaded.config.extra and loaded.config.extra["merged_lora"] == spec.to_json()
+    assert loaded.config.weights.lora is None and loaded.config.extra["merged_lora"] == spec.to_json()
     expected = _logits(base.model, tiny_tokenizer)
     assert (_logits(loaded.model, tiny_tokenizer) - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 

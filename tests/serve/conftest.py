@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from aigc.config import ServeConfig
 from aigc.serve import create_app
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 
 @pytest.fixture

@@ -255,7 +255,7 @@ def test_prompt_over_limit_is_413(make_app):
 def test_run_summary_reports_size_labels_and_val_bpb(make_run):
     from aigc.config import ServeConfig
     from aigc.serve import create_app
-    from aigc.train.checkpoint import load_run
+    from aigc.models import load_run
 
     run_dir = make_run()
     for step, bpb in ((100, 2.5), (200, 2.1), (300, 2.2)):

@@ -10,7 +10,7 @@ import pytest
 from aigc.config import ServeConfig
 from aigc.fsutil import append_jsonl
 from aigc.serve import create_app
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -9,7 +9,7 @@ import pytest
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
 from aigc.serve.scheduler import QueueFull, Scheduler, ShuttingDown
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tiny prepared datasets for training tests, written through `aigc.data.shards` (no downloads)."""
+"""Tiny prepared datasets for training tests, written through `aigc.artifacts.dataset` (no downloads)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aigc.config import TrainConfig, model_preset
-from aigc.data.shards import token_dtype, write_split
+from aigc.artifacts.dataset import token_dtype, write_split
 from aigc.tokenizer import Tokenizer
 
 

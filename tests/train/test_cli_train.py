@@ -104,7 +104,7 @@ def test_cli_train_killed_with_sigkill_leaves_a_loadable_resumable_run(tiny_data
     import sys
     import time
 
-    from aigc.train.checkpoint import load_run
+    from aigc.models import load_run
 
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "aigc", "train", "--data", str(tiny_data), "--out", str(run), *TINY,

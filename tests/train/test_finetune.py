@@ -8,7 +8,7 @@ from conftest import tiny_train_config, write_dataset
 
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 from aigc.train.loop import train
 
 _GOOD = ["a wonderful , moving story", "great acting and superb music", "funny and warm", "the cast is brilliant"]

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from aigc.errors import AigcError
 from aigc.train import events
-from aigc.train.checkpoint import load_run, load_state
+from aigc.artifacts.state import load_state
+from aigc.models import load_run
 from aigc.train.loop import train
 
 METRIC_KEYS = {"step", "tokens", "elapsed_s", "lr", "train_loss", "train_acc", "val_loss", "val_ppl", "val_bpb", "val_acc", "tokens_per_s"}

@@ -111,8 +111,8 @@ def _generate(run_dir: Path, seed: int) -> list[tuple[str, str, str]]:
     from aigc.config import SampleConfig
     from aigc.fsutil import write_json
     from aigc.generate import Request, generate
-    from aigc.train.checkpoint import load_run
-    from aigc.train.runtime import pick_device
+    from aigc.models import load_run
+    from aigc.artifacts.device import pick_device
 
     run = load_run(run_dir, device=pick_device("auto"))
     requests = []

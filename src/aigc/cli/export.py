@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from aigc.interop.hf import export_hf
     from aigc.interop.quantize import export_int8
-    from aigc.train.checkpoint import BEST, WEIGHTS, load_run
+    from aigc.artifacts.run import BEST, WEIGHTS
+    from aigc.models import load_run
 
     started = time.perf_counter()
     run = load_run(args.run, weights=BEST if args.best else WEIGHTS)

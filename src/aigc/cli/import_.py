@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_import(args: argparse.Namespace) -> int:
     from aigc.interop.hf import import_hf
-    from aigc.train.checkpoint import read_run_config
+    from aigc.artifacts.run import read_run_config
 
     started = time.perf_counter()
     out = import_hf(args.source, args.out, overwrite=args.overwrite)

@@ -40,8 +40,8 @@ def handle(args: argparse.Namespace) -> int:
     import uvicorn
 
     from aigc.serve import create_app
-    from aigc.train.checkpoint import load_run
-    from aigc.train.runtime import pick_device
+    from aigc.models import load_run
+    from aigc.artifacts.device import pick_device
 
     run = load_run(args.run, device=pick_device(config.device))
     app = create_app(run, config)

@@ -45,7 +45,7 @@ def _settings(values: dict) -> str:
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]:
     """Model and training configs from the flags the user gave (None = decided by the library)."""
-    from aigc.train.checkpoint import read_run_config
+    from aigc.artifacts.run import read_run_config
 
     model_given = given_options(args, ModelConfig)
     model = None

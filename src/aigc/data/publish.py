@@ -12,7 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from aigc.data.shards import DATASET_JSON
+from aigc.artifacts.dataset import DATASET_JSON
 from aigc.errors import AigcError
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from aigc.config import EvalConfig, SampleConfig, to_dict
-from aigc.data.shards import DATASET_JSON, open_split, read_dataset_info
+from aigc.artifacts.dataset import DATASET_JSON, open_split, read_dataset_info
 from aigc.errors import AigcError
 from aigc.evaluate import control, lm, memorise, privacy, reference, textstats
 from aigc.tokenizer import Tokenizer
-from aigc.train.checkpoint import Run, load_run
+from aigc.artifacts.device import pick_device
+from aigc.models import Run, load_run
 
 Progress = Callable[[str], None]
 
@@ -254,7 +255,6 @@ def evaluate_run(
     progress: Progress | None = None,
 ) -> dict:
     """Evaluate one run; returns the dict that `aigc eval` writes to RUN/eval/metrics.json."""
-    from aigc.train.runtime import pick_device
 
     started = time.perf_counter()
     device = pick_device(config.device)

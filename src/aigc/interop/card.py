@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from aigc import __version__
 from aigc.tokenizer import label_token
-from aigc.train.checkpoint import Run
+from aigc.artifacts.run import Run
 
 
 def _fmt(value) -> str:
@@ -97,8 +98,10 @@ def model_card(run: Run) -> str:
         "## Training and metrics",
         *(_table(_training_rows(run, metrics)) if metrics else ["The run has no metrics.jsonl (not trained by aigc)."]),
     ]
-    if config.init_from or config.extra:
+    if config.init_from or config.extra or not config.weights.is_plain:
         provenance = {"init_from": config.init_from, **config.extra}
+        if not config.weights.is_plain:
+            provenance["weights"] = dataclasses.asdict(config.weights)
         lines += ["", "## Provenance", "```json", json.dumps(provenance, indent=2, ensure_ascii=False), "```"]
     lines += ["", "## Use", *_usage(run), ""]
     lines += [

@@ -14,15 +14,22 @@ import json
 import os
 from pathlib import Path
 
+import dataclasses
+
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
+from aigc.artifacts.run import Run, RunConfig, prepare_out_dir, require_plain_weights, save_run
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_json, write_text, write_with
+from aigc.interop.card import model_card
 from aigc.models import GPT
+from aigc.models.lora import has_lora, merge_lora
 from aigc.tokenizer import EOT, PAD, Tokenizer, label_token
-from aigc.train.checkpoint import RunConfig, Run, save_run
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 PREFIX = "transformer."
@@ -117,13 +124,9 @@ def generation_config(tokenizer: Tokenizer) -> dict:
 
 def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `run` as a folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained` load offline."""
-    from safetensors.torch import save_file
-
-    from aigc.interop.card import model_card
-    from aigc.models.lora import has_lora, merge_lora
-
     model = run.model
-    refuse_quantized(run)
+    if run.config.weights.format == "int8":
+        require_plain_weights(run.config, run.path, "Hugging Face export", verb="export")
     if not isinstance(model, GPT):
         raise AigcError(
             f"run {run.path} is an LSTM; the Hugging Face format has no GPT-2 equivalent of an "
@@ -143,14 +146,6 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
     return out
 
 
-def refuse_quantized(run: Run) -> None:
-    """An int8 run has lost precision for good: exports start from the fp32 run it came from."""
-    quantization = run.config.extra.get("quantization")
-    if quantization:
-        source = quantization.get("source", "the fp32 run it was made from")
-        raise AigcError(f"run {run.path} is already int8 (dynamically quantized); export {source} instead")
-
-
 def special_tokens_map(tokenizer: Tokenizer) -> dict:
     return {
         "bos_token": EOT,
@@ -159,17 +154,6 @@ def special_tokens_map(tokenizer: Tokenizer) -> dict:
         "pad_token": PAD,
         "additional_special_tokens": [label_token(label) for label in tokenizer.labels],
     }
-
-
-def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Create the output folder; refuse to write into a non-empty one unless told to."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AigcError(f"--out {out} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AigcError(f"--out {out} is not empty; choose a new folder or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -220,8 +204,6 @@ def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of the folder: model.safetensors, its sharded form, or pytorch_model.bin (weights only)."""
-    from safetensors.torch import load_file
-
     single, index = src / "model.safetensors", src / "model.safetensors.index.json"
     if single.is_file():
         return load_file(str(single))
@@ -256,9 +238,6 @@ def our_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, src: P
 
 def read_hf_tokenizer(src: Path) -> tuple[Tokenizer, bool]:
     """The folder's byte-level BPE tokenizer in our wrapper; adds `<|pad|>` if missing (returns whether)."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTokenizer
-
     if (src / "tokenizer.json").is_file():
         hf = HFTokenizer.from_file(str(src / "tokenizer.json"))
     elif (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
@@ -278,9 +257,6 @@ def read_hf_tokenizer(src: Path) -> tuple[Tokenizer, bool]:
 
 
 def _tokenizer_from_vocab_merges(src: Path):
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
     hf = HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
@@ -308,8 +284,6 @@ def fit_vocabulary(state: dict[str, torch.Tensor], tokenizer: Tokenizer, added_p
 
 def import_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Make a run of a local Hugging Face GPT-2-type folder (weights + tokenizer)."""
-    import dataclasses
-
     src = Path(src_dir)
     config = model_config_from_hf(read_hf_config(src), src)
     tokenizer, added_pad = read_hf_tokenizer(src)

@@ -7,9 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
+from aigc.artifacts.run import (
+    BEST, METRICS, TOKENIZER, WEIGHTS, Weights, prepare_out_dir, read_run_config, save_config, save_weights,
+)
 from aigc.errors import AigcError
-from aigc.models.lora import LoRASpec, count_parameters, merge_lora, save_adapters
-from aigc.train.checkpoint import BEST, METRICS, TOKENIZER, WEIGHTS, load_run, read_run_config, save_config, save_weights
+from aigc.models import load_run
+from aigc.models.lora import LoRASpec, parameter_counts, merge_lora, save_adapters
 
 ADAPTER = "adapter.safetensors"
 
@@ -21,13 +24,11 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     config.json is written last: a crash before it leaves the run's config pointing at adapters
     whose weights file is still the old one (each file is replaced atomically).
     """
-    from aigc.interop.hf import prepare_out_dir
-
     src = Path(run_dir)
     config = read_run_config(src)
-    if "lora" not in config.extra:
-        raise AigcError(f"{src} has no LoRA adapters (its config.json has no extra.lora); nothing to merge")
-    spec = LoRASpec.from_json(config.extra["lora"])
+    if config.weights.format != "lora":
+        raise AigcError(f"{src} has no LoRA adapters (its weights are {config.weights.format}); nothing to merge")
+    spec = LoRASpec.from_json(config.weights.lora)
     out = src if out_dir is None else prepare_out_dir(out_dir, overwrite=overwrite)
     counts = {}
     for name in (WEIGHTS, BEST):
@@ -37,13 +38,12 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
         if name == WEIGHTS:
             save_adapters(model, spec, out / ADAPTER)
         merge_lora(model)
-        counts = count_parameters(model)
+        counts = parameter_counts(model)
         save_weights(model, out / name)
     if out != src:
         shutil.copyfile(src / TOKENIZER, out / TOKENIZER)
         if (src / METRICS).is_file():
             shutil.copyfile(src / METRICS, out / METRICS)
-    extra = {key: value for key, value in config.extra.items() if key != "lora"}
-    extra.update(merged_lora=spec.to_json(), parameters=counts)
-    save_config(out, dataclasses.replace(config, extra=extra))
+    extra = {**config.extra, "merged_lora": spec.to_json(), "parameters": counts}
+    save_config(out, dataclasses.replace(config, weights=Weights(), extra=extra))
     return out, counts

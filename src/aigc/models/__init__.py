@@ -1,16 +1,15 @@
-"""Models behind one contract: `forward(idx, targets=None) -> (logits, loss | None)`."""
+"""Models behind one contract: `forward(idx, targets=None) -> (logits, loss | None)`.
+
+Importing this package registers the built-in weight loaders (`loaders.py`), so `load_run` here
+loads any run folder.
+"""
 
 from __future__ import annotations
 
-import torch.nn as nn
-
-from aigc.config import ModelConfig
+from aigc.artifacts.run import Run, load_run
+from aigc.models import loaders  # noqa: F401  (registers the weight loaders)
+from aigc.models.build import build_model
 from aigc.models.gpt import GPT, KVCache
 from aigc.models.lstm import LSTM, LSTMState
 
-__all__ = ["GPT", "LSTM", "KVCache", "LSTMState", "build_model"]
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """A freshly initialised model of the configured kind."""
-    return GPT(config) if config.kind == "gpt" else LSTM(config)
+__all__ = ["GPT", "LSTM", "KVCache", "LSTMState", "Run", "build_model", "load_run"]

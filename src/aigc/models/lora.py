@@ -152,18 +152,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
+def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameters (tied weights counted once)."""
     params = list(model.parameters())  # nn.Module.parameters() already yields a shared tensor once
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
-
-
-def run_record(model: nn.Module, spec: LoRASpec | None) -> dict:
-    """What a training run records in config.json `extra`: parameter counts, and the LoRA settings."""
-    record: dict = {"parameters": count_parameters(model)}
-    if spec is not None:
-        record["lora"] = spec.to_json()
-    return record
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from aigc.serve.api import ApiError
 from aigc.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelCard, ModelList
 from aigc.serve.schemas import RunSummary
-from aigc.train.checkpoint import Run
+from aigc.artifacts.run import Run
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("aigc.serve")

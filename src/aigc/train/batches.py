@@ -12,6 +12,7 @@ the data one process with an N-times larger batch would see.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,7 +43,11 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int, device: tor
 
 
 class BatchSampler:
-    """Random training windows; `state()`/`set_state()` make the stream resumable exactly."""
+    """Random training windows; `state()`/`set_state()` make the stream resumable exactly.
+
+    The next batch is read from disk (and, on CUDA, copied to the GPU) on a background thread while
+    the current step runs. The windows are drawn on the caller's thread, so the stream is the same
+    as without prefetching, and `state()` is the state before the prefetched batch was drawn."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
         self.tokens = tokens
@@ -51,19 +56,41 @@ class BatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aigc-batches")
+        self._pending: tuple[str, Future] | None = None  # (rng state before drawing it, the batch)
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets), each (B, block_size) on `device`; prefetches the one after."""
+        pending = self._pending or self._prefetch(device)
+        self._pending = self._prefetch(device)
+        return pending[1].result()
+
+    def _prefetch(self, device: torch.device) -> tuple[str, Future]:
+        state = self._rng_state()
         high = len(self.tokens) - self.block_size  # last valid start + 1
         starts = self.rng.integers(0, high, size=self.batch_size * self.world_size)  # the global batch
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return _gather(self.tokens, mine, self.block_size, device)
+        return state, self._reader.submit(_gather, self.tokens, mine, self.block_size, device)
 
-    def state(self) -> str:
+    def _rng_state(self) -> str:
         # JSON text: PCG64's 128-bit integers survive it, and `weights_only` loading accepts strings.
         return json.dumps(self.rng.bit_generator.state)
 
+    def state(self) -> str:
+        return self._pending[0] if self._pending is not None else self._rng_state()
+
     def set_state(self, state: str) -> None:
+        self._discard_pending()
         self.rng.bit_generator.state = json.loads(state)
+
+    def _discard_pending(self) -> None:
+        if self._pending is not None:
+            self._pending[1].result()  # let the read finish before its memory goes
+            self._pending = None
+
+    def close(self) -> None:
+        self._discard_pending()
+        self._reader.shutdown(wait=True)
 
 
 def fixed_windows(tokens: np.ndarray, block_size: int, count: int) -> np.ndarray:

@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aigc.artifacts.run import BEST, STATE, TOKENIZER, WEIGHTS, RunConfig, Weights, load_weights, save_config, save_weights
+from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
-from aigc.models import build_model
-from aigc.models import lora
-from aigc.train import checkpoint as ckpt
+from aigc.models import build_model, lora
+from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
 from aigc.train.batches import BatchSampler, eval_batches, fixed_windows
@@ -28,7 +29,9 @@ from aigc.train.events import EventCallback, TrainEnd, TrainEval, TrainingInterr
 from aigc.train.metrics import MetricsLog, check_tensorboard
 from aigc.train.optim import build_optimizer, learning_rate, set_learning_rate
 
-STATE_FORMAT = 1
+STATE_FORMAT = 1  # bumped when state.pt's layout changes; an older state is refused, not misread
+# Training accuracy needs an argmax over (B, T, V) logits; it is sampled on one step in this many.
+TRAIN_ACC_EVERY = 10
 
 
 def train(
@@ -74,8 +77,8 @@ def train(
 class Trainer:
     """One training session over a planned run; the state that `state.pt` saves lives here."""
 
-    def __init__(self, plan: setup.Plan, runtime: rt.Runtime, on_event: EventCallback | None, overwrite: bool):
-        self.plan, self.rt, self.cfg = plan, runtime, plan.train_config
+    def __init__(self, plan: setup.SessionPlan, runtime: rt.Runtime, on_event: EventCallback | None, overwrite: bool):
+        self.plan, self.runtime, self.cfg = plan, runtime, plan.train_config
         self.on_event = on_event
         self.run_dir = plan.run_dir
         self.model = self._build_model()
@@ -94,7 +97,7 @@ class Trainer:
         self.last_eval_step, self.last_metrics, self.last_lr = -1, None, 0.0
         self._reset_running()
         if plan.resume:
-            self._load_state(ckpt.load_state(self.run_dir))
+            self._load_state(load_state(self.run_dir))
         with rt.rank_zero_first(runtime):
             if runtime.is_main:
                 self._write_run_files(overwrite)
@@ -110,7 +113,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.plan.model_config)
         if self.plan.init_from and not self.plan.resume:
-            ckpt.load_weights(model, Path(self.plan.init_from) / ckpt.WEIGHTS)
+            load_weights(model, Path(self.plan.init_from) / WEIGHTS)
         if self.cfg.freeze_embeddings:
             setup.freeze_embeddings(model)
         self.lora = lora.spec_from_config(self.cfg)
@@ -118,33 +121,35 @@ class Trainer:
             if not self.plan.init_from:
                 raise AigcError("--lora-rank needs --init-from RUN: adapters fine-tune a trained model")
             lora.apply_lora(model, self.lora)
-        return model.to(self.rt.device).train()
+        return model.to(self.runtime.device).train()
 
     def _wrap(self, model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None]:
         ddp = None
-        if self.rt.world_size > 1:
-            device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+        if self.runtime.world_size > 1:
+            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             model = ddp = DistributedDataParallel(model, device_ids=device_ids)
         if self.cfg.compile:
             model = torch.compile(model)
         return model, ddp
 
     def _write_run_files(self, overwrite: bool) -> None:
-        run_config = ckpt.RunConfig(
+        weights = Weights("lora", lora=self.lora.to_json()) if self.lora is not None else Weights()
+        run_config = RunConfig(
             model=self.plan.model_config,
             train=self.cfg,
-            data=setup.data_provenance(self.plan.data),
+            data=self.plan.data.provenance(),
             init_from=self.plan.init_from,
-            extra=lora.run_record(self.model, self.lora),
+            weights=weights,
+            extra={"parameters": lora.parameter_counts(self.model)},
         )
         if self.plan.resume:
             self.log_truncate()
         elif overwrite:
             setup.clear_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save_config(self.run_dir, run_config)
+        save_config(self.run_dir, run_config)
         if not self.plan.resume:
-            self.plan.data.tokenizer.save(self.run_dir / ckpt.TOKENIZER)
+            self.plan.data.tokenizer.save(self.run_dir / TOKENIZER)
 
     def log_truncate(self) -> None:
         """A resumed run continues the curve from its checkpoint: drop any later metrics lines."""
@@ -154,9 +159,9 @@ class Trainer:
 
     def _reset_running(self) -> None:
         """Training loss/accuracy accumulate between evaluations (as tensors: no host sync per step)."""
-        self.run_loss = torch.zeros((), device=self.rt.device)
-        self.run_acc = torch.zeros((), device=self.rt.device)
-        self.run_steps, self.run_tokens, self.run_time = 0, 0, 0.0
+        self.run_loss = torch.zeros((), device=self.runtime.device)
+        self.run_acc = torch.zeros((), device=self.runtime.device)
+        self.run_steps, self.run_acc_steps, self.run_tokens, self.run_time = 0, 0, 0, 0.0
 
     def _state(self) -> dict:
         return {
@@ -172,12 +177,14 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "running": {
                 "loss": self.run_loss.item(), "acc": self.run_acc.item(), "steps": self.run_steps,
-                "tokens": self.run_tokens, "time": self.run_time,
+                "acc_steps": self.run_acc_steps, "tokens": self.run_tokens, "time": self.run_time,
             },
         }
 
     def _load_state(self, state: dict) -> None:
-        path = self.run_dir / ckpt.STATE
+        path = self.run_dir / STATE
+        if state.get("format") != STATE_FORMAT:
+            raise AigcError(f"{path} has state format {state.get('format')}, this aigc reads {STATE_FORMAT}; start again with --overwrite")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -191,13 +198,14 @@ class Trainer:
         self.run_loss.fill_(running["loss"])
         self.run_acc.fill_(running["acc"])
         self.run_steps, self.run_tokens, self.run_time = running["steps"], running["tokens"], running["time"]
+        self.run_acc_steps = running.get("acc_steps", running["steps"])
 
     def _save(self) -> None:
         """Checkpoint: state.pt first (it holds the weights too, so it is complete on its own), then
         model.safetensors for the readers of the run. Each write is atomic."""
-        if self.rt.is_main:
-            ckpt.save_state(self.run_dir, self._state())
-            ckpt.save_weights(self.model, self.run_dir / ckpt.WEIGHTS)
+        if self.runtime.is_main:
+            save_state(self.run_dir, self._state())
+            save_weights(self.model, self.run_dir / WEIGHTS)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -206,14 +214,15 @@ class Trainer:
         self._emit(self._start_event())
         reason = self._done_reason()
         already_done = reason is not None
-        with rt.sigint_calls(self._request_stop):  # first Ctrl-C: finish the step, save, stop
-            while reason is None:
-                reason = self._one_step()
+        try:
+            with rt.sigint_calls(self._request_stop):  # first Ctrl-C: finish the step, save, stop
+                while reason is None:
+                    reason = self._one_step()
+        finally:
+            self.sampler.close()
         if not already_done and self.last_eval_step != self.step:
             self._evaluate()
-        if self.rt.is_main:
-            from aigc.plots import plot_runs  # matplotlib is slow to import; only needed here
-
+        if self.runtime.is_main:
             plot_runs([self.run_dir])
         self._emit(TrainEnd(self.run_dir, self.step, "already done" if already_done else reason, self.last_metrics))
         return self.run_dir
@@ -246,22 +255,24 @@ class Trainer:
 
     def _train_step(self) -> tuple[torch.Tensor, float]:
         """Accumulate gradients over `grad_accum` micro-batches and take one AdamW step."""
-        cfg, device = self.cfg, self.rt.device
+        cfg, device = self.cfg, self.runtime.device
         lr = learning_rate(self.step, self._progress(), cfg)
         set_learning_rate(self.optimizer, lr)
         self.last_lr = lr
         total = torch.zeros((), device=device)
+        measure_acc = self.step % TRAIN_ACC_EVERY == 0
         for micro in range(cfg.grad_accum):
             inputs, targets = self.sampler.next(device)  # (B, T) each
             # DDP all-reduces gradients on the last micro-batch only.
             last = micro == cfg.grad_accum - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with sync:
-                with self.rt.autocast():
+                with self.runtime.autocast():
                     logits, loss = self.wrapped(inputs, targets)  # (B, T, V), ()
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
-            self.run_acc += (logits.detach().argmax(-1) == targets).float().mean() / cfg.grad_accum
+            if measure_acc:
+                self.run_acc += (logits.detach().argmax(-1) == targets).float().mean() / cfg.grad_accum
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -270,13 +281,14 @@ class Trainer:
         self.tokens += self.tokens_per_step
         self.run_loss += total
         self.run_steps += 1
+        self.run_acc_steps += measure_acc
         self.run_tokens += self.tokens_per_step
         return total, lr
 
     def _sync_status(self, loss_value: float) -> tuple[float, bool, bool]:
         """Agree across processes on elapsed time, Ctrl-C and a non-finite loss, so all stop together."""
         flags = [self._elapsed(), float(self.interrupt_requested), float(not math.isfinite(loss_value))]
-        elapsed, interrupted, nonfinite = rt.all_max(flags, self.rt)
+        elapsed, interrupted, nonfinite = rt.all_max(flags, self.runtime)
         self.elapsed_synced = elapsed
         return elapsed, interrupted > 0, nonfinite > 0
 
@@ -287,22 +299,24 @@ class Trainer:
         """Mean loss, next-token accuracy and bits per byte over the fixed validation windows."""
         self.model.eval()
         block, data = self.plan.model_config.block_size, self.plan.data.val.tokens
-        mine = self.val_starts[self.rt.rank :: self.rt.world_size]
+        mine = self.val_starts[self.runtime.rank :: self.runtime.world_size]
         loss_sum = correct = count = num_bytes = 0.0
-        for inputs, targets in eval_batches(data, mine, block, self.cfg.batch_size, self.rt.device):
-            with self.rt.autocast():
+        for inputs, targets in eval_batches(data, mine, block, self.cfg.batch_size, self.runtime.device):
+            with self.runtime.autocast():
                 logits, loss = self.model(inputs, targets)
             loss_sum += loss.item() * targets.numel()
             correct += (logits.argmax(-1) == targets).sum().item()
             count += targets.numel()
             num_bytes += self.byte_lengths[targets].sum().item()
         self.model.train()
-        loss_sum, correct, count, num_bytes = rt.all_sum([loss_sum, correct, count, num_bytes], self.rt)
+        loss_sum, correct, count, num_bytes = rt.all_sum([loss_sum, correct, count, num_bytes], self.runtime)
         return loss_sum / count, correct / count, loss_sum / math.log(2) / max(num_bytes, 1.0)
 
     def _evaluate(self) -> None:
         val_loss, val_acc, val_bpb = self._validate()
-        train_loss, train_acc = (v / self.rt.world_size / max(self.run_steps, 1) for v in rt.all_sum([self.run_loss.item(), self.run_acc.item()], self.rt))
+        loss_sum, acc_sum = rt.all_sum([self.run_loss.item(), self.run_acc.item()], self.runtime)
+        train_loss = loss_sum / self.runtime.world_size / max(self.run_steps, 1)
+        train_acc = acc_sum / self.runtime.world_size / max(self.run_acc_steps, 1)
         if not math.isfinite(val_loss) or not math.isfinite(train_loss):
             raise self._nonfinite_error("validation loss" if math.isfinite(train_loss) else "training loss")
         metrics = {
@@ -324,9 +338,9 @@ class Trainer:
         self.last_eval_step, self.last_metrics = self.step, metrics
         self._reset_running()
         self._save()
-        if self.rt.is_main:
+        if self.runtime.is_main:
             if is_best:
-                ckpt.save_weights(self.model, self.run_dir / ckpt.BEST)
+                save_weights(self.model, self.run_dir / BEST)
             self.log.append(metrics)
             self.model.eval()
             with torch.random.fork_rng(devices=[]):  # samples drawn by the callback must not shift our RNG
@@ -372,11 +386,11 @@ class Trainer:
     # -- reporting --------------------------------------------------------------------------
 
     def _start_event(self) -> TrainStart:
-        warning = rt.precision_warning(self.rt)
+        warning = rt.precision_warning(self.runtime)
         return TrainStart(
             run_dir=self.run_dir, step=self.step, model_config=self.plan.model_config, train_config=self.cfg,
-            num_params=sum(p.numel() for p in self.model.parameters()), device=self.rt.describe(),
-            dtype=self.rt.dtype, world_size=self.rt.world_size, resumed=self.plan.resume,
+            num_params=sum(p.numel() for p in self.model.parameters()), device=self.runtime.describe(),
+            dtype=self.runtime.dtype, world_size=self.runtime.world_size, resumed=self.plan.resume,
             init_from=self.plan.init_from, notes=(warning,) if warning else (),
         )
 

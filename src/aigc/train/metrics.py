@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from aigc.errors import AigcError
-from aigc.fsutil import append_jsonl, read_jsonl, write_text
-from aigc.train.checkpoint import METRICS
+from aigc.fsutil import append_jsonl, write_text
+from aigc.artifacts.run import METRICS, TENSORBOARD, read_metrics
 
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = TENSORBOARD
 
 
 def check_tensorboard(wanted: bool) -> None:
@@ -21,17 +21,6 @@ def check_tensorboard(wanted: bool) -> None:
         import tensorboard  # noqa: F401
     except ImportError as exc:
         raise AigcError("--tensorboard needs the tensorboard package; pip install 'aigc[tensorboard]' or drop the flag") from exc
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The metrics of a run (empty if it has none yet); a damaged file is a user error naming it."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    try:
-        return read_jsonl(path)
-    except json.JSONDecodeError as exc:
-        raise AigcError(f"{path} is corrupted at line {exc.lineno}; delete that line or start again with --overwrite") from exc
 
 
 class MetricsLog:

@@ -1,8 +1,6 @@
 """Where and how training runs: device, precision, threads, and data-parallel processes.
 
-Precision. bf16 autocast only pays off where the hardware multiplies bf16 natively: CUDA GPUs with
-bf16 support, and CPUs with AMX or AVX512-BF16. On an AVX2-only CPU a bf16 matmul is emulated and
-~100x slower than fp32, so `--dtype auto` keeps fp32 there.
+Device and precision are chosen by `aigc.artifacts.device` (shared with generate, eval and serve).
 
 Distributed. `torchrun --nproc_per_node=N` sets RANK/WORLD_SIZE/LOCAL_RANK; we then join a process
 group (gloo on CPU, NCCL on GPU) and wrap the model in DistributedDataParallel.
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from aigc.errors import AigcError
+from aigc.artifacts.device import cpu_has_fast_bf16, pick_device, pick_dtype
 
 
 @dataclass(frozen=True)
@@ -47,40 +45,6 @@ class Runtime:
         if self.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AMX or AVX512-BF16)."""
-    try:
-        features = torch._C._cpu._get_cpu_capability()  # private, but the only complete report
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(features.get("amx_bf16") or features.get("avx512_bf16"))
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks cuda > mps > cpu; an explicit device that is absent is a user error."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise AigcError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    if name == "mps" and not mps:
-        raise AigcError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
 
 
 def precision_warning(runtime: Runtime) -> str | None:

@@ -13,32 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
+from aigc.artifacts.dataset import Dataset, check_same_tokenizer, open_dataset
+from aigc.artifacts.run import CONFIG, RUN_ARTEFACTS, STATE, TOKENIZER, read_run_config, require_plain_weights
 from aigc.config import ModelConfig, TrainConfig, model_preset, train_preset
-from aigc.data.shards import Split, open_split, read_dataset_info
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
-from aigc.train import checkpoint as ckpt
 from aigc.train.batches import check_split_size
 
-# Files and folders a run owns; `--overwrite` removes these and nothing else.
-RUN_ARTEFACTS = (
-    ckpt.CONFIG, ckpt.TOKENIZER, ckpt.WEIGHTS, ckpt.BEST, ckpt.STATE, ckpt.METRICS,
-    "plots", "eval", "tensorboard", "report.md", "report.html",
-)
 MODEL_SHAPE_FIELDS = ("kind", "block_size", "n_layer", "n_head", "n_embd", "hidden_size", "bias")
 
 
 @dataclass
-class Dataset:
-    path: Path
-    info: dict
-    tokenizer: Tokenizer
-    train: Split
-    val: Split
-
-
-@dataclass
-class Plan:
+class SessionPlan:
     """The resolved inputs of one training session."""
 
     run_dir: Path
@@ -49,31 +35,8 @@ class Plan:
     init_from: str | None
 
 
-def open_dataset(data_dir: str | Path) -> Dataset:
-    path = Path(data_dir).resolve()
-    info = read_dataset_info(path)
-    tokenizer = Tokenizer.load(path / ckpt.TOKENIZER)
-    return Dataset(path, info, tokenizer, open_split(path, "train"), open_split(path, "val"))
-
-
-def data_provenance(data: Dataset) -> dict:
-    """What config.json records about the training data."""
-    return {
-        "path": str(data.path),
-        "labels": list(data.tokenizer.labels),
-        "tokenizer_fingerprint": data.tokenizer.vocab_fingerprint(),
-        "train_tokens": len(data.train),
-        "val_tokens": len(data.val),
-        "source": data.info.get("source"),
-    }
-
-
-def _check_same_tokenizer(data: Dataset, tokenizer: Tokenizer, run_dir: Path) -> None:
-    if data.tokenizer.vocab_fingerprint() != tokenizer.vocab_fingerprint():
-        raise AigcError(
-            f"{data.path} was prepared with a different tokenizer than {run_dir}; prepare it again with "
-            f"`aigc prepare SOURCE --out DIR --tokenizer {run_dir / ckpt.TOKENIZER}`"
-        )
+def _check_same_tokenizer(data: Dataset, tokenizer: Tokenizer, owner: Path) -> None:
+    check_same_tokenizer(data.path, data.tokenizer, tokenizer, owner)
 
 
 def plan_session(
@@ -85,32 +48,30 @@ def plan_session(
     preset: str,
     resume: bool,
     init_from: str | Path | None,
-) -> Plan:
+) -> SessionPlan:
     """Resolve the configs of a new, resumed or fine-tuning run and check them against the data."""
     run_dir = Path(out_dir)
     if resume:
-        saved = ckpt.read_run_config(run_dir)
+        saved = read_run_config(run_dir)
         if model_config is not None and model_config != saved.model:
             raise AigcError(f"--resume keeps the model of {run_dir}; drop the model options (--preset, --n-layer, ...)")
         data_dir = data_dir if data_dir is not None else saved.data.get("path")
         if not data_dir:
-            raise AigcError(f"{run_dir / ckpt.CONFIG} does not say which dataset it was trained on; pass --data DIR")
+            raise AigcError(f"{run_dir / CONFIG} does not say which dataset it was trained on; pass --data DIR")
         data = open_dataset(data_dir)
-        _check_same_tokenizer(data, Tokenizer.load(run_dir / ckpt.TOKENIZER), run_dir)
-        plan = Plan(run_dir, data, saved.model, train_config or saved.train, True, saved.init_from)
+        _check_same_tokenizer(data, Tokenizer.load(run_dir / TOKENIZER), run_dir)
+        plan = SessionPlan(run_dir, data, saved.model, train_config or saved.train, True, saved.init_from)
     elif init_from is not None:
         if data_dir is None:
             raise AigcError("--init-from needs --data: the prepared dataset to fine-tune on")
-        base = ckpt.read_run_config(init_from)
-        if "lora" in base.extra or "quantization" in base.extra:  # weights that are not a plain model
-            fix = f"merge its adapters first: `aigc merge {init_from}`" if "lora" in base.extra else "start from the fp32 run it was exported from"
-            raise AigcError(f"--init-from {init_from} is a {'LoRA' if 'lora' in base.extra else 'int8'} run; {fix}")
+        base = read_run_config(init_from)
+        require_plain_weights(base, init_from, "--init-from")
         if model_config is not None and _shape(model_config) != _shape(base.model):
             raise AigcError(f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)")
         data = open_dataset(data_dir)
-        _check_same_tokenizer(data, Tokenizer.load(Path(init_from) / ckpt.TOKENIZER), Path(init_from))
+        _check_same_tokenizer(data, Tokenizer.load(Path(init_from) / TOKENIZER), Path(init_from))
         config = base.model if model_config is None else dataclasses.replace(base.model, dropout=model_config.dropout)
-        plan = Plan(run_dir, data, config, train_config or TrainConfig(), False, str(init_from))
+        plan = SessionPlan(run_dir, data, config, train_config or TrainConfig(), False, str(init_from))
     else:
         if data_dir is None:
             raise AigcError("--data is required: a folder made by `aigc prepare SOURCE --out DIR`")
@@ -118,7 +79,7 @@ def plan_session(
         config = model_config or model_preset(preset)
         # The vocabulary always comes from the dataset's tokenizer.
         config = dataclasses.replace(config, vocab_size=data.tokenizer.vocab_size)
-        plan = Plan(run_dir, data, config, train_config or train_preset(preset), False, None)
+        plan = SessionPlan(run_dir, data, config, train_config or train_preset(preset), False, None)
     _check_sizes(plan)
     return plan
 
@@ -127,7 +88,7 @@ def _shape(config: ModelConfig) -> tuple:
     return tuple(getattr(config, name) for name in MODEL_SHAPE_FIELDS)
 
 
-def _check_sizes(plan: Plan, world_size: int = 1) -> None:
+def _check_sizes(plan: SessionPlan, world_size: int = 1) -> None:
     block = plan.model_config.block_size
     if plan.data.tokenizer.vocab_size > plan.model_config.vocab_size:
         raise AigcError(
@@ -138,7 +99,7 @@ def _check_sizes(plan: Plan, world_size: int = 1) -> None:
     check_split_size(len(plan.data.train), "train", block, plan.train_config.batch_size * world_size)
 
 
-def check_world_size(plan: Plan, world_size: int) -> None:
+def check_world_size(plan: SessionPlan, world_size: int) -> None:
     if world_size > 1:
         _check_sizes(plan, world_size)
 
@@ -146,14 +107,14 @@ def check_world_size(plan: Plan, world_size: int) -> None:
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber: an existing run needs --resume or --overwrite; a foreign folder is never touched."""
     if resume:
-        if not (run_dir / ckpt.STATE).is_file():
-            raise AigcError(f"cannot resume {run_dir}: {ckpt.STATE} is missing; start a new run with --overwrite instead")
+        if not (run_dir / STATE).is_file():
+            raise AigcError(f"cannot resume {run_dir}: {STATE} is missing; start a new run with --overwrite instead")
         return
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
         raise AigcError(f"--out {run_dir} is a file; choose a folder name")
-    if (run_dir / ckpt.CONFIG).is_file():
+    if (run_dir / CONFIG).is_file():
         if not overwrite:
             raise AigcError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite")
     elif any(run_dir.iterdir()):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aigc.errors import AigcError
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
@@ -29,7 +29,7 @@ def test_load_run_names_the_missing_or_corrupted_file(make_run, tmp_path):
 
 
 def test_state_round_trip_keeps_tensors_and_numbers(tmp_path):
-    from aigc.train.checkpoint import load_state, save_state
+    from aigc.artifacts.state import load_state, save_state
 
     state = {"step": 7, "elapsed_s": 1.5, "sampler": '{"a": 1}', "rng": torch.get_rng_state(), "nested": {"x": [1, 2]}}
     save_state(tmp_path, state)
@@ -40,7 +40,7 @@ def test_state_round_trip_keeps_tensors_and_numbers(tmp_path):
 
 
 def test_load_state_names_a_missing_or_corrupted_file(tmp_path):
-    from aigc.train.checkpoint import load_state
+    from aigc.artifacts.state import load_state
 
     with pytest.raises(AigcError, match="state.pt is missing"):
         load_state(tmp_path)

@@ -1,10 +1,12 @@
-"""Token shards: one flat array of token ids per split, read back with `numpy.memmap`.
+"""The prepared dataset folder (written by `aigc prepare`, read by `aigc train` and `aigc eval`).
 
+    DIR/dataset.json       provenance, options, counts, labels, vocabulary size, token dtype, fingerprint
+    DIR/tokenizer.json     the tokenizer the shards were made with
     DIR/{split}.bin        token ids, uint16 when the vocabulary fits, else uint32
     DIR/{split}.docs.npy   int64 (N, 3): start, end (exclusive), label index (-1 = no label)
 
 Every document is `[<|label|>] tokens… <|endoftext|>`, and its offsets span all of it. Nothing but this
-module reads or writes these files.
+module reads or writes the shard files; `open_dataset` is the one way to read a folder.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from aigc.errors import AigcError
+from aigc.tokenizer import Tokenizer
 
 SPLITS = ("train", "val", "test")
 DATASET_JSON = "dataset.json"
+TOKENIZER = "tokenizer.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -76,9 +80,12 @@ def read_dataset_info(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise AigcError(f"{folder} is not a prepared dataset (no {DATASET_JSON}); run `aigc prepare SOURCE --out {folder}`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AigcError(f"{path} is corrupted ({exc}); prepare the data again with --overwrite") from exc
+    if not isinstance(info, dict):
+        raise AigcError(f"{path} is not a dataset description (not a JSON object); prepare the data again")
+    return info
 
 
 def open_split(folder: str | os.PathLike, split: str) -> Split:
@@ -97,3 +104,45 @@ def open_split(folder: str | os.PathLike, split: str) -> Split:
     if len(docs) and docs[-1, 1] != len(tokens):
         raise AigcError(f"{bin_path} does not match {docs_path.name} (truncated?); prepare the data again")
     return Split(tokens=tokens, docs=docs)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A prepared dataset folder, opened: its description, tokenizer and the train/val splits."""
+
+    path: Path
+    info: dict
+    tokenizer: Tokenizer
+    train: Split
+    val: Split
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.tokenizer.labels
+
+    def provenance(self) -> dict:
+        """What a run's config.json records about the data it was trained on."""
+        return {
+            "path": str(self.path),
+            "labels": list(self.tokenizer.labels),
+            "tokenizer_fingerprint": self.tokenizer.vocab_fingerprint(),
+            "train_tokens": len(self.train),
+            "val_tokens": len(self.val),
+            "source": self.info.get("source"),
+        }
+
+
+def open_dataset(folder: str | os.PathLike) -> Dataset:
+    path = Path(folder).resolve()
+    info = read_dataset_info(path)
+    tokenizer = Tokenizer.load(path / TOKENIZER)
+    return Dataset(path, info, tokenizer, open_split(path, "train"), open_split(path, "val"))
+
+
+def check_same_tokenizer(dataset_dir: Path, dataset_tokenizer: Tokenizer, tokenizer: Tokenizer, owner: Path) -> None:
+    """A dataset is only usable with the tokenizer it was made with; `owner` is the run (or base) that has `tokenizer`."""
+    if dataset_tokenizer.vocab_fingerprint() != tokenizer.vocab_fingerprint():
+        raise AigcError(
+            f"{dataset_dir} was prepared with a different tokenizer than {owner}; prepare it again with "
+            f"`aigc prepare SOURCE --out DIR --tokenizer {owner / TOKENIZER}`"
+        )
