@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from aigc.errors import AigcError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -63,8 +65,6 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 def parse_jsonl_objects(text: str, source: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of user-supplied JSONL; a line that is not a
     JSON object is an AigcError naming the file and line."""
-    from aigc.errors import AigcError
-
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

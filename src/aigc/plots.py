@@ -25,9 +25,11 @@ CURVES = (
 
 def _figure_module():
     """matplotlib with a file-only backend (no display needed), imported on first use."""
+    # Deferred: a slow import that only this path needs.
     import matplotlib
 
     matplotlib.use("Agg")
+    # Deferred: a slow import that only this path needs.
     import matplotlib.pyplot as plt
 
     return plt

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import datetime
+import importlib.metadata
 import json
 import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -128,9 +130,6 @@ def _hardware(config: dict, train: dict, last: dict) -> str:
 
 def _this_machine() -> str:
     """The machine writing the report (where `aigc demo` also trained), described without importing torch."""
-    import importlib.metadata
-    import platform
-
     try:
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
@@ -168,7 +167,7 @@ def curves_section(run_dir: Path) -> str:
 
 def render_html(markdown: str, run_dir: Path, *, title: str) -> str:
     """Markdown → one self-contained HTML page: images become base64 data URIs."""
-    from markdown_it import MarkdownIt
+    from markdown_it import MarkdownIt  # deferred: only the HTML report needs it
 
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     default_image = md.renderer.rules["image"]

@@ -7,6 +7,7 @@ label value (`<|pos|>`), which conditions generation on that label.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -121,8 +122,6 @@ class Tokenizer:
 
     def vocab_fingerprint(self) -> str:
         """A short hash of the vocabulary, to check a dataset and a run share one tokenizer."""
-        import hashlib
-
         vocab = json.dumps(sorted(self.hf.get_vocab(with_added_tokens=True).items()))
         return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 

@@ -1,6 +1,10 @@
+import json
+
 import pytest
 import torch
 
+from aigc.artifacts.registry import weights_loader
+from aigc.artifacts.run import Weights, read_run_config
 from aigc.errors import AigcError
 from aigc.models import load_run
 
@@ -47,3 +51,27 @@ def test_load_state_names_a_missing_or_corrupted_file(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(AigcError, match="state.pt is corrupted"):
         load_state(tmp_path)
+
+
+def test_old_config_with_lora_in_extra_loads_as_a_lora_run(make_run):
+    """config.json written before the typed `weights` field kept the format as keys of `extra`."""
+    run_dir = make_run("gpt")
+    config = json.loads((run_dir / "config.json").read_text())
+    config.pop("weights")
+    config["extra"] = {"lora": {"rank": 2, "alpha": 4.0, "targets": ["c_attn"], "dropout": 0.0}, "note": "kept"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    migrated = read_run_config(run_dir)
+    assert migrated.weights.format == "lora" and migrated.weights.lora["rank"] == 2
+    assert migrated.extra == {"note": "kept"}
+
+
+def test_weights_format_must_be_known_and_consistent():
+    with pytest.raises(AigcError, match="unknown weights format 'gguf-q4'"):
+        Weights("gguf-q4")
+    with pytest.raises(AigcError, match="carry LoRA settings"):
+        Weights("full", lora={"rank": 2})
+
+
+def test_an_unregistered_weights_format_is_a_clear_error():
+    with pytest.raises(AigcError, match="no loader for weights of format 'nope'; this aigc loads: full, int8, lora"):
+        weights_loader("nope")

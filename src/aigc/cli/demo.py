@@ -12,7 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from aigc.config import MODEL_PRESETS
+from aigc.config import (
+    MODEL_PRESETS,
+    EvalConfig,
+    PrepareConfig,
+    SampleConfig,
+    train_preset,
+)
+from aigc.errors import AigcError
+from aigc.fsutil import write_json
 
 CONTINUATION_PROMPT = "This is an example of artificial intelligence"
 REVIEWS_PER_LABEL = 3
@@ -44,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from aigc.errors import AigcError
+    # Deferred: a slow import that only this path needs.
 
     if args.minutes <= 0:
         raise AigcError(f"--minutes must be > 0, got {args.minutes}")
@@ -55,6 +63,7 @@ def handle(args: argparse.Namespace) -> int:
     _step(2, steps, f"train a {args.preset} GPT for {args.minutes:g} minutes -> {args.out}")
     _train(args)
     _step(3, steps, "draw the training curves")
+    # Deferred: a slow import that only this path needs.
     from aigc.plots import plot_runs
 
     plots = plot_runs([args.out])
@@ -66,6 +75,7 @@ def handle(args: argparse.Namespace) -> int:
         _step(5, steps, "evaluate the run")
         evaluation = _evaluate(args.out, args.seed)
     _step(steps, steps, "write the report")
+    # Deferred: a slow import that only this path needs.
     from aigc.report import write_report
 
     md, html = write_report(args.out, [("Demo samples", _samples_markdown(samples))], evaluation=evaluation)
@@ -74,7 +84,7 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from aigc.config import PrepareConfig
+    # Deferred: a slow import that only this path needs.
     from aigc.data.prepare import prepare_dataset
 
     if (args.data / "dataset.json").is_file() and not args.fresh:
@@ -88,8 +98,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    # Deferred: a slow import that only this path needs.
     from aigc.cli.train import Progress
-    from aigc.config import train_preset
     from aigc.train.loop import train
 
     resume = (args.out / "config.json").is_file() and not args.fresh
@@ -108,11 +118,10 @@ def _train(args: argparse.Namespace) -> None:
 
 def _generate(run_dir: Path, seed: int) -> list[tuple[str, str, str]]:
     """(label, prompt, text) for three reviews per label and one continuation of a fixed prompt."""
-    from aigc.config import SampleConfig
-    from aigc.fsutil import write_json
+    # Deferred: a slow import that only this path needs.
+    from aigc.artifacts.device import pick_device
     from aigc.generate import Request, generate
     from aigc.models import load_run
-    from aigc.artifacts.device import pick_device
 
     run = load_run(run_dir, device=pick_device("auto"))
     requests = []
@@ -134,9 +143,8 @@ def _generate(run_dir: Path, seed: int) -> list[tuple[str, str, str]]:
 
 
 def _evaluate(run_dir: Path, seed: int) -> dict:
-    from aigc.config import EvalConfig, SampleConfig
+    # Deferred: a slow import that only this path needs.
     from aigc.evaluate.run import evaluate_run
-    from aigc.fsutil import write_json
 
     config = EvalConfig(seed=seed)
     sampling = SampleConfig(max_new_tokens=config.max_new_tokens, temperature=0.8, top_k=50, top_p=0.95)

@@ -11,6 +11,7 @@ from pathlib import Path
 from aigc.cli.args import add_dataclass_args, dataclass_from_args
 from aigc.config import EvalConfig, SampleConfig
 from aigc.errors import AigcError
+from aigc.fsutil import write_json
 
 # Sampling options that eval sets itself: length from --max-new-tokens, seed from --seed.
 _SAMPLING_EXCLUDED = ("max_new_tokens", "min_new_tokens", "stop", "seed", "logprobs")
@@ -54,8 +55,8 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _evaluate_one(run: Path, args: argparse.Namespace, config: EvalConfig, sampling: SampleConfig) -> dict:
+    # Deferred: a slow import that only this path needs.
     from aigc.evaluate.run import evaluate_run
-    from aigc.fsutil import write_json
     from aigc.report import write_report
 
     out = Path(args.out) if args.out else run / "eval" / "metrics.json"
@@ -79,12 +80,14 @@ def _evaluate_one(run: Path, args: argparse.Namespace, config: EvalConfig, sampl
 
 
 def _print_single(result: dict) -> None:
+    # Deferred: a slow import that only this path needs.
     from aigc.evaluate.compare import comparison_rows, comparison_table
 
     print(comparison_table([Path(result["run"]).name], comparison_rows([result])))
 
 
 def _compare(args: argparse.Namespace, results: list[dict]) -> None:
+    # Deferred: a slow import that only this path needs.
     from aigc.evaluate.compare import comparison_rows, comparison_table
     from aigc.plots import comparison_chart
     from aigc.report import write_report

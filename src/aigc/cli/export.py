@@ -28,9 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    # Deferred: a slow import that only this path needs.
+    from aigc.artifacts.run import BEST, WEIGHTS
     from aigc.interop.hf import export_hf
     from aigc.interop.quantize import export_int8
-    from aigc.artifacts.run import BEST, WEIGHTS
     from aigc.models import load_run
 
     started = time.perf_counter()

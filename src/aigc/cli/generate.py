@@ -48,8 +48,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace):
     """The run named on the command line, on the requested device."""
-    from aigc.models import load_run
     from aigc.artifacts.device import pick_device
+    from aigc.models import load_run
 
     return load_run(args.run, device=pick_device(args.device))
 

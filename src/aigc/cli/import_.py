@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from aigc.interop.hf import import_hf
+    # Deferred: a slow import that only this path needs.
     from aigc.artifacts.run import read_run_config
+    from aigc.interop.hf import import_hf
 
     started = time.perf_counter()
     out = import_hf(args.source, args.out, overwrite=args.overwrite)

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    # Deferred: a slow import that only this path needs.
     from aigc.interop.merge import merge_run
 
     out, counts = merge_run(args.run, args.out, overwrite=args.overwrite)

@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    # Deferred: a slow import that only this path needs.
     from aigc.plots import plot_runs
 
     for path in plot_runs(args.runs, args.out):

@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred: a slow import that only this path needs.
     from aigc.data.prepare import prepare_dataset
 
     config = dataclass_from_args(args, PrepareConfig)

@@ -37,11 +37,12 @@ def handle(args: argparse.Namespace) -> int:
         options["api_key"] = os.environ[API_KEY_ENV]
     config = ServeConfig(**options)
 
+    # Deferred: a slow import that only this path needs.
     import uvicorn
 
-    from aigc.serve import create_app
-    from aigc.models import load_run
     from aigc.artifacts.device import pick_device
+    from aigc.models import load_run
+    from aigc.serve import create_app
 
     run = load_run(args.run, device=pick_device(config.device))
     app = create_app(run, config)

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, given_options
-from aigc.config import MODEL_PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, model_preset, train_preset
+from aigc.config import (
+    MODEL_PRESETS,
+    TRAIN_PRESETS,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    model_preset,
+    train_preset,
+)
 from aigc.errors import AigcError
 
 
@@ -45,6 +53,7 @@ def _settings(values: dict) -> str:
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]:
     """Model and training configs from the flags the user gave (None = decided by the library)."""
+    # Deferred: a slow import that only this path needs.
     from aigc.artifacts.run import read_run_config
 
     model_given = given_options(args, ModelConfig)
@@ -62,6 +71,7 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]
 
 
 def handle(args: argparse.Namespace) -> int:
+    # Deferred: a slow import that only this path needs.
     from aigc.train.events import TrainingInterrupted
     from aigc.train.loop import train
 
@@ -93,7 +103,7 @@ def handle(args: argparse.Namespace) -> int:
 
 def draw_samples(model, tokenizer, max_tokens: int, seed: int) -> dict[str, str]:
     """One short sample per label (or one unconditioned sample): what the model writes so far."""
-    from aigc.config import SampleConfig
+    # Deferred: a slow import that only this path needs.
     from aigc.generate import Request, generate
 
     labels = tokenizer.labels or (None,)
@@ -110,6 +120,7 @@ class Progress:
         self.bar = None
 
     def __call__(self, event) -> None:
+        # Deferred: a slow import that only this path needs.
         from aigc.train import events
 
         if isinstance(event, events.TrainStart):
@@ -122,6 +133,7 @@ class Progress:
             self._end(event)
 
     def _start(self, e) -> None:
+        # Deferred: a slow import that only this path needs.
         from tqdm import tqdm
 
         m = e.model_config

@@ -160,6 +160,7 @@ def _shares_a_band(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 def near_duplicates(signatures: np.ndarray, threshold: float) -> np.ndarray:
     """Boolean mask (N,): True for each document that nearly duplicates an earlier kept one."""
+    # Deferred: a slow import that only this path needs.
     from datasketch import LeanMinHash, MinHashLSH
 
     count, num_perm = signatures.shape

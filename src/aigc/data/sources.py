@@ -257,6 +257,7 @@ def _read_jsonl(path: Path, config: PrepareConfig, stats: ReadStats) -> Iterator
 
 
 def _read_parquet(path: Path, config: PrepareConfig, stats: ReadStats) -> Iterator[Record]:
+    # Deferred: a slow import that only this path needs.
     import pyarrow.parquet as pq
 
     try:

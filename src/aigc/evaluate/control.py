@@ -51,6 +51,7 @@ def train_classifier(
     train_texts: Sequence[str], train_labels: np.ndarray, labels: Sequence[str], *, seed: int = 0
 ) -> LabelClassifier:
     """Fit TF-IDF (unigrams, sublinear tf) + logistic regression on labelled texts."""
+    # Deferred: a slow import that only this path needs.
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 

@@ -81,6 +81,7 @@ def _cut(tokenizer, content: np.ndarray, prompt_tokens: int, reference_tokens: i
 
 def reference_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """Corpus BLEU and chrF (sacrebleu, 0-100) and mean ROUGE-1/2/L F1 (rouge-score, 0-1)."""
+    # Deferred: a slow import that only this path needs.
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU, CHRF
 

@@ -52,6 +52,7 @@ def self_bleu(texts: Sequence[str], max_texts: int = 100) -> float | None:
     High means the samples resemble each other (low diversity). Quadratic in the number of texts, so
     only the first `max_texts` are used. None with fewer than two non-empty texts.
     """
+    # Deferred: a slow import that only this path needs.
     from sacrebleu.metrics import BLEU
 
     texts = [t for t in texts if t.strip()][:max_texts]

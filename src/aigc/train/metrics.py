@@ -28,6 +28,7 @@ class MetricsLog:
         self.path = run_dir / METRICS
         self.writer = None
         if tensorboard:
+            # Deferred: a slow import that only this path needs.
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
