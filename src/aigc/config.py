@@ -36,11 +36,16 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 # ---------------------------------------------------------------------------------------------
 
 MODEL_KINDS = ("gpt", "lstm")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a GPT (GPT-2 architecture, so export to `transformers` is exact) or an LSTM."""
+    """Shape of a GPT or an LSTM. The GPT is one decoder-only transformer whose fields choose GPT-2
+    (the defaults: LayerNorm, learned positions, GELU, biases, tied head) or the Llama family
+    (RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases, e.g. Qwen2's q/k/v bias)."""
 
     kind: str = opt("gpt", "model family", choices=MODEL_KINDS, flag="model")
     vocab_size: int = opt(8192, "vocabulary size; set from the dataset's tokenizer")
@@ -51,17 +56,62 @@ class ModelConfig:
     hidden_size: int = opt(512, "LSTM hidden size (LSTM only)")
     dropout: float = opt(0.0, "dropout probability during training")
     bias: bool = opt(True, "use biases in linear and LayerNorm layers (GPT-2 does)")
+    norm: str = opt("layernorm", "normalisation of each block: GPT-2's layernorm or Llama's rmsnorm", choices=NORMS)
+    norm_eps: float = opt(1e-5, "epsilon added to the variance in each normalisation layer")
+    positions: str = opt("learned", "position encoding: GPT-2's learned table or Llama's rotary", choices=POSITIONS)
+    rope_theta: float = opt(10000.0, "rotary base frequency theta (rotary positions only)")
+    mlp: str = opt("gelu", "MLP of each block: GPT-2's tanh-GELU or Llama's SwiGLU", choices=MLPS)
+    ffn_hidden: int = opt(0, "MLP hidden width; 0 = 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 64 (swiglu)")
+    n_kv_head: int = opt(0, "key/value heads (grouped-query attention); 0 = n_head")
+    qkv_bias: bool = opt(False, "bias on the query/key/value projection even when --no-bias (Qwen2)")
+    tie_embeddings: bool = opt(True, "share the token embedding with the output layer (GPT-2 does)")
 
     def __post_init__(self) -> None:
         _check_choice("model", self.kind, MODEL_KINDS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("mlp", self.mlp, MLPS)
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "hidden_size", "n_head"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ffn_hidden", "n_kv_head"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")
+        _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         if self.kind == "gpt":
             _check(
                 self.n_embd % self.n_head == 0,
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
             )
+            _check(
+                self.n_head % self.kv_heads == 0,
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})",
+            )
+            _check(
+                self.positions != "rotary" or self.head_dim % 2 == 0,
+                f"rotary positions need an even head size; n_embd / n_head = {self.head_dim}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0 (plain multi-head attention)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP hidden width. SwiGLU's default keeps the parameters of a 4x GELU MLP (Shazeer 2020)."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 3 // 64) * 64
+
+
+LLAMA_STYLE: dict[str, Any] = dict(
+    norm="rmsnorm", positions="rotary", mlp="swiglu", bias=False, tie_embeddings=True
+)
 
 
 # Presets by name. `small` is the demo's CPU model; `base` is the GPT-2 124M shape for GPUs.
@@ -71,6 +121,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # that sees more tokens beats a wider one that sees fewer (see docs/benchmarks.md#train).
     "small": dict(block_size=128, n_layer=3, n_head=4, n_embd=128, hidden_size=256),
     "base": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, hidden_size=1024),
+    # The Llama family's choices at a test size, with grouped-query attention (4 query heads, 2 kv).
+    "llama-tiny": dict(block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, hidden_size=64, **LLAMA_STYLE),
 }
 
 

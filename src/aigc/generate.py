@@ -217,7 +217,8 @@ class _GPTBackend:
         self.next_position = positions[:, -1:] + 1  # (B, 1)
         self.cache = self.model.new_cache(len(contexts))
         padded = not all(len(c) == width for c in contexts)
-        logits, _ = self.model(idx, cache=self.cache, positions=positions, pad_mask=pad_mask if padded else None)
+        mask = pad_mask if padded else None
+        logits, _ = self.model(idx, cache=self.cache, positions=positions, pad_mask=mask, last_only=True)
         return logits[:, -1]
 
     def step(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:

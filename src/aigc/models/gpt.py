@@ -1,8 +1,15 @@
-"""Decoder-only transformer with exactly the GPT-2 architecture.
+"""One decoder-only transformer, configured as GPT-2 or as a Llama-family model.
 
-Pre-norm blocks, learned absolute positions, tanh-GELU MLP, biases, tied input/output embeddings
-(Radford et al. 2019). We chose learned positions over rotary so that a run exports to a
-`transformers` GPT2LMHeadModel with no conversion of the maths, and vLLM/TGI can serve it as-is.
+Pre-norm blocks throughout. The `ModelConfig` defaults give exactly GPT-2 (Radford et al. 2019):
+LayerNorm, learned absolute positions, tanh-GELU MLP, biases, tied input/output embeddings, so a
+run exports to a `transformers` GPT2LMHeadModel with no conversion of the maths. The Llama family
+(Touvron et al. 2023; Qwen2, Mistral) differs only by fields: RMSNorm (Zhang & Sennrich 2019),
+rotary positions (Su et al. 2021, in Hugging Face's non-interleaved `rotate_half` layout, so their
+weights map with no permutation), SwiGLU (Shazeer 2020), grouped-query attention (Ainslie et al.
+2023), no biases (Qwen2: on q/k/v only), tied or separate output layer.
+
+Module names are GPT-2's for both, and q/k/v stay fused in `attn.c_attn` (output
+(n_head + 2 * n_kv_head) * head_dim), gate/up in `mlp.c_fc`, so LoRA and int8 treat both alike.
 
 Contract: `forward(idx, targets=None) -> (logits, loss | None)`. For decoding, pass a `KVCache`
 (from `new_cache`) and optionally per-token `positions` and a `pad_mask` so that left-padded
@@ -21,32 +28,15 @@ from aigc.config import ModelConfig
 from aigc.models.packed import PackedLinear
 
 
-def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` without nn.Module's call machinery for a plain Linear, LayerNorm or Embedding.
-
-    A decode step of a small model makes about 20 such calls, each paying a few microseconds of hook
-    handling for nothing. Anything else (a LoRA or int8 layer, say) is called normally.
-    """
-    kind = type(module)
-    if kind is nn.Linear:
-        return F.linear(x, module.weight, module.bias)
-    if kind is nn.LayerNorm:
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    if kind is nn.Embedding and module.max_norm is None:
-        return F.embedding(x, module.weight, module.padding_idx, None, 2.0, module.scale_grad_by_freq, module.sparse)
-    return module(x)
-
-
 class KVCache:
     """Keys/values of every layer for the tokens seen so far; filled in place by `GPT.forward`.
 
-    One preallocated (2, B, nh, block_size, hs) tensor per layer holds keys then values, so a decode
-    step writes both with a single copy and never concatenates.
+    One preallocated (2, B, n_kv_head, block_size, hs) tensor per layer holds keys then values and
+    is never concatenated. With grouped-query attention only the n_kv_head shared heads are stored.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (2, batch_size, config.n_head, config.block_size, head_dim)
+        shape = (2, batch_size, config.kv_heads, config.block_size, config.head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # True where a cached position holds a real (non-padding) token.   # (B, block_size)
         self.valid = torch.ones(batch_size, config.block_size, device=device, dtype=torch.bool)
@@ -62,70 +52,94 @@ class KVCache:
         self.valid = self.valid[index]
 
 
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin (B | 1, 1, T, hs) for position ids (B | 1, T), Hugging Face Llama's layout: the
+    frequency of pair i is theta^(-2i/hs), repeated for both halves. Computed in float32 from the
+    positions of each row, so left-padded rows rotate by their own positions."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # (hs/2,)
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, hs/2)
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, h, T, hs) queries or keys: pairs (i, i + hs/2) turn by their position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        width = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, k, v at once
+        self.c_attn = nn.Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None):
+    def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None, rope):
         B, T, C = x.shape
-        if cache is not None and T == 1:
-            return self._decode_step(x, cache, layer, mask)
-        # (B, T, 3C) -> (3, B, nh, T, hs): q, k and v with heads split out, as views.
-        qkv = _run(self.c_attn, x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs)
+        q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        kv = qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
+        k, v = kv[0], kv[1]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             start, stored = cache.length, cache.kv[layer]
-            stored[:, :, :, start : start + T] = qkv[1:]  # keys and values in one copy
-            k, v = stored[0, :, :, : start + T], stored[1, :, :, : start + T]  # (B, nh, S, hs), S = tokens so far
+            if rope is None:
+                stored[:, :, :, start : start + T] = kv  # keys and values in one copy
+            else:
+                stored[0, :, :, start : start + T], stored[1, :, :, start : start + T] = k, v
+            k, v = stored[0, :, :, : start + T], stored[1, :, :, : start + T]  # (B, nkv, S, hs)
         dropout = self.dropout if self.training else 0.0
-        if mask is None:
-            # Training / plain prefill: pure causal attention, the fast fused path.
-            # With a cache and no mask this is a prefill from position 0.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
-        return _run(self.c_proj, y)
-
-    def _decode_step(self, x, cache: KVCache, layer: int, mask: torch.Tensor | None):
-        """One new token per row, the bulk of generation: the same maths with fewer view ops."""
-        B, _, C = x.shape
-        heads = _run(self.c_attn, x).view(B, 3, self.n_head, C // self.n_head)  # (B, 3, nh, hs)
-        start, stored = cache.length, cache.kv[layer]
-        stored[:, :, :, start] = heads[:, 1:].transpose(0, 1)  # keys and values in one copy
-        k, v = stored[0, :, :, : start + 1], stored[1, :, :, : start + 1]  # (B, nh, S, hs)
-        # A single query attends to every cached key (causality holds trivially); `mask` drops padding.
-        y = F.scaled_dot_product_attention(heads[:, 0].unsqueeze(2), k, v, attn_mask=mask)  # (B, nh, 1, hs)
-        return _run(self.c_proj, y.reshape(B, 1, C))
+        # Without a mask this is training or a prefill from position 0: the fused causal path. A single
+        # new token attends to every cached key (causality holds trivially); `mask` drops padding.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.gated = config.mlp == "swiglu"
+        hidden = config.ffn_size
+        # SwiGLU: gate and up projections fused, (C) -> (2 * hidden), gate first.
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = _run(self.c_proj, F.gelu(_run(self.c_fc, x), approximate="tanh"))
-        return self.dropout(x) if self.training else x  # skipping the no-op call saves time per decode step
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache, layer, mask):
-        x = x + self.attn(_run(self.ln_1, x), cache, layer, mask)
-        return x + self.mlp(_run(self.ln_2, x))
+    def forward(self, x, cache, layer, mask, rope):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask, rope)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -134,12 +148,14 @@ class GPT(nn.Module):
         assert config.kind == "gpt"
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream stays O(1).
         for name, param in self.named_parameters():
@@ -165,29 +181,37 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ):
         """idx (B, T) token ids -> logits (B, T, V), loss (mean cross-entropy) if targets are given.
 
         cache: decode incrementally; the new tokens are appended after `cache.length`.
         positions (B, T): position ids (default: consecutive from `cache.length`).
         pad_mask (B, T): True for real tokens; padding is never attended to.
+        last_only: logits (B, 1, V) of the last position only (a prefill needs no more); no loss.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes no loss; pass targets with last_only=False")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
         mask = self._attention_mask(cache, start, T, pad_mask, idx.device)
-        x = _run(self.wte, idx) + _run(self.wpe, positions)  # (B, T, C)
-        if self.training:
-            x = self.drop(x)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(positions)
+        else:
+            rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        x = self.drop(x)
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, mask)
-        x = _run(self.ln_f, x)
+            x = block(x, cache, layer, mask, rope)
         if cache is not None:
             cache.length = start + T
-        logits = self._project(x, cache)  # (B, T, V)
+        x = self.ln_f(x[:, -1:] if last_only else x)
+        logits = self._project(x, cache)  # (B, T | 1, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -200,7 +224,7 @@ class GPT(nn.Module):
             logits = cache.head(self.lm_head, x)
             if logits is not None:
                 return logits
-        return _run(self.lm_head, x)
+        return self.lm_head(x)
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:
@@ -235,8 +259,10 @@ class GPT(nn.Module):
         return mask.unsqueeze(1)  # (B, 1, T, S)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() - self.wte.weight.numel() if non_embedding else n
+        """Parameters (tied weights once); non_embedding leaves out wte, wpe and an untied lm_head."""
+        named = list(self.named_parameters())  # a tied lm_head.weight appears once, as wte.weight
+        tables = ("wte.weight", "wpe.weight", "lm_head.weight")
+        return sum(p.numel() for name, p in named if not (non_embedding and name in tables))
 
     def flops_per_token(self, training: bool = True) -> float:
         """Matmul FLOPs per token (PaLM appendix B): 6N + 12·L·C·T for training, a third for inference."""
