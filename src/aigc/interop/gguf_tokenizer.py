@@ -1,11 +1,11 @@
 """Build a Hugging Face `tokenizer.json` from the tokenizer a GGUF file describes in its metadata.
 
 A GGUF carries no tokenizer.json: llama.cpp stores the vocabulary (`tokenizer.ggml.tokens`, in id
-order), the BPE merges, a type per token (1 normal, 3 control, 4 user-defined, 6 byte) and the ids
-of the special tokens. For a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`, the
-GPT-2 / Llama 3 / Qwen2 / SmolLM family) that is everything a `tokenizers` BPE model needs; what the
-file names only by a label is how text is split into words before BPE (`tokenizer.ggml.pre`), so
-each supported label maps to the split llama.cpp applies for it (llama-vocab.cpp).
+order), the BPE merges, a type per token (1 normal, 3 control, 4 user-defined, 6 byte) and the
+ids of the special tokens. For a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`:
+GPT-2, Llama 3, Qwen2, SmolLM) that is everything a `tokenizers` BPE model needs; what the file
+names only by a label is how text is split into words before BPE (`tokenizer.ggml.pre`), so each
+supported label maps to the split llama.cpp applies for it (llama-vocab.cpp).
 
 Control tokens become special added tokens and user-defined ones plain added tokens, so both are
 matched whole in text instead of being cut into bytes. SentencePiece vocabularies
@@ -38,9 +38,7 @@ def _gpt2_split() -> pre_tokenizers.PreTokenizer:
 
 def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
     # StarCoder / SmolLM: every digit is its own word, then the GPT-2 split.
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), _gpt2_split()]
-    )
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
 
 
 def _regex_split(pattern: str):
@@ -87,7 +85,8 @@ def _byte_alphabet() -> set[str]:
 
 
 def _vocab(tokens: Sequence[str]) -> dict[str, int]:
-    """token -> id, each token in the byte alphabet (llama.cpp writes them so; respell any that is not)."""
+    """token -> id, each token spelled in the byte alphabet (llama.cpp writes them so; any that
+    is not is respelled). The first id wins when a file lists a token twice."""
     alphabet = _byte_alphabet()
     spell = {b: c for b, c in enumerate(_byte_chars())}
     vocab = {}
@@ -99,9 +98,9 @@ def _vocab(tokens: Sequence[str]) -> dict[str, int]:
 
 
 def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in for each byte 0..255: printable Latin-1 bytes stand for themselves,
-    the rest are shifted to code points 256 and up, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    """GPT-2's printable stand-in for each byte 0..255: printable Latin-1 bytes stand for
+    themselves, the rest are shifted to code points 256 and up, in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     chars, shifted = {}, 0
     for b in range(256):
         if b in keep:
@@ -141,8 +140,10 @@ def _post_processor(vocab: GGUFVocab) -> processors.PostProcessor:
     if not prefix and not suffix:
         return byte_level
     single = " ".join([f"{t}:0" for t, _ in prefix] + ["$A:0"] + [f"{t}:0" for t, _ in suffix])
-    pair = single + " " + " ".join(
-        [f"{t}:1" for t, _ in prefix] + ["$B:1"] + [f"{t}:1" for t, _ in suffix]
+    pair = (
+        single
+        + " "
+        + " ".join([f"{t}:1" for t, _ in prefix] + ["$B:1"] + [f"{t}:1" for t, _ in suffix])
     )
     template = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=list(dict.fromkeys(prefix + suffix))
@@ -164,7 +165,10 @@ def tokenizer_json(vocab: GGUFVocab, where: str) -> str:
         )
     for name, index in vocab.special_ids.items():
         if not 0 <= index < len(vocab.tokens):
-            raise AigcError(f"{where}: {name} token id {index} is outside the vocabulary of {len(vocab.tokens)}")
+            raise AigcError(
+                f"{where}: {name} token id {index} is outside the vocabulary "
+                f"of {len(vocab.tokens)} tokens"
+            )
     known = _vocab(vocab.tokens)
     bpe = models.BPE(
         vocab=known,
