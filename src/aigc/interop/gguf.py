@@ -1,12 +1,13 @@
 """Read a GGUF file (llama.cpp's format) as a Hugging Face Llama: config, fp32 tensors, tokenizer.
 
-`read_gguf(path)` returns what a `LlamaForCausalLM` folder would hold: a config dict with
+`read_gguf(path)` returns what a `LlamaForCausalLM` folder would hold (`Qwen2ForCausalLM` for a
+"qwen2" file: the same network with biases on the q/k/v projections): a config dict with
 transformers' field names, the weights under transformers' names, a `tokenizer.json` string and
 the chat template, so the Llama importer (`aigc.interop.llama`) is the one place that maps Hugging
 Face names onto our model.
 
 Two things differ from a Hugging Face checkpoint:
-- llama.cpp's converter permutes the rows of the query and key projections of each head from
+- for "llama" files, llama.cpp's converter permutes the rows of the query and key projections of each head from
   transformers' rotate-half rotary layout (first half / second half of the head) to interleaved
   pairs. We undo it, as transformers' own GGUF loader does, so the weights suit rotate_half.
 - weights may be block-quantised; `gguf.quants.dequantize` expands each tensor to fp32 straight
@@ -31,7 +32,11 @@ from gguf.quants import dequantize
 from aigc.errors import AigcError
 from aigc.interop.gguf_tokenizer import GGUFVocab, tokenizer_json
 
-ARCHITECTURES = ("llama",)
+# general.architecture -> (transformers class, model_type, q/k/v biases, Q/K rows permuted)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", False, True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", True, False),
+}
 # Types `gguf.quants.dequantize` expands that a Llama file uses; the I-quants and ternary types are
 # left out until a test covers them.
 TENSOR_TYPES = (
@@ -140,9 +145,10 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: d
         raise AigcError(f"{meta.path}: rope scaling {scaling!r} is not supported; supported: none")
     theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     ids = {name: index for name, (index, _) in specials.items()}
+    hf_class, model_type, bias, _ = ARCHITECTURES[arch]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": int(meta.require(f"{arch}.feed_forward_length")),
@@ -156,7 +162,7 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: d
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
         "tie_word_embeddings": tied,
-        "attention_bias": False,
+        "attention_bias": bias,  # Llama's field; Qwen2 always has q/k/v biases
         "mlp_bias": False,
         "bos_token_id": ids.get("bos"),
         "eos_token_id": ids.get("eos"),
@@ -191,15 +197,16 @@ def _vocab(meta: _Metadata) -> GGUFVocab:
 
 def hf_tensor_name(name: str) -> str | None:
     """transformers' name for a llama.cpp tensor name (`blk.3.attn_q.weight` ->
-    `model.layers.3.self_attn.q_proj.weight`), or None for one a Llama does not have."""
+    `model.layers.3.self_attn.q_proj.weight`), or None for one a Llama does not have. Which
+    biases a model may have is decided by the shapes its config implies."""
     stem, _, kind = name.rpartition(".")
-    if kind != "weight":
+    if kind not in ("weight", "bias"):
         return None
     if stem in _TOP_LEVEL:
-        return f"{_TOP_LEVEL[stem]}.weight"
+        return f"{_TOP_LEVEL[stem]}.{kind}"
     parts = stem.split(".")
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _PER_LAYER:
-        return f"model.layers.{parts[1]}.{_PER_LAYER[parts[2]]}.weight"
+        return f"model.layers.{parts[1]}.{_PER_LAYER[parts[2]]}.{kind}"
     return None
 
 
@@ -224,25 +231,23 @@ def _dequantised(tensor, path: Path) -> np.ndarray:
         )
     values = dequantize(tensor.data, tensor.tensor_type)
     if values.base is not None or not values.flags.writeable:
-        values = np.array(
-            values, dtype=np.float32
-        )  # F32 comes back as a view of the read-only map
+        values = np.array(values, dtype=np.float32)  # F32 is a view of the read-only map
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
     return values.reshape(shape)
 
 
-def _tensors(reader: GGUFReader, config: dict, path: Path) -> dict[str, torch.Tensor]:
+def _tensors(
+    reader: GGUFReader, config: dict, permuted: bool, path: Path
+) -> dict[str, torch.Tensor]:
     out = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
-            raise AigcError(
-                f"{path}: tensor {tensor.name!r} is not part of a supported Llama model"
-            )
+            raise AigcError(f"{path}: tensor {tensor.name!r} is not part of a supported model")
         weight = torch.from_numpy(_dequantised(tensor, path))
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             weight = unpermute_rows(weight, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             weight = unpermute_rows(weight, config["num_key_value_heads"])
         out[name] = weight
     return out
@@ -268,9 +273,13 @@ def _expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj": (inner, hidden),
         "mlp.down_proj": (hidden, inner),
     }
+    biases = {"self_attn.q_proj": (q,), "self_attn.k_proj": (kv,), "self_attn.v_proj": (kv,)}
+    qkv_bias = c["model_type"] == "qwen2"
     for layer in range(c["num_hidden_layers"]):
         for part, shape in per_layer.items():
             shapes[f"model.layers.{layer}.{part}.weight"] = shape
+        for part, shape in biases.items() if qkv_bias else ():
+            shapes[f"model.layers.{layer}.{part}.bias"] = shape
     return shapes
 
 
@@ -285,7 +294,7 @@ def _check_shapes(
     for name, shape in found.items():
         if name not in shapes:
             raise AigcError(
-                f"{path}: tensor {name} is beyond the {len(shapes)} the metadata describes"
+                f"{path}: tensor {name} is not part of the model the metadata describes"
             )
         if tuple(shape) != shapes[name]:
             raise AigcError(
@@ -320,7 +329,9 @@ def read_gguf(path: str | Path) -> GGUFModel:
     specials = {name: (index, vocab.tokens[index]) for name, index in vocab.special_ids.items()}
     by_name = {hf_tensor_name(t.name) or t.name: t for t in reader.tensors}
     if "model.embed_tokens.weight" not in by_name:
-        raise AigcError(f"{path}: no token_embd.weight tensor; the file is not a Llama model")
+        raise AigcError(
+            f"{path}: no token_embd.weight tensor; the file is not a Llama-family model"
+        )
     vocab_size = int(by_name["model.embed_tokens.weight"].shape[1])
     if len(vocab.tokens) > vocab_size:
         raise AigcError(f"{path}: {len(vocab.tokens)} tokens but only {vocab_size} embedding rows")
@@ -337,7 +348,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     }
     return GGUFModel(
         hf_config=config,
-        tensors=_tensors(reader, config, path),
+        tensors=_tensors(reader, config, ARCHITECTURES[arch][3], path),
         tokenizer_json=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
         special_tokens=specials,
