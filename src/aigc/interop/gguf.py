@@ -7,9 +7,9 @@ the chat template, so the Llama importer (`aigc.interop.llama`) is the one place
 Face names onto our model.
 
 Two things differ from a Hugging Face checkpoint:
-- for "llama" files, llama.cpp's converter permutes the rows of the query and key projections of each head from
-  transformers' rotate-half rotary layout (first half / second half of the head) to interleaved
-  pairs. We undo it, as transformers' own GGUF loader does, so the weights suit rotate_half.
+- in "llama" files, llama.cpp's converter has permuted the rows of each head's query and key
+  projections from transformers' rotate-half layout (first half / second half of the head) to
+  interleaved pairs. We undo it, as transformers' own GGUF loader does.
 - weights may be block-quantised; `gguf.quants.dequantize` expands each tensor to fp32 straight
   from the memory-mapped file, so each tensor is read once and held once.
 """
