@@ -103,7 +103,11 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: tor
     probs = (shifted / scale).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)  # (B, V)
     target = (uniforms.unsqueeze(1) * cdf[:, -1:]).contiguous()  # (B, 1)
-    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (B,) first index with cdf > target
+    # u * total can round up to the total itself (u = 1 - 2**-24): then no index qualifies, and the
+    # answer must be the last token with any probability, not the last of the vocabulary.
+    last_kept = logits.size(-1) - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)  # (B,)
+    sampled = torch.minimum(sampled, last_kept)
     return torch.where(temperature.squeeze(1) > 0, sampled, greedy)
 
 
