@@ -5,7 +5,6 @@ from aigc.config import SampleConfig, model_preset
 from aigc.errors import AigcError
 from aigc.generate import (
     Request,
-    _TextStream,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
@@ -15,6 +14,7 @@ from aigc.generate import (
     sample_tokens,
 )
 from aigc.models import build_model
+from aigc.textstream import TextStream
 
 GREEDY = SampleConfig(temperature=0, max_new_tokens=24)
 POS_TEXT = "I loved this film, great acting."
@@ -30,13 +30,9 @@ def tiny_model(tokenizer, kind="gpt", seed=0, **overrides):
 
 
 def drain(stream):
-    """All events of a decode_stream and its return value."""
-    events = []
-    while True:
-        try:
-            events.append(next(stream))
-        except StopIteration as done:
-            return events, done.value
+    """All events of a decode_stream, then its completions."""
+    events = list(stream)
+    return events, stream.completions
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +88,14 @@ def test_sample_tokens_greedy_rows_take_argmax_and_sampled_rows_follow_the_cdf()
 
 
 def test_text_stream_waits_for_whole_utf8_characters():
-    stream = _TextStream(())
+    stream = TextStream(())
     data = "好".encode()
     assert stream.push(data[:1], final=False) == ""
     assert stream.push(data[1:], final=False) == "好"
 
 
 def test_text_stream_holds_back_a_possible_stop_string_and_cuts_it():
-    stream = _TextStream(("END",))
+    stream = TextStream(("END",))
     assert stream.push(b"abc E", final=False) == "abc "
     assert stream.push(b"N", final=False) == ""
     assert stream.push(b"Dxyz", final=False) == ""

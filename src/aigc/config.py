@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,6 +260,10 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 MAX_NEW_TOKENS_LIMIT = 8192
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MIN_TOP_P = 1e-6
+MAX_REPETITION_PENALTY = 100.0
+MAX_STOPS, MAX_STOP_CHARS = 16, 4096
 
 
 @dataclass(frozen=True)
@@ -267,11 +272,20 @@ class SampleConfig:
 
     max_new_tokens: int = opt(200, f"most tokens to generate per sample (1..{MAX_NEW_TOKENS_LIMIT})")
     min_new_tokens: int = opt(0, "end-of-text is suppressed until this many tokens exist")
-    temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
+    temperature: float = opt(
+        0.8, f"softmax temperature: 0 = greedy, else in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+    )
     top_k: int = opt(0, "keep only the k most likely tokens; 0 = off")
-    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set with this total probability, in (0, 1]")
-    repetition_penalty: float = opt(1.0, "divide logits of already-seen tokens by this (>= 1; 1 = off)")
-    stop: tuple[str, ...] = opt((), "stop when any of these strings appears (repeatable)")
+    top_p: float = opt(
+        1.0, f"nucleus sampling: keep the smallest set with this total probability, in [{MIN_TOP_P:g}, 1]"
+    )
+    repetition_penalty: float = opt(
+        1.0, f"divide logits of already-seen tokens by this, in [1, {MAX_REPETITION_PENALTY:g}]; 1 = off"
+    )
+    stop: tuple[str, ...] = opt(
+        (), f"stop when any of these strings appears (repeatable; at most {MAX_STOPS}, "
+        f"{MAX_STOP_CHARS} characters in all)"
+    )
     seed: int | None = opt(None, "random seed; the same seed gives the same text")
     logprobs: int = opt(0, "return the top-K alternatives and log-probabilities of each token (0..20)")
 
@@ -284,15 +298,29 @@ class SampleConfig:
             0 <= self.min_new_tokens <= self.max_new_tokens,
             f"--min-new-tokens must be in [0, max-new-tokens={self.max_new_tokens}], got {self.min_new_tokens}",
         )
-        _check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
-        _check(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        # Ranges keep every probability finite: logits / 1e-39 overflow float32 and 1e-46 rounds to 0.
         _check(
-            self.repetition_penalty >= 1.0,
-            f"--repetition-penalty must be >= 1.0, got {self.repetition_penalty}",
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
+            f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+            f"got {self.temperature}",
+        )
+        _check(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        _check(
+            MIN_TOP_P <= self.top_p <= 1,
+            f"--top-p must be in [{MIN_TOP_P:g}, 1] (--temperature 0 for greedy), got {self.top_p}",
+        )
+        _check(
+            1.0 <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            f"--repetition-penalty must be in [1, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}",
         )
         _check(0 <= self.logprobs <= 20, f"--logprobs must be in [0, 20], got {self.logprobs}")
         _check(all(self.stop), "--stop strings must not be empty")
+        _check(len(self.stop) <= MAX_STOPS, f"--stop may be given at most {MAX_STOPS} times, got {len(self.stop)}")
+        stop_chars = sum(len(s) for s in self.stop)
+        _check(
+            stop_chars <= MAX_STOP_CHARS,
+            f"--stop strings may hold at most {MAX_STOP_CHARS} characters in all, got {stop_chars}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +342,11 @@ class ServeConfig:
     max_body_bytes: int = opt(262_144, "largest request body in bytes; larger gets 413")
     max_prompt_tokens: int = opt(2048, "longest prompt in tokens; longer gets 413")
     max_tokens_limit: int = opt(1024, f"largest `max_tokens` a request may ask for (1..{MAX_NEW_TOKENS_LIMIT})")
+    allowed_hosts: tuple[str, ...] = opt(
+        (), "without --api-key, Host names served besides loopback ones and --host (repeatable; '*' = any)",
+        flag="allowed_host",
+    )
+    shutdown_timeout: float = opt(5.0, "seconds requests in flight may take to finish after Ctrl+C or SIGTERM")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
@@ -326,6 +359,11 @@ class ServeConfig:
         _check(
             1 <= self.max_tokens_limit <= MAX_NEW_TOKENS_LIMIT,
             f"--max-tokens-limit must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_tokens_limit}",
+        )
+        _check(all(h.strip() for h in self.allowed_hosts), "--allowed-host must not be blank")
+        _check(
+            math.isfinite(self.shutdown_timeout) and 0 <= self.shutdown_timeout <= 3600,
+            f"--shutdown-timeout must be in [0, 3600] seconds, got {self.shutdown_timeout}",
         )
 
 

@@ -2,7 +2,8 @@
 
 Every caller (CLI, batch, eval, HTTP server, demo) goes through `decode_stream`, which batches all
 requests together (left padding + pad mask for the GPT, per-row carried state for the LSTM), reuses
-the model's KV cache, and yields one `TokenEvent` per generated token as soon as it exists.
+the model's KV cache, and yields one `TokenEvent` per generated token as soon as it exists. It
+returns a `DecodeStream`: iterate it for the tokens, then read its `.completions`.
 
 Choices worth knowing:
 - Every context starts with `<|endoftext|>` (then the label's control token, then the prompt), the
@@ -17,16 +18,16 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import codecs
 import functools
 import random
-from collections.abc import Generator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from aigc.config import SampleConfig
+from aigc.textstream import TextStream
 from aigc.tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
@@ -86,6 +87,7 @@ def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of all better tokens
     drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False  # even when p rounds to 0 in float32 (p = 1e-46): never an empty row
     drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, NEG_INF)
 
@@ -95,10 +97,17 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: tor
     softmax(logits / temperature) with the row's uniform draw in [0, 1). Returns (B,) long."""
     greedy = logits.argmax(dim=-1)
     scale = torch.where(temperature > 0, temperature, 1.0)  # (B, 1)
-    probs = (logits / scale).softmax(dim=-1)
+    # Shift the best logit to 0 before dividing: logits / a tiny temperature would overflow to inf
+    # (inf - inf = NaN in the softmax); shifted values only run towards -inf, whose exp is 0.
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    probs = (shifted / scale).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)  # (B, V)
     target = (uniforms.unsqueeze(1) * cdf[:, -1:]).contiguous()  # (B, 1)
-    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (B,) first index with cdf > target
+    # u * total can round up to the total itself (u = 1 - 2**-24): then no index qualifies, and the
+    # answer must be the last token with any probability, not the last of the vocabulary.
+    last_kept = logits.size(-1) - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)  # (B,)
+    sampled = torch.minimum(sampled, last_kept)
     return torch.where(temperature.squeeze(1) > 0, sampled, greedy)
 
 
@@ -125,45 +134,6 @@ def context_limit(model: nn.Module) -> int | None:
     return model.config.block_size if model.config.kind == "gpt" else None
 
 
-class _TextStream:
-    """Token bytes -> text: only whole UTF-8 characters, and never any part of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = stops
-        self.text = ""  # everything decoded so far (may end in part of a stop string)
-        self.emitted = 0  # characters of `text` already handed out
-        self.stopped = False
-
-    def push(self, data: bytes, final: bool) -> str:
-        piece = self.decoder.decode(data, final=final)
-        self.text += piece
-        if not self.stops:  # nothing to hold back: the common case, kept cheap (it runs per row per token)
-            self.emitted = len(self.text)
-            return piece
-        # A stop string can only start at or after `emitted`: anything that could begin one is held back.
-        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-            end = len(self.text)
-        elif final:
-            end = len(self.text)
-        else:
-            end = len(self.text) - self._held()
-        chunk, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
-        return chunk
-
-    def _held(self) -> int:
-        """Length of the longest tail of `text` that is the start of some stop string."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
-
-
 @dataclass
 class _Row:
     """Book-keeping of one request while it decodes."""
@@ -172,7 +142,7 @@ class _Row:
     request: Request
     prefix: list[int]
     body: list[int]  # prompt tokens, then every generated token
-    stream: _TextStream
+    stream: TextStream
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
@@ -344,64 +314,104 @@ def _row_generator(seed: int | None) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_stream(
-    model: nn.Module, tokenizer: Tokenizer, requests: Sequence[Request]
-) -> Generator[TokenEvent, None, list[Completion]]:
-    """Decode every request in one batch; yield each token as it comes; return the completions
-    (as `StopIteration.value`, or use `generate`). Unknown labels raise AigcError before any work."""
-    rows = [_start_row(i, request, tokenizer) for i, request in enumerate(requests)]
-    if not rows:
-        return []
-    device = next(model.parameters()).device
-    limit = context_limit(model)
-    contexts = [row.window(limit) if limit else row.prefix + row.body for row in rows]
-    backend = _GPTBackend(model, tokenizer.pad_id, device) if limit else _LSTMBackend(model, device)
-    token_bytes = functools.lru_cache(maxsize=None)(tokenizer.token_bytes)  # bytes of each token id
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            logits = backend.prefill(contexts)  # (B, V)
-            sampler = _Sampler(rows, tokenizer, logits.size(-1), device)
-        active, step = rows, 0
-        while active:
-            with torch.inference_mode():
-                tokens = sampler.pick(logits, step)  # (B,)
-                logprobs = logits.float().log_softmax(dim=-1)  # (B, V), temperature 1, before any processing
-                chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
-                alternatives = _top_alternatives(logprobs, sampler.configs, tokenizer)
-            for row, token, logprob, top in zip(active, tokens.tolist(), chosen.tolist(), alternatives):
-                yield _advance(row, token, logprob, top, tokenizer.eot_id, token_bytes)
-            step += 1
-            kept = [j for j, row in enumerate(active) if row.finish_reason is None]
-            if not kept:
-                break
-            with torch.inference_mode():
-                if len(kept) < len(active):  # drop finished rows so they cost nothing more
-                    index = torch.tensor(kept, device=device)
-                    backend.keep(index)
-                    sampler.keep(index, kept)
-                    tokens = tokens[index]
-                active = [active[j] for j in kept]
-                logits = backend.step(tokens.unsqueeze(1), active)
-        return [row.completion(len(context)) for row, context in zip(rows, contexts)]
-    finally:
-        model.train(was_training)
+class DecodeStream:
+    """One batched decode. Iterate it for each TokenEvent as soon as it exists; once the iteration
+    has ended, `completions` holds one Completion per request, in request order.
+
+        stream = decode_stream(model, tokenizer, requests)
+        for event in stream:
+            ...  # or nothing: `generate` is exactly this loop
+        stream.completions
+
+    `close()` stops early (e.g. every caller has gone); `completions` then raises.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, requests: Sequence[Request]):
+        # Unknown labels raise AigcError here, before any work.
+        self._rows = [_start_row(i, request, tokenizer) for i, request in enumerate(requests)]
+        self._completions: list[Completion] | None = None
+        self._events = self._decode(model, tokenizer)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    @property
+    def completions(self) -> list[Completion]:
+        if self._completions is None:
+            raise RuntimeError("the decode has not finished: iterate the stream to its end first")
+        return self._completions
+
+    def close(self) -> None:
+        """Stop decoding now (the model's training mode is restored)."""
+        self._events.close()
+
+    def _decode(self, model: nn.Module, tokenizer: Tokenizer) -> Iterator[TokenEvent]:
+        rows = self._rows
+        if not rows:
+            self._completions = []
+            return
+        limit = context_limit(model)
+        contexts = [row.window(limit) if limit else row.prefix + row.body for row in rows]
+        was_training = model.training
+        model.eval()
+        try:
+            yield from _decode_rows(model, tokenizer, rows, contexts)
+        finally:
+            model.train(was_training)
+        self._completions = [row.completion(len(context)) for row, context in zip(rows, contexts)]
+
+
+def decode_stream(model: nn.Module, tokenizer: Tokenizer, requests: Sequence[Request]) -> DecodeStream:
+    """Decode every request in one batch: iterate the result for tokens, then read `.completions`.
+    Unknown labels raise AigcError before any work."""
+    return DecodeStream(model, tokenizer, requests)
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, requests: Sequence[Request]) -> list[Completion]:
-    """Run `decode_stream` to the end and return one Completion per request, in request order."""
+    """Run a decode to the end and return one Completion per request, in request order."""
     stream = decode_stream(model, tokenizer, requests)
-    while True:
-        try:
-            next(stream)
-        except StopIteration as done:
-            return done.value
+    for _ in stream:
+        pass
+    return stream.completions
+
+
+def _decode_rows(
+    model: nn.Module, tokenizer: Tokenizer, rows: list[_Row], contexts: list[list[int]]
+) -> Iterator[TokenEvent]:
+    """The loop itself: prefill every row, then one token per active row per step until all finish."""
+    device = next(model.parameters()).device
+    limit = context_limit(model)
+    backend = _GPTBackend(model, tokenizer.pad_id, device) if limit else _LSTMBackend(model, device)
+    token_bytes = functools.lru_cache(maxsize=None)(tokenizer.token_bytes)  # bytes of each token id
+    with torch.inference_mode():
+        logits = backend.prefill(contexts)  # (B, V)
+        sampler = _Sampler(rows, tokenizer, logits.size(-1), device)
+    active, step = rows, 0
+    while active:
+        with torch.inference_mode():
+            tokens = sampler.pick(logits, step)  # (B,)
+            logprobs = logits.float().log_softmax(dim=-1)  # (B, V), temperature 1, before any processing
+            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+            alternatives = _top_alternatives(logprobs, sampler.configs, tokenizer)
+        for row, token, logprob, top in zip(active, tokens.tolist(), chosen.tolist(), alternatives):
+            yield _advance(row, token, logprob, top, tokenizer.eot_id, token_bytes)
+        step += 1
+        kept = [j for j, row in enumerate(active) if row.finish_reason is None]
+        if not kept:
+            return
+        with torch.inference_mode():
+            if len(kept) < len(active):  # drop finished rows so they cost nothing more
+                index = torch.tensor(kept, device=device)
+                backend.keep(index)
+                sampler.keep(index, kept)
+                tokens = tokens[index]
+            active = [active[j] for j in kept]
+            logits = backend.step(tokens.unsqueeze(1), active)
 
 
 def _start_row(index: int, request: Request, tokenizer: Tokenizer) -> _Row:
     prefix = prompt_prefix(tokenizer, request)
-    return _Row(index, request, prefix, tokenizer.encode(request.prompt), _TextStream(request.config.stop))
+    return _Row(index, request, prefix, tokenizer.encode(request.prompt), TextStream(request.config.stop))
 
 
 def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) -> TokenEvent:

@@ -118,7 +118,7 @@ def test_batch_refuses_to_replace_output_unless_asked(make_run, capsys, tmp_path
         ([ROWS[0], {"title": "x"}], (), "row 2 has no field 'sentiment' that --template needs; its fields: title"),
         (ROWS, ("--label-field", "title"), "row 1: unknown label 'The Matrix'; this run knows: pos, neg"),
         (ROWS, ("--batch-size", "0"), "--batch-size must be in [1, 256]"),
-        (ROWS, ("--top-p", "2"), "--top-p must be in (0, 1]"),
+        (ROWS, ("--top-p", "2"), "--top-p must be in [1e-06, 1]"),
         ([{**ROWS[0], "generated": "x"}], (), "already has a 'generated' column"),
     ],
 )

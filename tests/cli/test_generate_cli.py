@@ -75,10 +75,18 @@ def test_generate_cli_warns_when_the_prompt_is_truncated(make_run, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("--temperature", "-1"), "--temperature must be >= 0"),
-        (("--top-p", "0"), "--top-p must be in (0, 1]"),
-        (("--top-p", "1.5"), "--top-p must be in (0, 1]"),
+        (("--temperature", "-1"), "--temperature must be 0 (greedy) or in"),
+        (("--top-p", "0"), "--top-p must be in [1e-06, 1]"),
+        (("--top-p", "1.5"), "--top-p must be in [1e-06, 1]"),
         (("--top-k", "-1"), "--top-k must be >= 0"),
+        # Non-finite sampling (issue 14): these once gave NaN probabilities and " candy candy candy", exit 0.
+        (("--temperature", "1e39"), "--temperature must be 0 (greedy) or in [0.001, 100], got 1e+39"),
+        (("--temperature", "inf"), "--temperature must be 0 (greedy) or in [0.001, 100], got inf"),
+        (("--temperature", "nan"), "--temperature must be 0 (greedy) or in [0.001, 100], got nan"),
+        (("--temperature", "1e-39"), "--temperature must be 0 (greedy) or in [0.001, 100], got 1e-39"),
+        (("--top-p", "1e-46"), "--top-p must be in [1e-06, 1]"),
+        (("--repetition-penalty", "inf"), "--repetition-penalty must be in [1, 100]"),
+        (("--stop", "x" * 5000), "--stop strings may hold at most 4096 characters in all"),
         (("-n", "0"), "-n must be in [1, 64]"),
         (("--max-new-tokens", "0"), "--max-new-tokens must be in [1, 8192]"),
         (("--max-new-tokens", "1000000"), "--max-new-tokens must be in [1, 8192]"),

@@ -136,7 +136,7 @@ def test_eval_references_file_is_used_for_the_pairs(tmp_path, tiny_dataset, tiny
         (["--samples", "0"], "--samples must be >= 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be in [1, 8192]"),
         (["--min-span", "4"], "--min-span must be >= 8"),
-        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--temperature", "-1"], "--temperature must be 0 (greedy) or in"),
     ],
 )
 def test_eval_rejects_bad_options(tmp_path, tiny_dataset, tiny_tokenizer, capsys, argv, message, save_tiny_run):

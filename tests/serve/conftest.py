@@ -22,6 +22,8 @@ def make_app(make_run) -> Callable[..., FastAPI]:
     """Factory: the app over a fresh tiny run (`kind` gpt or lstm), with ServeConfig overrides."""
 
     def _make(kind: str = "gpt", **options) -> FastAPI:
+        # TestClient sends `Host: testserver`, which a server without an API key does not serve by default.
+        options = {"allowed_hosts": ("testserver",), **options}
         return create_app(load_run(make_run(kind=kind)), ServeConfig(**options))
 
     return _make

@@ -131,13 +131,19 @@ def test_completions_lstm_run_is_served(make_app):
 @pytest.mark.parametrize(
     ("fields", "param", "fragment"),
     [
-        ({"temperature": -0.5}, "temperature", "temperature must be >= 0"),
-        ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+        ({"temperature": -0.5}, "temperature", "temperature must be 0 (greedy) or in"),
+        ({"top_p": 0}, "top_p", "top_p must be in [1e-06, 1]"),
+        ({"top_p": 1e-46}, "top_p", "top_p must be in [1e-06, 1]"),
+        ({"temperature": 1e39}, "temperature", "temperature must be 0 (greedy) or in [0.001, 100]"),
+        ({"temperature": 1e-39}, "temperature", "temperature must be 0 (greedy) or in [0.001, 100]"),
+        ({"repetition_penalty": 1e39}, "repetition_penalty", "repetition_penalty must be in [1, 100]"),
+        ({"stop": ["a"] * 17}, "stop", "stop may be given at most 16 times"),
+        ({"stop": ["x" * 4000] * 2}, "stop", "stop strings may hold at most 4096 characters in all"),
         ({"top_k": -1}, "top_k", "top_k must be >= 0"),
         ({"max_tokens": 0}, "max_tokens", "max_tokens must be in [1, 1024]"),
         ({"max_tokens": 5000}, "max_tokens", "max_tokens must be in [1, 1024]"),
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens", "min_tokens must be in [0, max_tokens=10]"),
-        ({"repetition_penalty": 0.5}, "repetition_penalty", "repetition_penalty must be >= 1.0"),
+        ({"repetition_penalty": 0.5}, "repetition_penalty", "repetition_penalty must be in [1, 100]"),
         ({"logprobs": 21}, "logprobs", "logprobs must be in [0, 20]"),
         ({"stop": ["ok", ""]}, "stop", "stop strings must not be empty"),
         ({"n": 0}, "n", "n must be in [1, 32]"),
@@ -170,10 +176,11 @@ def test_completions_bad_parameter_is_400_naming_field(client, fields, param, fr
 @pytest.mark.parametrize(
     "fields",
     [
-        {"temperature": 1e-300},
-        {"temperature": 1e300},
-        {"repetition_penalty": 1e300, "prompt": "a wonderful film"},
-        {"top_p": 1e-300},
+        {"temperature": 1e-3},
+        {"temperature": 100},
+        {"repetition_penalty": 100, "prompt": "a wonderful film"},
+        {"top_p": 1e-6},
+        {"stop": ["x" * 256] * 16},
         {"top_k": 10**30},
         {"seed": 2**63 - 1, "n": 3},
         {"stop": ["\u0000", "\n"]},
@@ -184,6 +191,14 @@ def test_completions_bad_parameter_is_400_naming_field(client, fields, param, fr
 def test_completions_extreme_but_valid_values_succeed(client, fields):
     body = complete(client, max_tokens=3, **fields)
     assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+
+
+def test_completions_smallest_top_p_and_temperature_are_greedy(client):
+    # At the edges of their ranges the sampler still has one clear winner (once: NaN, last token repeated).
+    greedy = complete(client, prompt="a film", max_tokens=8, min_tokens=8, temperature=0)["choices"][0]["text"]
+    for fields in ({"top_p": 1e-6, "temperature": 1.0}, {"temperature": 1e-3}):
+        body = complete(client, prompt="a film", max_tokens=8, min_tokens=8, seed=5, **fields)
+        assert body["choices"][0]["text"] == greedy, fields
 
 
 def test_completions_non_finite_float_is_400(client):
@@ -261,7 +276,7 @@ def test_run_summary_reports_size_labels_and_val_bpb(make_run):
     for step, bpb in ((100, 2.5), (200, 2.1), (300, 2.2)):
         append_jsonl(run_dir / "metrics.jsonl", {"step": step, "tokens": step * 1000, "val_bpb": bpb})
     run = load_run(run_dir)
-    with TestClient(create_app(run, ServeConfig(model_name="tiny-gpt"))) as client:
+    with TestClient(create_app(run, ServeConfig(model_name="tiny-gpt", allowed_hosts=("testserver",)))) as client:
         summary = client.get("/v1/run").json()
         assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-gpt"
     assert summary["model"] == "tiny-gpt" and summary["params"] == run.model.num_params()

@@ -75,14 +75,16 @@ def handle(args: argparse.Namespace) -> int:
     config = dataclass_from_args(args, SampleConfig)
     prompt = _read_prompt(args)
 
-    from aigc.generate import Request, decode_stream
+    from aigc.generate import Request, decode_stream, generate
 
     run = load(args)
     warn_if_truncated(run, prompt, args.label, "generate")
     requests = [Request(prompt, args.label, _nth_seed(config, i)) for i in range(args.num_samples)]
     started = time.perf_counter()
-    stream = decode_stream(run.model, run.tokenizer, requests)
-    completions = _print_stream(stream, args) if args.stream else _drain(stream)
+    if args.stream:
+        completions = _print_stream(decode_stream(run.model, run.tokenizer, requests), args)
+    else:
+        completions = generate(run.model, run.tokenizer, requests)
     elapsed = time.perf_counter() - started
     if args.json or not args.stream:
         for completion in completions:
@@ -113,26 +115,13 @@ def _nth_seed(config: SampleConfig, n: int) -> SampleConfig:
     return config if config.seed is None else dataclasses.replace(config, seed=config.seed + n)
 
 
-def _drain(stream) -> list:
-    while True:
-        try:
-            next(stream)
-        except StopIteration as done:
-            return done.value
-
-
 def _print_stream(stream, args: argparse.Namespace) -> list:
     """Print sample 1 token by token; the other samples decode alongside it and are printed after it.
     With --json, print one object per token instead."""
     later: dict[int, list[str]] = {}
     if args.num_samples > 1 and not args.json:
         _separator(0, args.num_samples)
-    while True:
-        try:
-            event = next(stream)
-        except StopIteration as done:
-            completions = done.value
-            break
+    for event in stream:
         if args.json:
             record = {"object": "token", "index": event.index, "token_id": event.token_id, "text": event.text}
             print(json.dumps({**record, "logprob": event.logprob}, ensure_ascii=False), flush=True)
@@ -141,6 +130,7 @@ def _print_stream(stream, args: argparse.Namespace) -> list:
             sys.stdout.flush()
         else:
             later.setdefault(event.index, []).append(event.text)
+    completions = stream.completions
     if not args.json:
         sys.stdout.write("\n")
         for index in range(1, len(completions)):

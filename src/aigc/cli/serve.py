@@ -55,9 +55,13 @@ def handle(args: argparse.Namespace) -> int:
     print(f"aigc serve: playground http://{shown}:{port}/  API http://{shown}:{port}/v1  "
           f"(auth {'on' if config.api_key else 'off'}; Ctrl+C to stop)", file=sys.stderr)
     if not config.api_key and host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"aigc serve: warning: listening on {host} without an API key; set --api-key or {API_KEY_ENV}",
+        print(f"aigc serve: warning: listening on {host} without an API key; set --api-key or {API_KEY_ENV} "
+              "(meanwhile only loopback Host names, --host and --allowed-host values are answered)",
               file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None))
+    # After Ctrl+C / SIGTERM, requests in flight get shutdown_timeout seconds; then they are cancelled.
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=config.shutdown_timeout)
+    )
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down gracefully

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,17 +16,18 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aigc import __version__
 from aigc.config import ServeConfig
 from aigc.errors import AigcError
 from aigc.serve import api
 from aigc.serve.api import ApiError
+from aigc.serve.guard import Guard, HostAllowList
+from aigc.serve.guard import error_response as _error_response
 from aigc.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelCard, ModelList
 from aigc.serve.schemas import RunSummary
@@ -35,7 +35,8 @@ from aigc.artifacts.run import Run
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("aigc.serve")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 500, 503)}
+CLOSE_TIMEOUT_S = 10  # most seconds shutdown waits for the decode thread once requests are over
 # With `stream: true`: one server-sent event per token (a CompletionResponse chunk as JSON), then [DONE].
 SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string", "description": "chunk JSON or [DONE]"}}}
 STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "JSON, or with `stream: true` "
@@ -54,14 +55,19 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await asyncio.to_thread(scheduler.close)
+            # By now uvicorn has finished or cancelled every request, and a cancelled request cancels its job.
+            if not await asyncio.to_thread(scheduler.close, CLOSE_TIMEOUT_S):
+                log.warning("the decode thread did not stop within %d s; exiting without it", CLOSE_TIMEOUT_S)
 
+    # No /docs or /redoc: FastAPI's pages load Swagger UI / ReDoc from a CDN, dead offline. The schema
+    # stays at /openapi.json for any OpenAPI viewer or client generator.
     app = FastAPI(
-        title="aigc", version=__version__, lifespan=lifespan,
+        title="aigc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="OpenAI-compatible text completions from one aigc run, and a playground at `/`.",
     )
     app.state.scheduler = scheduler
-    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    hosts = HostAllowList((*config.allowed_hosts, config.host))
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes, hosts=hosts)
     _add_error_handlers(app)
     _document_model_name(app, name)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -77,11 +83,12 @@ def _add_info_routes(app: FastAPI, name: str, scheduler: Scheduler, summary: dic
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health", response_model=Health)
-    async def health() -> dict:
-        status = "shutting_down" if scheduler.closed else "ok"
-        return {"status": status, "model": name, "queued": scheduler.queued, "running": scheduler.running,
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health():
+        status = "shutting_down" if scheduler.closed else "ok" if scheduler.alive else "degraded"
+        body = {"status": status, "model": name, "queued": scheduler.queued, "running": scheduler.running,
                 "batches": scheduler.batches, "sequences": scheduler.sequences}
+        return body if status == "ok" else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict:
@@ -99,7 +106,7 @@ def _add_info_routes(app: FastAPI, name: str, scheduler: Scheduler, summary: dic
 
 def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: str, scheduler: Scheduler) -> None:
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM})
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: HttpRequest):
         _check_model(body.model, name)
         plan = api.plan_request(body, run.tokenizer, config)
         job = _submit(scheduler, plan, want_events=body.stream or plan.want_logprobs)
@@ -110,11 +117,10 @@ def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: st
                 _stream(job, plan, body.n, meta, usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        try:
-            done, events = await _collect(job, len(plan.rows))
-        finally:
-            job.cancel()  # nothing more to deliver (or the handler was cancelled)
-        return api.completion_body(meta, plan, body.n, done, events)
+        result = await _collect_while_connected(request, job, len(plan.rows))
+        if result is None:  # the client hung up; nobody reads a response, its rows were cancelled
+            return Response(status_code=499)
+        return api.completion_body(meta, plan, body.n, *result)
 
 
 def _document_model_name(app: FastAPI, name: str) -> None:
@@ -151,10 +157,32 @@ def _submit(scheduler: Scheduler, plan: api.Plan, *, want_events: bool) -> Job:
 
 
 def _decode_failure(exc: BaseException) -> ApiError:
+    """The error a batch failure gives each of its requests (the scheduler has logged it)."""
     if isinstance(exc, AigcError):
         return ApiError(400, str(exc))
-    log.error("decoding failed", exc_info=exc)
     return ApiError(500, f"internal error while decoding: {type(exc).__name__}", type="server_error")
+
+
+async def _collect_while_connected(request: HttpRequest, job: Job, n_rows: int) -> tuple[list, list] | None:
+    """`_collect`, unless the client disconnects first: then the job is cancelled and None returned."""
+    collect = asyncio.ensure_future(_collect(job, n_rows))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        job.cancel()  # nothing more to deliver, the client left, or the handler was cancelled
+        gone.cancel()
+        collect.cancel()
+    if collect.done() and not collect.cancelled():
+        return collect.result()
+    log.info("client disconnected; its %d sequence(s) were cancelled", n_rows)
+    return None
+
+
+async def _disconnected(request: HttpRequest) -> None:
+    """Returns once the client has gone (the body was read already, so only http.disconnect remains)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(job: Job, n_rows: int) -> tuple[list, list[list]]:
@@ -197,11 +225,6 @@ async def _stream(job: Job, plan: api.Plan, n: int, meta: dict, include_usage: b
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
-
-
-def _error_response(exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -247,68 +270,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(AigcError, on_aigc)
-
-
-class Guard:
-    """ASGI middleware run before routing: the API key on /v1 routes, and the request body size cap
-    (checked on the declared length and on the bytes actually received, so chunked bodies count too)."""
-
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1") and not self._authorised(headers):
-            error = ApiError(401, "missing or invalid API key; send `Authorization: Bearer KEY`", code="invalid_api_key")
-            await _error_response(error)(scope, receive, send)
-            return
-        declared = headers.get("content-length", "")
-        body, complete = b"", False
-        if not (declared.isdigit() and int(declared) > self.max_body_bytes):
-            body, complete = await _read_body(receive, self.max_body_bytes)
-        if not complete:
-            error = ApiError(413, f"request body is over {self.max_body_bytes} bytes (--max-body-bytes)",
-                             code="request_too_large")
-            await _error_response(error)(scope, receive, send)
-            return
-        await self.app(scope, _replay(body, receive), send)
-
-    def _authorised(self, headers: dict[str, str]) -> bool:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
-
-
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
-    """The whole request body, or (partial, False) once it passes `limit` bytes."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), True  # client left; the app will notice on its own receive
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return b"", False
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive() that first hands out the already-read body, then defers to the real one."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ handed to its job as soon as it exists, so streaming clients see tokens while th
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -17,7 +18,10 @@ from typing import Any
 
 import torch
 
-from aigc.generate import Completion, Request, TokenEvent, decode_stream
+from aigc.errors import AigcError
+from aigc.generate import Completion, Request, decode_stream
+
+log = logging.getLogger("aigc.serve")
 
 
 class QueueFull(Exception):
@@ -117,35 +121,47 @@ class Scheduler:
 
     # -- the worker thread -----------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while batch := self._take_batch():
-            self._run_batch(batch)
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (False before start and after close)."""
+        return self._thread is not None and self._thread.is_alive()
 
-    def _take_batch(self) -> list[Job]:
-        """Wait for work; return the queued jobs that fit in one batch ([] once closed and drained)."""
+    def _work(self) -> None:
+        # Runs until close() has been called and the queue is empty, and only then: a batch whose
+        # every job was cancelled while queued is no reason to stop (that once wedged the server).
+        while (batch := self._take_batch()) is not None:
+            if batch:
+                self._run_batch(batch)
+
+    def _take_batch(self) -> list[Job] | None:
+        """Wait for work; the queued jobs that fit in one batch ([] if all were cancelled), or None
+        once closed and drained."""
         with self._cond:
-            while True:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                batch, rows = [], 0
-                while self._pending and rows + len(self._pending[0].requests) <= self.max_batch:
-                    job = self._pending.popleft()
-                    self._pending_rows -= len(job.requests)
-                    if not job.cancelled:
-                        batch.append(job)
-                        rows += len(job.requests)
-                if batch or not self._pending:
-                    self._running_rows = rows
-                    return batch
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            batch, rows = [], 0
+            while self._pending and rows + len(self._pending[0].requests) <= self.max_batch:
+                job = self._pending.popleft()
+                self._pending_rows -= len(job.requests)
+                if not job.cancelled:
+                    batch.append(job)
+                    rows += len(job.requests)
+            self._running_rows = rows
+            return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
+        """Decode one batch and answer its jobs; any failure is answered to this batch's jobs only."""
         owners = [(job, row) for job in batch for row in range(len(job.requests))]
         self.batches += 1
         self.sequences += len(owners)
         self.largest_batch = max(self.largest_batch, len(owners))
         try:
             completions = self._decode([r for job in batch for r in job.requests], owners, batch)
-        except Exception as exc:  # one failed batch must not kill the worker: every caller gets the error
+        except Exception as exc:  # one failed batch must not kill the worker
+            if not isinstance(exc, AigcError):
+                log.error("decoding a batch of %d sequences failed", len(owners), exc_info=exc)
             completions = exc
         finally:
             with self._cond:
@@ -167,14 +183,11 @@ class Scheduler:
         """Drive the shared decode loop, routing each token to its job. None if every caller left."""
         stream = decode_stream(self.model, self.tokenizer, rows)
         with torch.inference_mode():
-            while True:
-                try:
-                    event: TokenEvent = next(stream)
-                except StopIteration as stop:
-                    return stop.value
+            for event in stream:
                 job, row = owners[event.index]
                 if job.want_events and not job.cancelled:
                     job.push(("event", row, event))
                 if job.cancelled and all(j.cancelled for j in batch):
                     stream.close()
                     return None
+        return stream.completions

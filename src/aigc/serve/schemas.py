@@ -137,7 +137,9 @@ class RunSummary(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "shutting_down"]
+    status: Literal["ok", "degraded", "shutting_down"] = Field(
+        description="degraded (answered with 503): the decode thread is not running, completions cannot finish"
+    )
     model: str
     queued: int = Field(description="sequences waiting for a batch")
     running: int = Field(description="sequences being decoded now")
