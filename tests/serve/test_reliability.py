@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from aigc.config import SampleConfig
 from aigc.generate import Request
 from aigc.serve.scheduler import Scheduler
-from aigc.train.checkpoint import load_run
+from aigc.models import load_run
 
 MODEL = "run"
 

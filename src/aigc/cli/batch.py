@@ -20,7 +20,7 @@ from aigc.cli.args import add_dataclass_args, dataclass_from_args
 from aigc.cli.generate import add_run_args, load
 from aigc.config import SampleConfig
 from aigc.errors import AigcError
-from aigc.fsutil import write_text
+from aigc.fsutil import parse_jsonl_objects, write_text
 
 OUTPUT_COLUMN = "generated"
 FORMATS = (".csv", ".jsonl")
@@ -62,6 +62,7 @@ def handle(args: argparse.Namespace) -> int:
     labels = _labels(rows, args.label_field)
     done = _done_rows(args, rows)
 
+    # Deferred: a slow import that only this path needs.
     from tqdm import tqdm
 
     from aigc.cli.generate import warn_if_truncated
@@ -107,8 +108,6 @@ def read_rows(path: Path) -> list[dict]:
 def _parse_table(text: str, path: Path) -> list[dict]:
     if path.suffix.lower() != ".jsonl":
         return list(csv.DictReader(io.StringIO(text)))
-    from aigc.fsutil import parse_jsonl_objects
-
     return [row for _, row in parse_jsonl_objects(text, path)]
 
 

@@ -48,6 +48,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace):
     """The run named on the command line, on the requested device."""
+    # Deferred: a slow import that only this path needs.
     from aigc.artifacts.device import pick_device
     from aigc.models import load_run
 
@@ -56,6 +57,7 @@ def load(args: argparse.Namespace):
 
 def warn_if_truncated(run, prompt: str, label: str | None, command: str) -> None:
     """Tell the user when a prompt is longer than the context and only its end will be used."""
+    # Deferred: a slow import that only this path needs.
     from aigc.generate import Request, context_limit, prompt_prefix
 
     limit = context_limit(run.model)
@@ -75,6 +77,7 @@ def handle(args: argparse.Namespace) -> int:
     config = dataclass_from_args(args, SampleConfig)
     prompt = _read_prompt(args)
 
+    # Deferred: a slow import that only this path needs.
     from aigc.generate import Request, decode_stream, generate
 
     run = load(args)

@@ -11,18 +11,20 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from aigc.config import EvalConfig, SampleConfig, to_dict
 from aigc.artifacts.dataset import DATASET_JSON, open_split, read_dataset_info
+from aigc.artifacts.device import pick_device
+from aigc.config import EvalConfig, SampleConfig, to_dict
 from aigc.errors import AigcError
 from aigc.evaluate import control, lm, memorise, privacy, reference, textstats
-from aigc.tokenizer import Tokenizer
-from aigc.artifacts.device import pick_device
+from aigc.generate import Request, encode_request, generate
 from aigc.models import Run, load_run
+from aigc.tokenizer import Tokenizer
 
 Progress = Callable[[str], None]
 
@@ -63,8 +65,6 @@ def dataset_folder(run: Run, data: str | os.PathLike | None) -> tuple[Path, dict
 
 def generate_all(run: Run, requests: Sequence, batch_size: int) -> list:
     """Completions for `requests`, decoded `batch_size` at a time (bounds the KV cache)."""
-    from aigc.generate import generate
-
     completions = []
     with _one_cpu_thread(run):
         for first in range(0, len(requests), batch_size):
@@ -78,8 +78,6 @@ def _one_cpu_thread(run: Run) -> Iterator[None]:
     activations; measured on the 2-core dev machine (shared), two threads made a 32 x 128-token decode
     of the `small` GPT 3-12x slower than one (thread hand-offs cost more than the work), whereas the
     big batches of `lm.score_sequences` do run 2x faster on two threads, so only this stage is pinned."""
-    import torch
-
     if next(run.model.parameters()).device.type != "cpu":
         yield
         return
@@ -93,8 +91,6 @@ def _one_cpu_thread(run: Run) -> Iterator[None]:
 
 def draw(run: Run, pairs: Sequence[reference.Pair], config: EvalConfig, sampling: SampleConfig) -> list[Generated]:
     """Continue every pair's prompt, then draw `config.samples` free samples per label (or in total)."""
-    from aigc.generate import Request
-
     known = set(run.tokenizer.labels)
     labels: list[str | None] = list(run.tokenizer.labels) or [None]
     jobs = [("continuation", p.label if p.label in known else None, p.prompt, p.reference) for p in pairs]
@@ -112,8 +108,6 @@ def draw(run: Run, pairs: Sequence[reference.Pair], config: EvalConfig, sampling
 
 
 def _replace(sampling: SampleConfig, **changes) -> SampleConfig:
-    from dataclasses import replace
-
     return replace(sampling, **changes)
 
 
@@ -123,8 +117,6 @@ def fluency(judge: Run, items: Sequence[Generated], batch_size: int) -> tuple[di
     The text is re-tokenized with the judge's tokenizer, so bits per byte is the figure to compare
     across runs with different tokenizers.
     """
-    from aigc.generate import Request, encode_request
-
     tok = judge.tokenizer
     sequences, firsts = [], []
     for item in items:

@@ -12,6 +12,7 @@ is the base weights plus `….lora_A` / `….lora_B` tensors, and merging only d
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -20,9 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from aigc.config import LORA_TARGETS, TrainConfig
 from aigc.errors import AigcError
+from aigc.fsutil import write_with
 
 DEFAULT_TARGETS = LORA_TARGETS
 
@@ -164,12 +168,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapters(model: nn.Module, spec: LoRASpec, path: str | os.PathLike) -> None:
     """Write only the adapter tensors (small: shareable apart from the base run), atomically."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from aigc.fsutil import write_with
-
     state = adapter_state(model)
     if not state:
         raise AigcError("the model has no LoRA adapters to save")
@@ -179,10 +177,6 @@ def save_adapters(model: nn.Module, spec: LoRASpec, path: str | os.PathLike) -> 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> LoRASpec:
     """Apply the adapters saved by `save_adapters` to a base model, in place; returns their spec."""
-    import json
-
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             spec = LoRASpec.from_json(json.loads((f.metadata() or {})["aigc_lora"]))
