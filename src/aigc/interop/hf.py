@@ -132,6 +132,9 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
             f"run {run.path} is an LSTM; the Hugging Face format has no GPT-2 equivalent of an "
             "Embedding→LSTM→Dense model, so only GPT runs export (use --format int8, or train with --model gpt)"
         )
+    c = model.config
+    if (c.norm, c.positions, c.mlp, c.n_kv_head, c.qkv_bias, c.tie_embeddings) != ("layernorm", "learned", "gelu", 0, False, True) or c.ffn_size != 4 * c.n_embd:
+        raise AigcError(f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}); export it as Llama")
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     if has_lora(model):
         merge_lora(model)  # the hub format has no adapters: fold them into the weights

@@ -48,11 +48,17 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # the deprecation notice is about the API's future, see module doc
         warnings.simplefilter("ignore")
         quantized = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    if hasattr(quantized, "wte") and hasattr(quantized, "lm_head"):
+    if _tied(quantized):
         int8, scale = _int8_weight(quantized.lm_head)
         with torch.no_grad():
             quantized.wte.weight.copy_(int8.float() * scale.unsqueeze(1))  # (V, C) = dequantized head
     return quantized.eval()
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the GPT's output head shares the token embedding (an untied head keeps its own)."""
+    config = getattr(model, "config", None)
+    return hasattr(model, "wte") and hasattr(model, "lm_head") and getattr(config, "tie_embeddings", True)
 
 
 def _int8_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +80,7 @@ def int8_state(quantized: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = int8.contiguous(), scale.contiguous()
             if module.bias() is not None:
                 tensors[f"{name}.bias"] = module.bias().detach().float().contiguous()
-    tied = "lm_head.weight" in tensors
+    tied = _tied(quantized)
     for name, param in quantized.named_parameters():  # quantized layers have none: the fp32 rest
         if not (tied and name == "wte.weight"):
             tensors[name] = param.detach().float().contiguous()
@@ -96,7 +102,7 @@ def load_int8_state(quantized: nn.Module, tensors: dict[str, torch.Tensor], sour
                 used |= {f"{name}.weight", f"{name}.weight_scale", f"{name}.bias"}
         with torch.no_grad():
             for name, param in quantized.named_parameters():
-                if name == "wte.weight" and "lm_head.weight" in tensors:
+                if name == "wte.weight" and _tied(quantized):
                     int8, scale = tensors["lm_head.weight"], tensors["lm_head.weight_scale"]
                     param.copy_(int8.float() * scale.unsqueeze(1))
                 else:
