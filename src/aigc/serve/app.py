@@ -29,8 +29,15 @@ from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
 from aigc.serve.guard import error_response as _error_response
 from aigc.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelCard, ModelList
-from aigc.serve.schemas import RunSummary
+from aigc.serve.schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    RunSummary,
+)
 from aigc.train.checkpoint import Run
 
 STATIC = Path(__file__).parent / "static"
