@@ -32,7 +32,10 @@ def label_token(label: str) -> str:
 class Tokenizer:
     """Encode/decode text; knows its special ids and the labels it has control tokens for."""
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, labels: Sequence[str] | None = None):
+        """`labels`: the control-token labels, when known (run and dataset files record them); by default
+        every special `<|name|>` token other than end-of-text and padding (right for aigc-made tokenizers,
+        not for imported ones, whose chat tokens such as `<|im_start|>` are no labels)."""
         self.hf = hf
         eot, pad = hf.token_to_id(EOT), hf.token_to_id(PAD)
         if eot is None or pad is None:
@@ -42,9 +45,12 @@ class Tokenizer:
         added = hf.get_added_tokens_decoder()  # {id: AddedToken}
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
         specials = [t.content for t in added.values() if t.special]
-        self.labels: tuple[str, ...] = tuple(
-            s[2:-2] for s in specials if s not in (EOT, PAD) and s.startswith("<|") and s.endswith("|>")
-        )
+        if labels is None:
+            labels = [s[2:-2] for s in specials if s not in (EOT, PAD) and s.startswith("<|") and s.endswith("|>")]
+        missing = [label for label in labels if label_token(label) not in specials]
+        if missing:
+            raise AigcError(f"tokenizer lacks the control tokens of labels {missing}; prepare the data again")
+        self.labels: tuple[str, ...] = tuple(labels)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -72,14 +78,15 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike, labels: Sequence[str] | None = None) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise AigcError(f"tokenizer file not found: {path}; point to a tokenizer.json made by aigc prepare")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise AigcError(f"cannot read tokenizer {path}: {exc}; re-create it with aigc prepare") from exc
+        return cls(hf, labels)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename) so a crash never leaves half a tokenizer."""

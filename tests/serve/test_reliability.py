@@ -65,9 +65,11 @@ def test_scheduler_survives_a_batch_whose_every_job_was_cancelled(make_run):
         gone = scheduler.submit([Request("bye", config=config)], want_events=True)
         gone.cancel()
         scheduler.start()
-        await asyncio.sleep(0.2)  # the worker takes the cancelled job and must keep waiting for work
+        await asyncio.sleep(
+            0.2
+        )  # the worker takes the cancelled job and must keep waiting for work
         job = scheduler.submit([Request("hello", config=config)], want_events=False)
-        kind, _, payload = await asyncio.wait_for(job.next(), timeout=20)
+        kind, _, _ = await asyncio.wait_for(job.next(), timeout=20)
         return kind
 
     try:
@@ -91,8 +93,10 @@ def test_a_failing_decode_step_fails_only_its_batch(make_app, caplog):
         response = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 4})
         assert response.status_code == 500
         assert response.json()["error"] == {
-            "message": "internal error while decoding: RuntimeError", "type": "server_error",
-            "param": None, "code": None,
+            "message": "internal error while decoding: RuntimeError",
+            "type": "server_error",
+            "param": None,
+            "code": None,
         }
         assert "injected fault" in caplog.text  # the traceback is logged on the server
         failing["on"] = False
@@ -101,7 +105,9 @@ def test_a_failing_decode_step_fails_only_its_batch(make_app, caplog):
         assert client.get("/health").json()["status"] == "ok"
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
+)  # the thread's death is the point
 def test_health_is_degraded_when_the_decode_thread_is_gone(make_app):
     app = make_app()
     scheduler = app.state.scheduler
@@ -124,11 +130,16 @@ def test_non_streaming_request_is_cancelled_when_its_client_disconnects(make_app
     body = b'{"model": "run", "max_tokens": 8192, "min_tokens": 8192}'
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as client:
-        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         wait_for(lambda: scheduler.running == 1, 20, "the request to be decoding")
     wait_for(lambda: scheduler.running == 0, 5, "the decode to stop once its client has gone")
-    assert httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "max_tokens": 2}, timeout=30).is_success
+    assert httpx.post(
+        f"{server.url}/v1/completions", json={"model": MODEL, "max_tokens": 2}, timeout=30
+    ).is_success
 
 
 @pytest.mark.parametrize(
@@ -147,7 +158,9 @@ def test_non_streaming_request_is_cancelled_when_its_client_disconnects(make_app
         ("attacker.example", "k3y", 200),  # with a key, the key protects the server
     ],
 )
-def test_without_api_key_only_loopback_and_allowed_hosts_are_served(make_app, host, api_key, status):
+def test_without_api_key_only_loopback_and_allowed_hosts_are_served(
+    make_app, host, api_key, status
+):
     app = make_app(allowed_hosts=("my-box.lan",), api_key=api_key)
     with TestClient(app, base_url="http://localhost") as client:
         headers = {"Host": host, "Authorization": "Bearer k3y"}
@@ -169,12 +182,12 @@ def test_serve_cli_one_sigterm_stops_within_seconds_even_mid_stream(make_run, tm
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(tmp_path / "server.log", "w+")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "aigc", "serve", str(make_run()), "--port", str(port), "--max-tokens-limit",
-         "8192", "--shutdown-timeout", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "AIGC_API_KEY"},
-    )
+    argv = [sys.executable, "-m", "aigc", "serve", str(make_run()), "--port", str(port)]
+    argv += ["--max-tokens-limit", "8192", "--shutdown-timeout", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "AIGC_API_KEY"}
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     body = {"model": "run", "max_tokens": 8192, "min_tokens": 8192, "stream": True}
     try:
@@ -191,8 +204,7 @@ def test_serve_cli_one_sigterm_stops_within_seconds_even_mid_stream(make_run, tm
         if server.poll() is None:
             server.kill()
     assert received < 8192  # the stream did not run to its end first
-    log.seek(0)
-    assert "Application shutdown complete" in log.read()
+    assert "Application shutdown complete" in log_path.read_text()
 
 
 def drain_until_cut(lines) -> int:
@@ -201,6 +213,8 @@ def drain_until_cut(lines) -> int:
     try:
         for line in lines:
             count += line.startswith("data: ")
-    except httpx.RemoteProtocolError:  # the server closed the connection in the middle of the stream
+    except (
+        httpx.RemoteProtocolError
+    ):  # the server closed the connection in the middle of the stream
         return count
     return count

@@ -135,7 +135,7 @@ class Dataset:
 def open_dataset(folder: str | os.PathLike) -> Dataset:
     path = Path(folder).resolve()
     info = read_dataset_info(path)
-    tokenizer = Tokenizer.load(path / TOKENIZER)
+    tokenizer = Tokenizer.load(path / TOKENIZER, info.get("labels"))
     return Dataset(path, info, tokenizer, open_split(path, "train"), open_split(path, "val"))
 
 

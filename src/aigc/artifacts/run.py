@@ -42,12 +42,13 @@ WEIGHTS = "model.safetensors"
 BEST = "best.safetensors"
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
+CHAT_TEMPLATE = "chat_template.jinja"  # Jinja chat template of imported instruction-tuned models
 PLOTS = "plots"
 EVAL = "eval"
 TENSORBOARD = "tensorboard"
 REPORTS = ("report.md", "report.html")
 # Files and folders a run owns; `aigc train --overwrite` removes these and nothing else.
-RUN_ARTEFACTS = (CONFIG, TOKENIZER, WEIGHTS, BEST, STATE, METRICS, PLOTS, EVAL, TENSORBOARD, *REPORTS)
+RUN_ARTEFACTS = (CONFIG, TOKENIZER, WEIGHTS, BEST, STATE, METRICS, CHAT_TEMPLATE, PLOTS, EVAL, TENSORBOARD, *REPORTS)
 
 WEIGHT_FORMATS = ("full", "lora", "int8")
 
@@ -192,8 +193,28 @@ def save_run(run_dir: str | os.PathLike, config: RunConfig, tokenizer: Tokenizer
     return run_dir
 
 
+# Built-in pretrained models: `aigc pull NAME` converts them into `models_home() / NAME`.
+BUILT_IN_MODELS = ("smollm2-135m",)
+
+
+def models_home() -> Path:
+    """Where pulled models live: $AIGC_HOME/models, by default ~/.cache/aigc/models."""
+    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".cache" / "aigc") / "models"
+
+
+def resolve_run_dir(run_dir: str | os.PathLike) -> Path:
+    """A run folder as given, or, for the name of a built-in model, the folder it was pulled to."""
+    path = Path(run_dir)
+    if path.exists() or str(run_dir) not in BUILT_IN_MODELS:
+        return path
+    pulled = models_home() / str(run_dir)
+    if not (pulled / CONFIG).is_file():
+        raise AigcError(f"{run_dir} is not pulled yet; run `aigc pull {run_dir}` first")
+    return pulled
+
+
 def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     if not run_dir.is_dir():
         raise AigcError(f"run folder not found: {run_dir}; train one with `aigc train --data DIR --out {run_dir}`")
     path = run_dir / CONFIG
@@ -208,7 +229,8 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
 def read_run_tokenizer(run_dir: str | os.PathLike, config: RunConfig) -> Tokenizer:
     """The run's tokenizer, checked against the model's vocabulary."""
     path = Path(run_dir) / TOKENIZER
-    tokenizer = Tokenizer.load(path)
+    labels = config.data.get("labels")  # recorded by every writer of a run; absent in hand-made ones
+    tokenizer = Tokenizer.load(path, labels)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise AigcError(
             f"{path} has {tokenizer.vocab_size} tokens but the model only {config.model.vocab_size}; "
@@ -218,8 +240,9 @@ def read_run_tokenizer(run_dir: str | os.PathLike, config: RunConfig) -> Tokeniz
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu", weights: str = WEIGHTS) -> Run:
-    """Load config, tokenizer and weights of a run; every reader of a run goes through here."""
-    run_dir = Path(run_dir)
+    """Load config, tokenizer and weights of a run (a folder or a pulled model's name); every reader
+    of a run goes through here."""
+    run_dir = resolve_run_dir(run_dir)
     config = read_run_config(run_dir)
     for name in (TOKENIZER, weights):
         if not (run_dir / name).is_file():

