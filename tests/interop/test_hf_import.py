@@ -104,13 +104,13 @@ def test_import_hf_reads_vocab_and_merges_without_tokenizer_json(tiny_tokenizer,
     assert run.tokenizer.encode(text) == tiny_tokenizer.encode(text)
 
 
-def test_import_hf_rejects_a_model_that_is_not_gpt2(tmp_path, capsys):
-    (tmp_path / "llama").mkdir()
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000}
-    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
-    assert main(["import", str(tmp_path / "llama"), "--out", str(tmp_path / "run")]) == 2
+def test_import_hf_rejects_an_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "bert").mkdir()
+    config = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": 32000}
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    assert main(["import", str(tmp_path / "bert"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "model_type 'llama' (LlamaForCausalLM)" in err and "not GPT-2" in err
+    assert "BertForMaskedLM" in err and "LlamaForCausalLM" in err  # names what it found and what is supported
     assert not (tmp_path / "run").exists()
 
 

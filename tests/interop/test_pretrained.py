@@ -31,7 +31,7 @@ def test_import_refuses_a_missing_source_and_a_non_empty_out_folder(tmp_path, ca
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("mine")
     assert main(["import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "run")]) == 2
-    assert "missing.gguf not found" in capsys.readouterr().err
+    assert "missing.gguf is not a folder or a .gguf file" in capsys.readouterr().err
     write_tiny_llama(tmp_path / "tiny.gguf")
     assert main(["import", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "run")]) == 2
     assert "is not empty" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def import_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, conte
     """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run."""
     src = Path(source)
     if not src.exists():
-        raise AigcError(f"{src} not found; pass a .gguf file or a local model folder (nothing is downloaded)")
+        raise AigcError(f"{src} is not a folder or a .gguf file (it does not exist); pass a local model; nothing is downloaded")
     if src.is_file() and src.suffix.lower() == ".gguf":
         return import_gguf(src, out_dir, context=context, overwrite=overwrite)
     if src.is_dir() and read_hf_config(src).get("model_type") != "gpt2":
@@ -70,8 +70,9 @@ def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwri
 
 
 def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
-    out = prepare_out_dir(out_dir, overwrite=overwrite)
     hf_config = read_hf_config(src)
+    model_config_from_hf(hf_config)  # an unsupported architecture is refused before anything is written
+    out = prepare_out_dir(out_dir, overwrite=overwrite)
     if not (src / "tokenizer.json").is_file():
         raise AigcError(f"{src} has no tokenizer.json; copy the model's tokenizer into it")
     template = _hf_chat_template(src)

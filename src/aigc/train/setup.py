@@ -20,7 +20,10 @@ from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
 from aigc.train.batches import check_split_size
 
-MODEL_SHAPE_FIELDS = ("kind", "block_size", "n_layer", "n_head", "n_embd", "hidden_size", "bias")
+MODEL_SHAPE_FIELDS = (
+    "kind", "block_size", "n_layer", "n_head", "n_embd", "hidden_size", "bias", "norm", "positions", "mlp",
+    "ffn_hidden", "n_kv_head", "qkv_bias", "tie_embeddings",
+)
 
 
 @dataclass
