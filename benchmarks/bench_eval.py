@@ -52,7 +52,11 @@ def scan_longest(tokens: np.ndarray, sample: np.ndarray, n: int) -> int:
         hits = candidates[(windows[candidates] == sample[i : i + n]).all(axis=1)]
         for start in hits[:64]:
             length = n
-            while i + length < len(sample) and start + length < len(tokens) and tokens[start + length] == sample[i + length]:
+            while (
+                i + length < len(sample)
+                and start + length < len(tokens)
+                and tokens[start + length] == sample[i + length]
+            ):
                 length += 1
             best = max(best, length)
     return best
@@ -86,11 +90,19 @@ def main() -> None:
     assert scanned == spans[: args.scan_samples], (scanned, spans[: args.scan_samples])
     print(f"train tokens:      {len(tokens):,} ({source})")
     print(f"index build:       {build:.2f} s (8-gram hashes, one sort)")
-    print(f"query:             {query:.2f} s for {len(samples)} samples of 128 tokens ({query / len(samples) * 1e3:.1f} ms each)")
-    print(f"planted spans:     {sum(s >= 40 for s in spans)} of {len(samples) // 2 + len(samples) % 2} found with length >= 40")
+    print(
+        f"query:             {query:.2f} s for {len(samples)} samples of 128 tokens "
+        f"({query / len(samples) * 1e3:.1f} ms each)"
+    )
+    print(
+        f"planted spans:     {sum(s >= 40 for s in spans)} of {len(samples) // 2 + len(samples) % 2} "
+        "found with length >= 40"
+    )
     print(f"scan per sample:   {scan * 1e3:.0f} ms each (baseline, measured on {args.scan_samples} samples)")
-    print(f"query speed-up:    {scan / (query / len(samples)):.0f}x; build + query vs scan for {len(samples)} samples: "
-          f"{build + query:.1f} s vs {scan * len(samples):.1f} s")
+    print(
+        f"query speed-up:    {scan / (query / len(samples)):.0f}x; build + query vs scan for {len(samples)} samples: "
+        f"{build + query:.1f} s vs {scan * len(samples):.1f} s"
+    )
 
 
 if __name__ == "__main__":

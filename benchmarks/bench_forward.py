@@ -91,8 +91,11 @@ def main() -> int:
     if args.baseline:
         models["baseline"] = load_baseline(args.baseline)(config).eval()
         models["baseline"].load_state_dict(model.state_dict())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} preset "
-          f"(block {block}), onednn packed head available: {_onednn()}", file=sys.stderr)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} preset "
+        f"(block {block}), onednn packed head available: {_onednn()}",
+        file=sys.stderr,
+    )
     report = []
     for batch in args.batches:
         runs = {name: decode_loop(m, batch, args.new_tokens) for name, m in models.items()}

@@ -39,9 +39,18 @@ def to_transformers(model, eot_id: int):
 
     c = model.config
     hf_config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        bos_token_id=eot_id, eos_token_id=eot_id,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
     )
     hf = GPT2LMHeadModel(hf_config).eval()
     state = {}
@@ -80,8 +89,13 @@ def contenders(batch: int, new_tokens: int, model, hf, tokenizer) -> list:
     @torch.inference_mode()
     def theirs():
         out = hf.generate(
-            start, attention_mask=torch.ones_like(start), do_sample=False, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id,
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            eos_token_id=tokenizer.eot_id,
+            pad_token_id=tokenizer.pad_id,
         )
         return [tuple(row) for row in out[:, 1:].tolist()]
 
@@ -134,21 +148,31 @@ def main() -> int:
     # The small preset's shape, with the context stretched to hold the prompt plus every new token:
     # transformers cannot slide its window, and sliding ours would not be a like-for-like comparison.
     small = model_preset("small", vocab_size=8192)
-    model = build_model(model_preset("small", vocab_size=8192, block_size=max(small.block_size, args.new_tokens + 1))).eval()
+    model = build_model(
+        model_preset("small", vocab_size=8192, block_size=max(small.block_size, args.new_tokens + 1))
+    ).eval()
     tokenizer = corpus_tokenizer(8192)
     hf = to_transformers(model, tokenizer.eot_id)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"small preset, {model.num_params():,} parameters, {args.new_tokens} new tokens, greedy", file=sys.stderr)
-    print("| batch | aigc tokens/s | transformers tokens/s | speed-up | speed-up (CPU time) "
-          "| forward-only speed-up | same tokens |")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+        f"small preset, {model.num_params():,} parameters, {args.new_tokens} new tokens, greedy",
+        file=sys.stderr,
+    )
+    print(
+        "| batch | aigc tokens/s | transformers tokens/s | speed-up | speed-up (CPU time) "
+        "| forward-only speed-up | same tokens |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
     results = []
     for batch in args.batches:
         row = bench(batch, args.new_tokens, args.repeats, model, hf, tokenizer)
         results.append(row)
-        print(f"| {batch} | {row['aigc_tokens_per_s']} | {row['transformers_tokens_per_s']} | "
-              f"{row['speedup']}x | {row['speedup_cpu_time']}x | {row['forward_only_speedup']}x | "
-              f"{'yes' if row['same_tokens'] else 'NO'} |", flush=True)
+        print(
+            f"| {batch} | {row['aigc_tokens_per_s']} | {row['transformers_tokens_per_s']} | "
+            f"{row['speedup']}x | {row['speedup_cpu_time']}x | {row['forward_only_speedup']}x | "
+            f"{'yes' if row['same_tokens'] else 'NO'} |",
+            flush=True,
+        )
     print(json.dumps(results))
     return 0 if all(r["same_tokens"] for r in results) else 1
 

@@ -57,8 +57,8 @@ def _variants(run, workdir: Path) -> dict:
     """name -> (model, weights file) for fp32, int8 and bf16."""
     from safetensors.torch import save_model
 
-    from aigc.interop.quantize import export_int8
     from aigc.artifacts.run import WEIGHTS
+    from aigc.interop.quantize import export_int8
     from aigc.models import load_run
 
     int8_dir = export_int8(run, workdir / "int8")
@@ -74,12 +74,15 @@ def _variants(run, workdir: Path) -> dict:
 def _table(results: dict) -> str:
     fp32 = results["fp32"]
     lines = [
-        "| precision | weights file | generate tokens/s, batch 1 | generate tokens/s, batch 8 | scoring tokens/s | val bits/byte | val accuracy |",
+        "| precision | weights file | generate tokens/s, batch 1 | generate tokens/s, batch 8 | scoring "
+        "tokens/s | val bits/byte | val accuracy |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def cell(r: dict, key: str, unit: str = "") -> str:
-        return f"{r[key]:.2f}{unit} ({r[key] / fp32[key]:.2f}x)" if unit else f"{r[key]:.0f} ({r[key] / fp32[key]:.2f}x)"
+        return (
+            f"{r[key]:.2f}{unit} ({r[key] / fp32[key]:.2f}x)" if unit else f"{r[key]:.0f} ({r[key] / fp32[key]:.2f}x)"
+        )
 
     for name, r in results.items():
         cells = [cell(r, "file_mb", " MB"), cell(r, "tps_1"), cell(r, "tps_8"), cell(r, "score_tps")]
@@ -94,7 +97,9 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=0, help="validation documents scored per precision; 0 = all")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (best is kept)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 avoids thread thrashing on a shared CPU")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 avoids thread thrashing on a shared CPU"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -24,8 +24,24 @@ def run_aigc(src: str, args: list[str]) -> None:
 
 
 def train_speed(src: str, data: Path, out: Path, steps: int) -> float:
-    run_aigc(src, ["train", "--data", str(data), "--out", str(out), "--preset", "small", "--max-steps", str(steps),
-                   "--eval-every", str(steps), "--quiet", "--overwrite"])
+    run_aigc(
+        src,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--preset",
+            "small",
+            "--max-steps",
+            str(steps),
+            "--eval-every",
+            str(steps),
+            "--quiet",
+            "--overwrite",
+        ],
+    )
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return last["tokens_per_s"]
 

@@ -72,8 +72,12 @@ def compare_minhash(texts: list[str]) -> dict:
     MinHash.bulk(shingle_sets, num_perm=NUM_PERM)
     theirs = time.perf_counter() - started
     _ = np  # numpy is what makes ours fast; imported here so both sides pay their import up front
-    return {"docs": len(texts), "ours_s": round(ours, 3), "datasketch_bulk_s": round(theirs, 3),
-            "speedup": round(theirs / ours, 1)}
+    return {
+        "docs": len(texts),
+        "ours_s": round(ours, 3),
+        "datasketch_bulk_s": round(theirs, 3),
+        "speedup": round(theirs / ours, 1),
+    }
 
 
 def synthetic_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
@@ -110,21 +114,29 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["prepare"] = run = run_prepare(args.source, Path(tmp) / "out", [])
-        print(f"aigc prepare {args.source}: {run['wall_s']} s wall, {run['mb_per_s']} MB/s of {run['input_mb']} MB, "
-              f"{run['cpu_s']} CPU s, peak RSS {run['peak_rss_mb']} MB, {run['tokens']:,} tokens")
+        print(
+            f"aigc prepare {args.source}: {run['wall_s']} s wall, {run['mb_per_s']} MB/s of {run['input_mb']} MB, "
+            f"{run['cpu_s']} CPU s, peak RSS {run['peak_rss_mb']} MB, {run['tokens']:,} tokens"
+        )
         print("  steps (s): " + ", ".join(f"{k} {v}" for k, v in run["steps_s"].items()))
-        print(f"  targets: < 20 s ({run['wall_s'] / 20:.2f} of it), < 2048 MB RSS ({run['peak_rss_mb'] / 2048:.2f} of it)")
+        print(
+            f"  targets: < 20 s ({run['wall_s'] / 20:.2f} of it), < 2048 MB RSS ({run['peak_rss_mb'] / 2048:.2f} of it)"
+        )
         if args.synthetic_mb:
             corpus = Path(tmp) / "synthetic.jsonl"
             synthetic_corpus(corpus, args.synthetic_mb)
             results["synthetic"] = big = run_prepare(str(corpus), Path(tmp) / "big", ["--label-column", "label"])
-            print(f"synthetic {big['input_mb']} MB: {big['wall_s']} s, {big['mb_per_s']} MB/s, peak RSS "
-                  f"{big['peak_rss_mb']} MB (note: RUSAGE_CHILDREN keeps the largest child so far)")
+            print(
+                f"synthetic {big['input_mb']} MB: {big['wall_s']} s, {big['mb_per_s']} MB/s, peak RSS "
+                f"{big['peak_rss_mb']} MB (note: RUSAGE_CHILDREN keeps the largest child so far)"
+            )
             print("  steps (s): " + ", ".join(f"{k} {v}" for k, v in big["steps_s"].items()))
     if args.minhash_docs:
         results["minhash"] = mh = compare_minhash(imdb_texts(args.minhash_docs))
-        print(f"MinHash signatures for {mh['docs']} IMDb reviews: ours {mh['ours_s']} s, datasketch MinHash.bulk "
-              f"{mh['datasketch_bulk_s']} s ({mh['speedup']}x)")
+        print(
+            f"MinHash signatures for {mh['docs']} IMDb reviews: ours {mh['ours_s']} s, datasketch MinHash.bulk "
+            f"{mh['datasketch_bulk_s']} s ({mh['speedup']}x)"
+        )
     print(json.dumps(results))
 
 

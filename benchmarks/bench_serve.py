@@ -43,10 +43,10 @@ def random_run(folder: Path, preset: str) -> Path:
     """A run folder with random weights of `preset` and a real 8192-token BPE vocabulary."""
     import torch
 
+    from aigc.artifacts.run import RunConfig, save_run
     from aigc.config import model_preset
     from aigc.models import build_model
     from aigc.tokenizer import Tokenizer
-    from aigc.artifacts.run import RunConfig, save_run
 
     files = sorted(Path(json.__file__).parent.parent.glob("*.py"))
     texts = (path.read_text(encoding="utf-8", errors="replace") for path in files)
@@ -64,8 +64,21 @@ def free_port() -> int:
 
 
 def start_server(run: Path, port: int, log: Path, max_batch: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "aigc", "serve", str(run), "--port", str(port), "--max-batch", str(max_batch),
-               "--max-queue", "4096", "--max-tokens-limit", "128"]
+    command = [
+        sys.executable,
+        "-m",
+        "aigc",
+        "serve",
+        str(run),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--max-queue",
+        "4096",
+        "--max-tokens-limit",
+        "128",
+    ]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -84,8 +97,14 @@ def client_loop(url: str, model: str, client_id: int, requests: int, max_tokens:
     """One client: `requests` completions in a row; appends (latency_s, tokens, error) per request."""
     with httpx.Client(timeout=600) as http:
         for i in range(requests):
-            body = {"model": model, "prompt": f"Review {client_id}-{i}: the film", "max_tokens": max_tokens,
-                    "min_tokens": max_tokens, "temperature": 0.8, "seed": client_id * 1000 + i}
+            body = {
+                "model": model,
+                "prompt": f"Review {client_id}-{i}: the film",
+                "max_tokens": max_tokens,
+                "min_tokens": max_tokens,
+                "temperature": 0.8,
+                "seed": client_id * 1000 + i,
+            }
             started = time.perf_counter()
             try:
                 response = http.post(f"{url}/v1/completions", json=body)
@@ -100,8 +119,10 @@ def client_loop(url: str, model: str, client_id: int, requests: int, max_tokens:
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     before = httpx.get(f"{url}/health").json()
     results: list = []
-    threads = [threading.Thread(target=client_loop, args=(url, model, c, requests, max_tokens, results))
-               for c in range(clients)]
+    threads = [
+        threading.Thread(target=client_loop, args=(url, model, c, requests, max_tokens, results))
+        for c in range(clients)
+    ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -129,9 +150,22 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
 def fuzz(url: str, examples: int, report: Path) -> tuple[int, str]:
     """Run schemathesis against the live server; returns its exit code and the summary lines."""
     binary = Path(sys.executable).parent / "schemathesis"
-    command = [str(binary if binary.exists() else shutil.which("schemathesis") or "schemathesis"), "run",
-               f"{url}/openapi.json", "--checks", FUZZ_CHECKS, "--max-examples", str(examples), "--seed", "1",
-               "--generation-database", "none", "--no-color", "--workers", "1"]
+    command = [
+        str(binary if binary.exists() else shutil.which("schemathesis") or "schemathesis"),
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        FUZZ_CHECKS,
+        "--max-examples",
+        str(examples),
+        "--seed",
+        "1",
+        "--generation-database",
+        "none",
+        "--no-color",
+        "--workers",
+        "1",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(done.stdout + done.stderr, encoding="utf-8")
@@ -160,9 +194,11 @@ def main() -> int:
         try:
             model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
             summary = httpx.get(f"{url}/v1/run").json()
-            print(f"serving {summary['kind']} {summary['params']:,} params, context {summary['block_size']}, "
-                  f"vocab {summary['vocab_size']}; --max-batch {args.max_batch}; {args.max_tokens} tokens/request",
-                  file=sys.stderr)
+            print(
+                f"serving {summary['kind']} {summary['params']:,} params, context {summary['block_size']}, "
+                f"vocab {summary['vocab_size']}; --max-batch {args.max_batch}; {args.max_tokens} tokens/request",
+                file=sys.stderr,
+            )
             load(url, model, 2, 2, 4)  # warm-up: first-call allocations, thread pools
             rows = [load(url, model, n, args.requests, args.max_tokens) for n in args.clients]
             fuzz_result = None if args.no_fuzz else fuzz(url, args.fuzz_examples, Path("test-artifacts/fuzz.txt"))
@@ -179,20 +215,26 @@ def main() -> int:
 
 def report(rows: list[dict], fuzz_result, healthy: bool, code: int, server_log: str) -> None:
     base = next((r["tokens_per_s"] for r in rows if r["clients"] == 1), rows[0]["tokens_per_s"])
-    print("| clients | requests | errors | tokens/s | vs 1 client | requests/s | p50 latency | p99 latency | mean batch |")
+    print(
+        "| clients | requests | errors | tokens/s | vs 1 client | requests/s | p50 latency | p99 latency | mean batch |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_s'] / base:.1f}x | {r['requests_per_s']:.1f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | "
-              f"{r['mean_batch']:.1f} |")
+        print(
+            f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.0f} | "
+            f"{r['tokens_per_s'] / base:.1f}x | {r['requests_per_s']:.1f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | "
+            f"{r['mean_batch']:.1f} |"
+        )
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     if fuzz_result:
         status = "no failures" if fuzz_result[0] == 0 else f"FAILED (exit {fuzz_result[0]})"
         print(f"fuzz (schemathesis, full log in test-artifacts/fuzz.txt): {status}\n{fuzz_result[1]}")
     server_errors = server_log.count(" 500 Internal Server Error")
-    print(f"server after the run: healthy={healthy}; SIGINT exit code {code}; 500s in its log: {server_errors}; "
-          f"tracebacks: {server_log.count('Traceback')}")
+    print(
+        f"server after the run: healthy={healthy}; SIGINT exit code {code}; 500s in its log: {server_errors}; "
+        f"tracebacks: {server_log.count('Traceback')}"
+    )
     print(json.dumps({"load": rows}))
 
 

@@ -89,10 +89,15 @@ def main() -> None:
     config = model_preset("small", vocab_size=args.vocab)
     flops = build_model(config).flops_per_token()
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, size=256)
-    print(f"machine: {torch.get_num_threads()} threads (auto: {Variant.auto}, load {os.getloadavg()[0]:.1f}), fast bf16: {cpu_has_fast_bf16()}, "
-          f"matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.2f} GFLOP/s")
-    print(f"model: small ({config.n_layer}x{config.n_embd}, context {config.block_size}, vocab {args.vocab}), "
-          f"batch {args.batch}, {flops / 1e6:.1f} MFLOP per token (train)")
+    print(
+        f"machine: {torch.get_num_threads()} threads (auto: {Variant.auto}, load "
+        f"{os.getloadavg()[0]:.1f}), fast bf16: {cpu_has_fast_bf16()}, "
+        f"matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.2f} GFLOP/s"
+    )
+    print(
+        f"model: small ({config.n_layer}x{config.n_embd}, context {config.block_size}, vocab {args.vocab}), "
+        f"batch {args.batch}, {flops / 1e6:.1f} MFLOP per token (train)"
+    )
     variants = [
         Variant("plain", config, args.batch, plain=True, all_cores=True),
         Variant("fused", config, args.batch, all_cores=True),
@@ -110,7 +115,10 @@ def main() -> None:
                 v.step()
     bf16.step()
     base = variants[0].tokens_per_s
-    print(f"{'variant':8} {'threads':>7} {'batch':>5} {'tokens/s':>9} {'vs plain':>8} {'MFU':>6}  (of the matmul peak in its dtype)")
+    print(
+        f"{'variant':8} {'threads':>7} {'batch':>5} {'tokens/s':>9} {'vs plain':>8} {'MFU':>6}  (of the "
+        "matmul peak in its dtype)"
+    )
     for v in variants + [bf16]:
         mfu = v.tokens_per_s * flops / (peak16 if v.bf16 else peak32)
         print(f"{v.name:8} {v.threads:7d} {v.batch:5d} {v.tokens_per_s:9.0f} {v.tokens_per_s / base:7.2f}x {mfu:6.1%}")

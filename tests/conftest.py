@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
+from aigc.artifacts.run import RunConfig, save_run
 from aigc.config import model_preset
 from aigc.models import build_model
 from aigc.tokenizer import Tokenizer
-from aigc.artifacts.run import RunConfig, save_run
 
 _POSITIVE = [
     "a wonderful film with a moving story and great acting",

@@ -23,9 +23,7 @@ from aigc.errors import AigcError
 from aigc.generate import apply_repetition_penalty, apply_top_k, apply_top_p, sample_tokens
 from aigc.textstream import StopScanner, TextStream
 
-PROPERTY = settings(
-    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 # Logits as a model may give them: float32 up to 1e30 in size (a penalty of 100 keeps them finite), some
 # masked to -inf (banned tokens), never a row without a finite value (end-of-text and ordinary tokens
@@ -39,15 +37,9 @@ top_ps = st.floats(MIN_TOP_P, 1.0)
 @st.composite
 def logit_rows(draw, max_rows: int = 4, max_vocab: int = 12) -> torch.Tensor:
     rows, vocab = draw(st.integers(1, max_rows)), draw(st.integers(1, max_vocab))
-    values = draw(
-        st.lists(st.lists(finite32, min_size=vocab, max_size=vocab), min_size=rows, max_size=rows)
-    )
+    values = draw(st.lists(st.lists(finite32, min_size=vocab, max_size=vocab), min_size=rows, max_size=rows))
     logits = torch.tensor(values, dtype=torch.float32)
-    masked = draw(
-        st.lists(
-            st.lists(st.booleans(), min_size=vocab, max_size=vocab), min_size=rows, max_size=rows
-        )
-    )
+    masked = draw(st.lists(st.lists(st.booleans(), min_size=vocab, max_size=vocab), min_size=rows, max_size=rows))
     mask = torch.tensor(masked)
     mask[:, 0] &= False  # at least one finite logit per row
     return logits.masked_fill(mask, float("-inf"))
@@ -60,9 +52,7 @@ def test_sampling_pipeline_always_picks_a_finite_candidate(logits, data):
     temperature = torch.tensor([[data.draw(temperatures)] for _ in range(rows)])
     top_p = torch.tensor([[data.draw(top_ps)] for _ in range(rows)])
     top_k = torch.tensor([data.draw(st.integers(0, vocab + 2)) for _ in range(rows)])
-    penalty = torch.tensor(
-        [[data.draw(st.floats(1.0, MAX_REPETITION_PENALTY))] for _ in range(rows)]
-    )
+    penalty = torch.tensor([[data.draw(st.floats(1.0, MAX_REPETITION_PENALTY))] for _ in range(rows)])
     seen = torch.tensor(
         data.draw(
             st.lists(
@@ -72,12 +62,8 @@ def test_sampling_pipeline_always_picks_a_finite_candidate(logits, data):
             )
         )
     )
-    uniforms = torch.tensor(
-        [data.draw(st.floats(0.0, 1.0, exclude_max=True, width=32)) for _ in range(rows)]
-    )
-    processed = apply_top_p(
-        apply_top_k(apply_repetition_penalty(logits, seen, penalty), top_k), top_p
-    )
+    uniforms = torch.tensor([data.draw(st.floats(0.0, 1.0, exclude_max=True, width=32)) for _ in range(rows)])
+    processed = apply_top_p(apply_top_k(apply_repetition_penalty(logits, seen, penalty), top_k), top_p)
     assert not processed.isnan().any()
     assert processed.isfinite().any(dim=-1).all()  # every row keeps a candidate
     tokens = sample_tokens(processed, temperature, uniforms)
@@ -98,15 +84,11 @@ def test_top_p_keeps_the_best_token_and_a_set_reaching_p(logits, p):
 
 @PROPERTY
 @given(
-    temperature=st.one_of(
-        st.floats(allow_nan=True), st.sampled_from([1e39, float("inf"), 1e-39, -1.0])
-    ),
+    temperature=st.one_of(st.floats(allow_nan=True), st.sampled_from([1e39, float("inf"), 1e-39, -1.0])),
     top_p=st.one_of(st.floats(allow_nan=True), st.sampled_from([1e-46, 0.0, 1.5])),
 )
 def test_sample_config_accepts_exactly_the_documented_ranges(temperature, top_p):
-    valid = (
-        temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE
-    ) and MIN_TOP_P <= top_p <= 1
+    valid = (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE) and MIN_TOP_P <= top_p <= 1
     if valid:
         SampleConfig(temperature=temperature, top_p=top_p)
     else:
@@ -147,9 +129,7 @@ def test_stop_scanner_equals_the_naive_reference_however_the_text_is_split(text,
     for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         last = i == len(bounds) - 2
         shown += scanner.push(text[start:end], final=last)
-        if (
-            not scanner.stopped and not last
-        ):  # held back: exactly what could still start a stop string
+        if not scanner.stopped and not last:  # held back: exactly what could still start a stop string
             assert len(shown) == end - reference_held(text[:end], stops)
     if len(bounds) == 1:
         shown += scanner.push("", final=True)
@@ -166,18 +146,14 @@ def test_stop_scanner_equals_the_naive_reference_however_the_text_is_split(text,
 def test_text_stream_utf8_pieces_equal_the_whole_text(text, stops, split):
     data = text.encode("utf-8")
     stream = TextStream(stops)
-    shown = stream.push(data[: min(split, len(data))], final=False) + stream.push(
-        data[split:], final=True
-    )
+    shown = stream.push(data[: min(split, len(data))], final=False) + stream.push(data[split:], final=True)
     assert shown == reference_cut(text, stops)[0] == stream.text
 
 
 def test_stop_scanner_is_linear_in_the_new_text():
     # Issue 14: 60 stop strings of 4,000 characters, 768 tokens took 38 s (every prefix re-sliced per token).
     stops = tuple(f"{i:02d}" + "x" * 3998 for i in range(60))
-    pieces = (
-        ["ab"] * 384 + ["01"] + ["x"] * 382 + ["ab"]
-    )  # no match, then a long partial match, broken
+    pieces = ["ab"] * 384 + ["01"] + ["x"] * 382 + ["ab"]  # no match, then a long partial match, broken
     scanner = StopScanner(stops)
     started = time.perf_counter()
     shown = "".join(scanner.push(piece) for piece in pieces)

@@ -107,7 +107,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -143,6 +143,8 @@ def _commented(lines: list[str], lineno: int) -> bool:
     return i >= 0 and lines[i].strip().startswith("#")
 
 
-@pytest.mark.parametrize("module, target", [("aigc.artifacts.run", "aigc.train.loop"), ("aigc.models.gpt", "aigc.serve")])
+@pytest.mark.parametrize(
+    "module, target", [("aigc.artifacts.run", "aigc.train.loop"), ("aigc.models.gpt", "aigc.serve")]
+)
 def test_the_checker_catches_an_upward_import(module, target):
     assert layer_of(target) > layer_of(module)

@@ -14,8 +14,18 @@ def _fake_run(folder, scale=1.0):
     lines = []
     for i, step in enumerate((10, 20, 30, 40)):
         loss = scale * (6.0 - i)
-        lines.append(json.dumps({"step": step, "tokens": step * 512, "train_loss": loss + 0.1, "val_loss": loss,
-                                 "train_acc": 0.1 * i, "val_acc": 0.09 * i}))
+        lines.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "tokens": step * 512,
+                    "train_loss": loss + 0.1,
+                    "val_loss": loss,
+                    "train_acc": 0.1 * i,
+                    "val_acc": 0.09 * i,
+                }
+            )
+        )
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

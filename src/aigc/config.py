@@ -110,9 +110,7 @@ class ModelConfig:
         return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 3 // 64) * 64
 
 
-LLAMA_STYLE: dict[str, Any] = dict(
-    norm="rmsnorm", positions="rotary", mlp="swiglu", bias=False, tie_embeddings=True
-)
+LLAMA_STYLE: dict[str, Any] = dict(norm="rmsnorm", positions="rotary", mlp="swiglu", bias=False, tie_embeddings=True)
 
 
 # Presets by name. `small` is the demo's CPU model; `base` is the GPT-2 124M shape for GPUs.
@@ -145,7 +143,9 @@ class PrepareConfig:
     text_column: str = opt("text", "CSV/TSV/Parquet column (or JSONL field) holding the text")
     label_column: str | None = opt(None, "column (or JSONL field) holding a label; adds control tokens")
     doc_per_file: bool = opt(False, "treat each .txt file as one document instead of splitting on blank lines")
-    skip_bad_lines: bool = opt(False, "skip malformed records (bad JSON lines, short CSV rows, missing labels) instead of stopping")
+    skip_bad_lines: bool = opt(
+        False, "skip malformed records (bad JSON lines, short CSV rows, missing labels) instead of stopping"
+    )
     min_chars: int = opt(1, "drop documents shorter than this after cleaning")
     max_chars: int = opt(1_000_000, "drop documents longer than this after cleaning")
     dedup: bool = opt(True, "remove exact and near-duplicate documents")
@@ -206,17 +206,23 @@ class TrainConfig:
     eval_batches: int = opt(20, "validation batches per evaluation")
     save_every: int = opt(0, "also checkpoint every N steps; 0 = only at evaluations")
     sample_tokens: int = opt(48, "length of the sample printed per label at each evaluation; 0 = none")
-    dtype: str = opt("auto", "compute precision: auto (bf16 where the hardware is fast at it), fp32, bf16", choices=DTYPES)
+    dtype: str = opt(
+        "auto", "compute precision: auto (bf16 where the hardware is fast at it), fp32, bf16", choices=DTYPES
+    )
     device: str = opt("auto", "device: auto picks cuda > mps > cpu", choices=DEVICES)
     compile: bool = opt(False, "compile the model with torch.compile")
     threads: int = opt(0, "CPU threads per process; 0 = auto: the cores other work leaves free at start (at least 1)")
     seed: int = opt(1337, "seed for initialisation and batch sampling")
     freeze_embeddings: bool = opt(False, "when fine-tuning, keep token and position embeddings fixed")
     tensorboard: bool = opt(False, "also write TensorBoard event files (needs `tensorboard`)")
-    lora_rank: int = opt(0, "with --init-from: train rank-R LoRA adapters on the frozen model instead of all weights; 0 = off")
+    lora_rank: int = opt(
+        0, "with --init-from: train rank-R LoRA adapters on the frozen model instead of all weights; 0 = off"
+    )
     lora_alpha: float = opt(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank")
     lora_targets: tuple[str, ...] = opt(
-        LORA_TARGETS, "linear layers that get LoRA adapters: names such as c_attn, c_proj, c_fc, attn.c_proj (comma-separated or repeated)"
+        LORA_TARGETS,
+        "linear layers that get LoRA adapters: names such as c_attn, c_proj, c_fc, attn.c_proj "
+        "(comma-separated or repeated)",
     )
     lora_dropout: float = opt(0.0, "dropout on the LoRA adapters' input, in [0, 1)")
 
@@ -283,8 +289,8 @@ class SampleConfig:
         1.0, f"divide logits of already-seen tokens by this, in [1, {MAX_REPETITION_PENALTY:g}]; 1 = off"
     )
     stop: tuple[str, ...] = opt(
-        (), f"stop when any of these strings appears (repeatable; at most {MAX_STOPS}, "
-        f"{MAX_STOP_CHARS} characters in all)"
+        (),
+        f"stop when any of these strings appears (repeatable; at most {MAX_STOPS}, {MAX_STOP_CHARS} characters in all)",
     )
     seed: int | None = opt(None, "random seed; the same seed gives the same text")
     logprobs: int = opt(0, "return the top-K alternatives and log-probabilities of each token (0..20)")
@@ -343,7 +349,8 @@ class ServeConfig:
     max_prompt_tokens: int = opt(2048, "longest prompt in tokens; longer gets 413")
     max_tokens_limit: int = opt(1024, f"largest `max_tokens` a request may ask for (1..{MAX_NEW_TOKENS_LIMIT})")
     allowed_hosts: tuple[str, ...] = opt(
-        (), "without --api-key, Host names served besides loopback ones and --host (repeatable; '*' = any)",
+        (),
+        "without --api-key, Host names served besides loopback ones and --host (repeatable; '*' = any)",
         flag="allowed_host",
     )
     shutdown_timeout: float = opt(5.0, "seconds requests in flight may take to finish after Ctrl+C or SIGTERM")

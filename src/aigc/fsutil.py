@@ -73,7 +73,7 @@ def parse_jsonl_objects(text: str, source: str | os.PathLike) -> Iterator[tuple[
         except json.JSONDecodeError as exc:
             raise AigcError(f"{source} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
         if not isinstance(row, dict):
-            raise AigcError(f"{source} line {number} is not a JSON object; each line must be {{\"field\": value, ...}}")
+            raise AigcError(f'{source} line {number} is not a JSON object; each line must be {{"field": value, ...}}')
         yield number, row
 
 

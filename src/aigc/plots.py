@@ -62,7 +62,9 @@ def _run_name(path: Path, all_paths: list[Path]) -> str:
     return path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"
 
 
-def _plot_curve(runs: list[tuple[str, list[dict]]], path: Path, title: str, ylabel: str, train_key: str, val_key: str) -> Path:
+def _plot_curve(
+    runs: list[tuple[str, list[dict]]], path: Path, title: str, ylabel: str, train_key: str, val_key: str
+) -> Path:
     plt = _figure_module()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -102,21 +104,25 @@ def comparison_chart(
     plt = _figure_module()
     columns = min(4, len(rows))
     lines = -(-len(rows) // columns)  # ceiling division
-    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        lines, columns, figsize=(3.2 * columns, 2.6 * lines), squeeze=False, constrained_layout=True
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, higher, values) in zip(axes.flat, rows):
         heights = [v if v is not None else 0.0 for v in values]
         bars = ax.bar(range(len(names)), heights, color=[colors[i % len(colors)] for i in range(len(names))])
         for bar, value in zip(bars, values):
             label = "n/a" if value is None else f"{value:.3g}"
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+            )
         ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.margins(y=0.2)
         if max(heights, default=0.0) <= 0.0 <= min(heights, default=0.0):
             ax.set_ylim(0, 1)  # all zero: keep the axis at 0..1 rather than centred on 0
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     fig.suptitle(f"aigc eval: {' vs '.join(names)}")
     path = Path(path)

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aigc import __version__
-from aigc.evaluate.describe import eval_markdown, fmt, table
 from aigc.artifacts.run import EVAL, PLOTS, WEIGHTS, read_metrics, read_run_config, stored_parameter_count
 from aigc.errors import AigcError
+from aigc.evaluate.describe import eval_markdown, fmt, table
 from aigc.fsutil import write_text
 
 Section = tuple[str, str]  # (title, Markdown body)
@@ -117,7 +117,8 @@ def _model_line(model: dict, params: int | None) -> str:
     else:
         shape += f", hidden {model.get('hidden_size')}"
     size = f"{params / 1e6:.2f} M parameters, " if params else ""
-    return f"{model.get('kind', '?').upper()}: {size}{shape}, context {model.get('block_size')}, vocabulary {fmt(model.get('vocab_size'))}"
+    context, vocabulary = model.get("block_size"), fmt(model.get("vocab_size"))
+    return f"{model.get('kind', '?').upper()}: {size}{shape}, context {context}, vocabulary {vocabulary}"
 
 
 def _hardware(config: dict, train: dict, last: dict) -> str:
@@ -135,7 +136,8 @@ def _this_machine() -> str:
     except importlib.metadata.PackageNotFoundError:
         torch_version = "absent"
     cpu = platform.processor() or platform.machine()
-    return f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch_version}"
+    python = platform.python_version()
+    return f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, Python {python}, torch {torch_version}"
 
 
 def _best_line(best: dict) -> str:
@@ -180,7 +182,7 @@ def render_html(markdown: str, run_dir: Path, *, title: str) -> str:
     md.add_render_rule("image", image)
     body = md.render(markdown)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_escape(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}</body></html>\n"
     )
 

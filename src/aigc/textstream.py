@@ -22,9 +22,7 @@ class StopScanner:
     """Feed text piece by piece; get back what is safe to show. `text` is the final text so far."""
 
     def __init__(self, stops: tuple[str, ...]):
-        self._goto: list[dict[str, int]] = [
-            {}
-        ]  # state -> character -> state (the trie, then completed)
+        self._goto: list[dict[str, int]] = [{}]  # state -> character -> state (the trie, then completed)
         self._depth = [0]  # characters of the text that state stands for
         self._source = [""]  # a stop string that starts with those characters
         self._match = [0]  # length of the longest stop string ending at this state (0 = none)
@@ -57,9 +55,7 @@ class StopScanner:
                 return self._emit((before + piece[: end + 1])[:kept], stopped=True)
         if final:
             return self._emit(before + piece, stopped=False)
-        shown = (
-            len(before) + len(piece) - self._depth[self._state]
-        )  # never negative: depth grows by <= 1
+        shown = len(before) + len(piece) - self._depth[self._state]  # never negative: depth grows by <= 1
         if shown <= len(before):
             return self._emit(before[:shown], stopped=False)
         return self._emit(before + piece[: shown - len(before)], stopped=False)

@@ -2,7 +2,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 import aigc.generate
 from aigc.cli import main

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from tests.conftest import make_reviews, write_csv
 
 from aigc.cli import main
-from tests.conftest import make_reviews, write_csv
 
 
 @pytest.fixture
@@ -16,8 +16,19 @@ def review_csv(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_whole_pipeline_then_reuses_results(tmp_path, review_csv, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    argv = ["demo", "--source", str(review_csv), "--data", str(data), "--out", str(run),
-            "--preset", "tiny", "--minutes", "0.05"]
+    argv = [
+        "demo",
+        "--source",
+        str(review_csv),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--minutes",
+        "0.05",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     for path in ("report.md", "report.html", "plots/loss.png", "eval/metrics.json", "samples.json"):

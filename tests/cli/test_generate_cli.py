@@ -4,13 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
 from aigc.models import load_run
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

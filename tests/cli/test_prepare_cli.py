@@ -5,12 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import write_csv as _csv
 
 from aigc.cli import main
-from tests.conftest import write_csv as _csv
 from aigc.config import PrepareConfig
-
-
 
 
 def _error_line(capsys) -> str:
@@ -33,8 +31,22 @@ def test_prepare_cli_help_lists_every_option_with_default(capsys):
 
 def test_prepare_cli_prints_summary_and_writes_dataset(tmp_path, capsys, reviews):
     source = _csv(tmp_path / "r.csv", reviews)
-    code = main(["prepare", source, "--out", str(tmp_path / "ds"), "--label-column", "label", "--vocab-size", "400",
-                 "--test-fraction", "0.1", "--seed", "3"])
+    code = main(
+        [
+            "prepare",
+            source,
+            "--out",
+            str(tmp_path / "ds"),
+            "--label-column",
+            "label",
+            "--vocab-size",
+            "400",
+            "--test-fraction",
+            "0.1",
+            "--seed",
+            "3",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     info = json.loads((tmp_path / "ds" / "dataset.json").read_text())
@@ -48,8 +60,21 @@ def test_prepare_cli_prints_summary_and_writes_dataset(tmp_path, capsys, reviews
 def test_prepare_cli_jsonl_field_aliases(tmp_path, capsys):
     lines = [json.dumps({"body": f"document {i} about film number {i * 7}", "y": i % 2}) for i in range(30)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines))
-    code = main(["prepare", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "ds"), "--text-field", "body",
-                 "--label-field", "y", "--vocab-size", "300", "--no-dedup"])
+    code = main(
+        [
+            "prepare",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "ds"),
+            "--text-field",
+            "body",
+            "--label-field",
+            "y",
+            "--vocab-size",
+            "300",
+            "--no-dedup",
+        ]
+    )
     assert code == 0
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["labels"] == ["0", "1"]
 
@@ -73,7 +98,11 @@ def _bad_inputs(tmp_path, reviews):
         ("single label", [one_label, "--label-column", "label"], "has a single value"),
         ("too many labels", [many_labels, "--label-column", "label"], "more than 256 distinct values"),
         ("vocab too small", [good, "--vocab-size", "100"], "--vocab-size 100 is too small"),
-        ("different dataset", [good, "--out", str(existing), "--vocab-size", "301"], "already holds a different dataset"),
+        (
+            "different dataset",
+            [good, "--out", str(existing), "--vocab-size", "301"],
+            "already holds a different dataset",
+        ),
     ]
 
 
@@ -94,8 +123,18 @@ def test_prepare_cli_skip_bad_lines_continues(tmp_path, capsys):
     lines = [json.dumps({"text": f"document {i} about a film"}) for i in range(20)]
     lines.insert(5, "{broken")
     (tmp_path / "d.jsonl").write_text("\n".join(lines))
-    code = main(["prepare", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "ds"), "--skip-bad-lines",
-                 "--vocab-size", "300", "--no-dedup"])
+    code = main(
+        [
+            "prepare",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "ds"),
+            "--skip-bad-lines",
+            "--vocab-size",
+            "300",
+            "--no-dedup",
+        ]
+    )
     assert code == 0
     assert "1 bad lines skipped" in capsys.readouterr().out
 
@@ -103,7 +142,9 @@ def test_prepare_cli_skip_bad_lines_continues(tmp_path, capsys):
 def test_prepare_console_script_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "aigc", "prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "ds")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

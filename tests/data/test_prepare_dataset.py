@@ -2,21 +2,29 @@ import json
 
 import numpy as np
 import pytest
+from tests.conftest import write_csv as _csv
 
+from aigc.artifacts.dataset import open_split
 from aigc.config import PrepareConfig
 from aigc.data.clean import clean_text
 from aigc.data.prepare import assign_splits, prepare_dataset
-from aigc.artifacts.dataset import open_split
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
-from tests.conftest import write_csv as _csv
 
 REQUIRED_KEYS = {
-    "source", "source_sha256", "options", "counts", "splits", "bytes_per_token", "labels", "label_distribution",
-    "vocab_size", "token_dtype", "tokenizer_fingerprint", "elapsed_s",
+    "source",
+    "source_sha256",
+    "options",
+    "counts",
+    "splits",
+    "bytes_per_token",
+    "labels",
+    "label_distribution",
+    "vocab_size",
+    "token_dtype",
+    "tokenizer_fingerprint",
+    "elapsed_s",
 }
-
-
 
 
 def _config(**options):
@@ -34,7 +42,12 @@ def test_prepare_dataset_writes_the_documented_folder(tmp_path, reviews):
     assert REQUIRED_KEYS <= set(info)
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text()) == info
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
-        "dataset.json", "tokenizer.json", "train.bin", "train.docs.npy", "val.bin", "val.docs.npy",
+        "dataset.json",
+        "tokenizer.json",
+        "train.bin",
+        "train.docs.npy",
+        "val.bin",
+        "val.docs.npy",
     ]
     assert info["labels"] == ["neg", "pos"] and info["token_dtype"] == "uint16"
     assert info["counts"]["split"] == {"train": 190, "val": 10}
@@ -55,7 +68,11 @@ def test_prepare_dataset_frames_documents_with_label_and_end_of_text(tmp_path, r
 
 
 def test_prepare_dataset_round_trips_unicode_text(tmp_path):
-    docs = ["这部电影非常好看，演员的表演很精彩！", "emoji 🎬🍿 and ZWJ 👩‍💻 family 👨‍👩‍👧", "Ünïcödé ñ — «quotes» ½ ∑"] * 1
+    docs = [
+        "这部电影非常好看，演员的表演很精彩！",
+        "emoji 🎬🍿 and ZWJ 👩‍💻 family 👨‍👩‍👧",
+        "Ünïcödé ñ — «quotes» ½ ∑",
+    ] * 1
     docs += [f"filler document number {i} with ordinary words" for i in range(20)]
     source = tmp_path / "u.txt"
     source.write_text("\n\n".join(docs), encoding="utf-8")
@@ -92,7 +109,9 @@ def test_prepare_dataset_reports_counts_of_each_step(tmp_path):
         ("A <b>loud</b> heist movie with car chases, a twist you can see coming, and a bland hero.", "neg"),
         ("A loud heist movie with car chases, a twist you can see coming, and a bland hero!", "neg"),  # near dup
     ]
-    info = prepare_dataset(_csv(tmp_path / "r.csv", rows), tmp_path / "ds", _config(min_chars=5, near_dup_threshold=0.7))
+    info = prepare_dataset(
+        _csv(tmp_path / "r.csv", rows), tmp_path / "ds", _config(min_chars=5, near_dup_threshold=0.7)
+    )
     counts = info["counts"]
     assert counts["read"]["documents"] == 6
     assert (counts["clean"]["too_short"], counts["clean"]["kept"]) == (1, 5)
@@ -155,7 +174,11 @@ def test_prepare_dataset_refuses_a_folder_that_is_not_a_dataset(tmp_path, review
         ([(f"review {i}", f"c{i}") for i in range(300)], {}, "more than 256 distinct values"),
         ([("good film", "very good"), ("bad film", "bad")], {}, "label value 'very good'.*cannot name a control token"),
         ([("good film", "endoftext"), ("bad film", "bad")], {}, "label value 'endoftext'"),
-        ([("good film", "pos"), ("bad film", "neg")], {"vocab_size": 200}, "--vocab-size 200 is too small.*at least 261"),
+        (
+            [("good film", "pos"), ("bad film", "neg")],
+            {"vocab_size": 200},
+            "--vocab-size 200 is too small.*at least 261",
+        ),
         ([("", "pos"), ("   ", "neg")], {}, "empty after cleaning.*--text-column"),
     ],
 )
@@ -173,7 +196,9 @@ def test_prepare_dataset_label_column_needs_a_tabular_source(tmp_path):
 
 def test_prepare_dataset_reuses_a_given_tokenizer(tmp_path, reviews, tiny_tokenizer):
     tiny_tokenizer.save(tmp_path / "tok.json")
-    info = prepare_dataset(_csv(tmp_path / "r.csv", reviews[:60]), tmp_path / "ds", _config(tokenizer=str(tmp_path / "tok.json")))
+    info = prepare_dataset(
+        _csv(tmp_path / "r.csv", reviews[:60]), tmp_path / "ds", _config(tokenizer=str(tmp_path / "tok.json"))
+    )
     assert info["tokenizer_fingerprint"] == tiny_tokenizer.vocab_fingerprint()
     assert info["vocab_size"] == tiny_tokenizer.vocab_size
     data = open_split(tmp_path / "ds", "train")
@@ -192,7 +217,11 @@ def test_prepare_dataset_unlabelled_documents_have_label_index_minus_one(tmp_pat
     info = prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "ds", PrepareConfig(vocab_size=300, dedup=False))
     assert info["labels"] == [] and info["label_distribution"] == {}
     assert (open_split(tmp_path / "ds", "train").docs[:, 2] == -1).all()
-    assert np.isclose(info["bytes_per_token"], sum(s["bytes"] for s in info["splits"].values()) / sum(s["tokens"] for s in info["splits"].values()), atol=1e-3)
+    assert np.isclose(
+        info["bytes_per_token"],
+        sum(s["bytes"] for s in info["splits"].values()) / sum(s["tokens"] for s in info["splits"].values()),
+        atol=1e-3,
+    )
 
 
 def test_prepare_dataset_publishes_with_umask_permissions(tmp_path, reviews):

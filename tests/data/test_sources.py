@@ -66,7 +66,9 @@ def _write_csv(path, header, rows, delimiter=","):
 
 
 def test_read_csv_quoted_multiline_text_and_labels(tmp_path):
-    path = _write_csv(tmp_path / "r.csv", ["id", "review", "stars"], [[1, 'he said "wow"\nnew line', "good"], [2, "meh", "bad"]])
+    path = _write_csv(
+        tmp_path / "r.csv", ["id", "review", "stars"], [[1, 'he said "wow"\nnew line', "good"], [2, "meh", "bad"]]
+    )
     records, _ = _read(path, text_column="review", label_column="stars")
     assert records == [('he said "wow"\nnew line', "good"), ("meh", "bad")]
 
@@ -79,7 +81,9 @@ def test_read_tsv_uses_tabs(tmp_path):
 
 def test_read_csv_missing_column_lists_existing_ones(tmp_path):
     path = _write_csv(tmp_path / "r.csv", ["review", "stars"], [["a", "1"]])
-    with pytest.raises(AigcError, match=r"no column 'text'; columns there: 'review', 'stars'; choose one with --text-column"):
+    with pytest.raises(
+        AigcError, match=r"no column 'text'; columns there: 'review', 'stars'; choose one with --text-column"
+    ):
         _read(path)
     with pytest.raises(AigcError, match=r"no column 'label'.*--label-column"):
         _read(path, text_column="review", label_column="label")
@@ -107,7 +111,9 @@ def _write_jsonl(path, lines):
 
 
 def test_read_jsonl_fields_and_numeric_labels(tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps({"body": "hi", "y": 1}), "", json.dumps({"body": "yo", "y": 0})])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl", [json.dumps({"body": "hi", "y": 1}), "", json.dumps({"body": "yo", "y": 0})]
+    )
     records, _ = _read(path, text_column="body", label_column="y")
     assert records == [("hi", "1"), ("yo", "0")]
 
@@ -123,7 +129,9 @@ def test_read_jsonl_malformed_line_reports_line_number(tmp_path):
 
 def test_read_jsonl_missing_field_lists_fields(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", ['{"content": "ok", "meta": 1}'])
-    with pytest.raises(AigcError, match=r"line 1 has no field 'text'; fields there: 'content', 'meta'; choose one with --text-field"):
+    with pytest.raises(
+        AigcError, match=r"line 1 has no field 'text'; fields there: 'content', 'meta'; choose one with --text-field"
+    ):
         _read(path)
 
 

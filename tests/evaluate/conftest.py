@@ -43,9 +43,9 @@ def _save_tiny_run(folder, tokenizer, *, kind: str = "gpt", data=None, seed: int
     """A random-weight tiny run whose config.json records `data` as its dataset (when given)."""
     import torch
 
+    from aigc.artifacts.run import RunConfig, save_run
     from aigc.config import model_preset
     from aigc.models import build_model
-    from aigc.artifacts.run import RunConfig, save_run
 
     torch.manual_seed(seed)
     config = model_preset("tiny", kind=kind, vocab_size=tokenizer.vocab_size)

@@ -97,7 +97,9 @@ def test_eval_run_without_its_data_asks_for_data(tmp_path, tiny_dataset, tiny_to
     assert "moved or deleted?" in _error(capsys)
 
 
-def test_eval_dataset_of_another_tokenizer_is_refused(tmp_path, tiny_dataset, tiny_tokenizer, reviews, capsys, save_tiny_run, fast):
+def test_eval_dataset_of_another_tokenizer_is_refused(
+    tmp_path, tiny_dataset, tiny_tokenizer, reviews, capsys, save_tiny_run, fast
+):
     from aigc.tokenizer import Tokenizer
 
     other = Tokenizer.train((t for t, _ in reviews[:50]), vocab_size=300, labels=("pos", "neg"))

@@ -26,11 +26,17 @@ def test_classifier_separates_labels_and_scores_samples(tiny_dataset, tiny_token
     classifier = train_classifier(texts, labels, ["pos", "neg"])
     held, held_labels = labelled_texts(open_split(tiny_dataset, "val"), tiny_tokenizer)
     assert classifier_accuracy(classifier, held, held_labels) >= 0.9
-    samples = ["a wonderful film, brilliant cast and superb music", "a boring film with terrible acting",
-               "awful dialogue, dull and far too long"]
+    samples = [
+        "a wonderful film, brilliant cast and superb music",
+        "a boring film with terrible acting",
+        "awful dialogue, dull and far too long",
+    ]
     result = control_accuracy(classifier, samples, ["pos", "pos", "neg"])
-    assert result["per_label"]["pos"] == {"accuracy": 0.5, "mean_probability": pytest.approx(
-        np.mean(result["sample_probabilities"][:2])), "num_samples": 2}
+    assert result["per_label"]["pos"] == {
+        "accuracy": 0.5,
+        "mean_probability": pytest.approx(np.mean(result["sample_probabilities"][:2])),
+        "num_samples": 2,
+    }
     assert result["per_label"]["neg"]["accuracy"] == 1.0
     assert result["accuracy"] == pytest.approx(2 / 3)
 

@@ -15,7 +15,9 @@ def test_windows_cover_every_target_once():
     for length in range(1, 30):
         for first in range(1, length + 1):
             for block in (1, 2, 5, 8):
-                covered = [p for w in _windows(0, length, first, block) for p in range(w.score_from, w.start + w.length + 1)]
+                covered = [
+                    p for w in _windows(0, length, first, block) for p in range(w.score_from, w.start + w.length + 1)
+                ]
                 assert covered == list(range(first, length))
 
 
@@ -37,13 +39,15 @@ def test_score_sequences_matches_direct_forward(make_run):
 def test_score_sequences_windows_long_sequences_for_lstm_too(make_run):
     run = load_run(make_run("lstm", name="lstm"))
     seq = list(range(1, 150))  # longer than the 64-token block
-    (targets, nll, _), = score_sequences(run.model, [seq], [1], block_size=64)
+    ((targets, nll, _),) = score_sequences(run.model, [seq], [1], block_size=64)
     assert len(targets) == len(nll) == 148 and np.isfinite(nll).all()
 
 
 def test_summarize_pools_tokens_and_bytes():
-    scores = [(np.array([1, 2]), np.array([1.0, 3.0]), np.array([True, False])),
-              (np.array([3]), np.array([2.0]), np.array([True]))]
+    scores = [
+        (np.array([1, 2]), np.array([1.0, 3.0]), np.array([True, False])),
+        (np.array([3]), np.array([2.0]), np.array([True])),
+    ]
     token_bytes = np.array([0, 1, 2, 3])
     result = summarize(scores, token_bytes)
     assert result["loss"] == pytest.approx(2.0)

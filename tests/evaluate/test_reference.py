@@ -54,8 +54,9 @@ def test_held_out_pairs_split_documents_at_prompt_tokens(tmp_path, tiny_tokenize
     write_split(tmp_path, "val", docs, [0, 1], tok.vocab_size)
     from aigc.artifacts.dataset import open_split
 
-    pairs = held_out_pairs(open_split(tmp_path, "val"), tok, ["pos", "neg"], count=5,
-                           prompt_tokens=4, reference_tokens=6, seed=0)
+    pairs = held_out_pairs(
+        open_split(tmp_path, "val"), tok, ["pos", "neg"], count=5, prompt_tokens=4, reference_tokens=6, seed=0
+    )
     assert len(pairs) == 1  # the short document has no room for a continuation
     content = np.array(docs[0][1:-1])
     assert pairs[0].prompt == tok.decode(content[:4].tolist())

@@ -31,10 +31,7 @@ TEXTS = [
     f"{USER_DEFINED}let me think</think>",
 ]
 DIGITS = "In 2024 we counted 1234567 reviews, 3.14 each."
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-)
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 DIMS = {
     "hidden": 256,
     "inner": 512,
@@ -94,9 +91,7 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(
-        [t * 3 for t in TEXTS] + ["the cat sat on the mat in 2024"] * 5, trainer
-    )
+    tok.train_from_iterator([t * 3 for t in TEXTS] + ["the cat sat on the mat in 2024"] * 5, trainer)
     spec = json.loads(tok.to_str())["model"]
     tokens = sorted(spec["vocab"], key=spec["vocab"].get) + [USER_DEFINED]
     types = [3 if t in SPECIALS else 4 if t == USER_DEFINED else 1 for t in tokens]
@@ -239,9 +234,7 @@ def model_from(ours):
 def hf_from_gguf(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def test_read_gguf_tensors_match_transformers(tiny_file):
@@ -249,9 +242,7 @@ def test_read_gguf_tensors_match_transformers(tiny_file):
     ours = read_gguf(path)
     reference = hf_from_gguf(path).state_dict()
     expected = {
-        k: v
-        for k, v in reference.items()
-        if not (k == "lm_head.weight" and ours.hf_config["tie_word_embeddings"])
+        k: v for k, v in reference.items() if not (k == "lm_head.weight" and ours.hf_config["tie_word_embeddings"])
     }
     assert set(ours.tensors) == set(expected)
     for name, tensor in ours.tensors.items():
@@ -274,16 +265,12 @@ def test_read_gguf_logits_match_transformers(tiny_file):
     ours = read_gguf(path)
     config = ours.hf_config
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
-    assert config["rope_theta"] == 50000.0 and config["tie_word_embeddings"] == (
-        "lm_head.weight" not in ours.tensors
-    )
+    assert config["rope_theta"] == 50000.0 and config["tie_word_embeddings"] == ("lm_head.weight" not in ours.tensors)
     model = model_from(ours)
     reference = hf_from_gguf(path)
     assert type(reference) is type(model)
     assert reference.config.rope_parameters["rope_theta"] == config["rope_theta"]
-    ids = torch.randint(
-        0, config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)
-    )
+    ids = torch.randint(0, config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
 
@@ -316,9 +303,7 @@ def assert_same_tokenizer(ours: Tokenizer, reference, texts) -> None:
         ids = ours.encode(text).ids
         assert ids == reference.encode(text), text
         assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids), text
-        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(
-            ids, skip_special_tokens=True
-        )
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
 
 
 def tokenizer_only_file(path, pre: str, add_bos: bool, model: str = "gpt2"):
@@ -345,9 +330,7 @@ def test_tokenizer_matches_transformers(tmp_path, pre, add_bos):
     # transformers does not split digits for "smollm" (llama.cpp and SmolLM's own tokenizer do)
     texts = TEXTS + ([] if pre == "smollm" else [DIGITS])
     assert_same_tokenizer(ours, hf_tokenizer(path), texts)
-    assert ours.encode(TEXTS[3]).ids[: 1 + add_bos] == [1] * add_bos + [
-        1
-    ]  # BOS, then <|im_start|>
+    assert ours.encode(TEXTS[3]).ids[: 1 + add_bos] == [1] * add_bos + [1]  # BOS, then <|im_start|>
 
 
 def test_tokenizer_smollm_splits_every_digit(tmp_path):
@@ -458,9 +441,7 @@ def test_smollm2_reads_as_its_published_shape(smollm2):
 def test_smollm2_tokenizer_matches_transformers(smollm2):
     path, model = smollm2
     ours = Tokenizer.from_str(model.tokenizer_json)
-    assert_same_tokenizer(
-        ours, hf_tokenizer(path), TEXTS + ["This is an example of artificial intelligence"]
-    )
+    assert_same_tokenizer(ours, hf_tokenizer(path), TEXTS + ["This is an example of artificial intelligence"])
     assert ours.encode("2024").tokens == ["2", "0", "2", "4"]  # as SmolLM2's own tokenizer.json
 
 

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from aigc.cli import main  # noqa: E402
 from aigc.config import SampleConfig  # noqa: E402
 from aigc.generate import Request, generate  # noqa: E402
-from aigc.tokenizer import EOT, PAD  # noqa: E402
 from aigc.models import load_run  # noqa: E402
+from aigc.tokenizer import EOT, PAD  # noqa: E402
 
 
 def _save_hf_gpt2(folder, hf_tokenizer: HFTokenizer, vocab_size: int, seed: int = 0, **config) -> torch.nn.Module:
@@ -56,7 +56,9 @@ def test_import_hf_round_trip_keeps_logits(tiny_tokenizer, tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         assert torch.equal(again(idx).logits, reference)
-    completion = generate(run.model, run.tokenizer, [Request("Review", config=SampleConfig(temperature=0, max_new_tokens=5))])
+    completion = generate(
+        run.model, run.tokenizer, [Request("Review", config=SampleConfig(temperature=0, max_new_tokens=5))]
+    )
     assert len(completion[0].token_ids) >= 1
 
 

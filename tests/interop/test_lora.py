@@ -13,10 +13,10 @@ from aigc.models.lora import (
     LoRALinear,
     LoRASpec,
     apply_lora,
-    parameter_counts,
     has_lora,
     load_adapters,
     merge_lora,
+    parameter_counts,
     save_adapters,
     split_targets,
 )

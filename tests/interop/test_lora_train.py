@@ -9,11 +9,11 @@ import random
 import torch
 from safetensors.torch import load_file
 
-from aigc.cli import main
 from aigc.artifacts.dataset import open_split
+from aigc.cli import main
 from aigc.evaluate.lm import document_sequences, score_sequences
-from aigc.models.lora import has_lora
 from aigc.models import load_run
+from aigc.models.lora import has_lora
 
 
 def _recipes(n: int, seed: int = 0) -> str:
@@ -55,7 +55,9 @@ def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, t
     data = _prepare(tmp_path, base_dir / "tokenizer.json", docs=240, val_fraction=0.1)
     train = ["train", "--data", str(data), "--init-from", str(base_dir), "--out", str(tmp_path / "lora")]
     options = "--lora-rank 4 --lora-alpha 8 --lora-targets c_attn,c_fc --max-steps 30 --eval-every 30 --eval-batches 2"
-    options += " --batch-size 8 --learning-rate 3e-2 --warmup-steps 3 --sample-tokens 0 --device cpu --dtype fp32 --quiet"
+    options += (
+        " --batch-size 8 --learning-rate 3e-2 --warmup-steps 3 --sample-tokens 0 --device cpu --dtype fp32 --quiet"
+    )
     assert main([*train, *options.split()]) == 0
 
     base, tuned = load_run(base_dir), load_run(tmp_path / "lora")
@@ -66,7 +68,10 @@ def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, t
     assert after < before - 0.25, (before, after)  # measured: 5.99 -> 5.53 nats
 
     assert _digest(base_dir / "model.safetensors") == base_digest
-    base_tensors, tuned_tensors = load_file(base_dir / "model.safetensors"), load_file(tmp_path / "lora" / "model.safetensors")
+    base_tensors, tuned_tensors = (
+        load_file(base_dir / "model.safetensors"),
+        load_file(tmp_path / "lora" / "model.safetensors"),
+    )
     frozen = {name: t for name, t in tuned_tensors.items() if ".lora_" not in name}
     assert frozen.keys() == base_tensors.keys()
     assert all(torch.equal(frozen[name], base_tensors[name]) for name in frozen)
@@ -94,8 +99,8 @@ def test_lora_rank_without_init_from_is_refused(make_run, tmp_path, capsys):
 
 
 def test_init_from_an_unmerged_lora_run_asks_for_a_merge(make_run, tmp_path, capsys):
-    from aigc.models.lora import LoRASpec, apply_lora
     from aigc.artifacts.run import RunConfig, Weights, save_run
+    from aigc.models.lora import LoRASpec, apply_lora
 
     base = load_run(make_run("gpt", name="base"))
     apply_lora(base.model, LoRASpec(rank=2, alpha=2.0))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aigc.cli import main
-from aigc.models.lora import LoRASpec, apply_lora, has_lora, load_adapters
 from aigc.artifacts.run import RunConfig, Weights, save_run
+from aigc.cli import main
 from aigc.models import load_run
+from aigc.models.lora import LoRASpec, apply_lora, has_lora, load_adapters
 
 SPEC = LoRASpec(rank=2, alpha=4.0, targets=("c_attn", "c_fc"))
 IDX = torch.tensor([[0, 5, 17, 42, 99, 7, 3]])  # (1, T)

@@ -47,8 +47,8 @@ def test_a_built_in_name_that_is_not_pulled_says_how(tmp_path, monkeypatch, caps
 @pytest.mark.slow
 def test_pull_smollm2_converts_the_packaged_gguf_once(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from aigc.interop.gguf import find_packaged_gguf
     from aigc.errors import AigcError
+    from aigc.interop.gguf import find_packaged_gguf
 
     try:
         find_packaged_gguf()

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
+from aigc.artifacts.run import RunConfig, Weights, save_run
 from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
+from aigc.models import load_run
 from aigc.models.int8 import int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora
-from aigc.artifacts.run import RunConfig, Weights, save_run
-from aigc.models import load_run
 
 DYNAMIC_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 

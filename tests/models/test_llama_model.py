@@ -6,8 +6,8 @@ import torch
 
 from aigc.config import ModelConfig, SampleConfig, from_dict, model_preset
 from aigc.generate import Request, generate
-from aigc.models.int8 import int8_state, load_int8_state, quantize_int8
 from aigc.models import GPT, build_model, packed
+from aigc.models.int8 import int8_state, load_int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora, merge_lora
 
 VOCAB = 50
@@ -24,10 +24,21 @@ def test_gpt2_defaults_keep_the_module_names_and_shapes_of_existing_runs():
     old_json = dict(kind="gpt", vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_embd=64, bias=True)
     model = GPT(from_dict(ModelConfig, old_json))
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    expected = {"wte.weight": (50, 64), "wpe.weight": (64, 64), "ln_f.weight": (64,), "ln_f.bias": (64,),
-                "lm_head.weight": (50, 64)}
-    for name, shape in {"ln_1": (64,), "ln_2": (64,), "attn.c_attn": (192, 64), "attn.c_proj": (64, 64),
-                        "mlp.c_fc": (256, 64), "mlp.c_proj": (64, 256)}.items():
+    expected = {
+        "wte.weight": (50, 64),
+        "wpe.weight": (64, 64),
+        "ln_f.weight": (64,),
+        "ln_f.bias": (64,),
+        "lm_head.weight": (50, 64),
+    }
+    for name, shape in {
+        "ln_1": (64,),
+        "ln_2": (64,),
+        "attn.c_attn": (192, 64),
+        "attn.c_proj": (64, 64),
+        "mlp.c_fc": (256, 64),
+        "mlp.c_proj": (64, 256),
+    }.items():
         expected[f"h.0.{name}.weight"] = shape
         expected[f"h.0.{name}.bias"] = shape[:1]
     assert shapes == expected

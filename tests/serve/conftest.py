@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from aigc.config import ServeConfig
-from aigc.serve import create_app
 from aigc.models import load_run
+from aigc.serve import create_app
 
 
 @pytest.fixture

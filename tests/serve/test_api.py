@@ -25,7 +25,7 @@ def stream_events(client: TestClient, **fields) -> list[str]:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         body = "".join(response.iter_text())
-    return [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.split("\n\n") if line.startswith("data: ")]
 
 
 def test_completions_returns_openai_shape_with_usage(client):
@@ -64,7 +64,9 @@ def test_completions_logprobs_follow_openai_shape(client):
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 8
     assert "".join(logprobs["tokens"]) == choice["text"]
     assert logprobs["text_offset"][0] == len(prompt)
-    assert all(b - a == len(t) for a, b, t in zip(logprobs["text_offset"], logprobs["text_offset"][1:], logprobs["tokens"]))
+    assert all(
+        b - a == len(t) for a, b, t in zip(logprobs["text_offset"], logprobs["text_offset"][1:], logprobs["tokens"])
+    )
     assert all(lp <= 0 for lp in logprobs["token_logprobs"])
     assert all(1 <= len(top) <= 3 and all(v <= 0 for v in top.values()) for top in logprobs["top_logprobs"])
     # Greedy picks the most likely token, so its logprob equals the best alternative's.
@@ -242,8 +244,9 @@ def test_api_key_is_required_when_set(make_app):
             response = client.post("/v1/completions", json={"model": MODEL}, headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         assert client.get("/v1/models").status_code == 401
-        ok = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 2},
-                         headers={"Authorization": "Bearer s3cret"})
+        ok = client.post(
+            "/v1/completions", json={"model": MODEL, "max_tokens": 2}, headers={"Authorization": "Bearer s3cret"}
+        )
         assert ok.status_code == 200
 
 
@@ -253,8 +256,11 @@ def test_body_over_limit_is_413(make_app):
         response = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
         # A chunked body declares no length; the bytes received are counted instead.
-        chunked = client.post("/v1/completions", content=iter([big[:1500].encode(), big[1500:].encode()]),
-                              headers={"content-type": "application/json"})
+        chunked = client.post(
+            "/v1/completions",
+            content=iter([big[:1500].encode(), big[1500:].encode()]),
+            headers={"content-type": "application/json"},
+        )
         assert chunked.status_code == 413
         assert client.post("/v1/completions", json={"model": MODEL, "max_tokens": 1}).status_code == 200
 
@@ -269,8 +275,8 @@ def test_prompt_over_limit_is_413(make_app):
 
 def test_run_summary_reports_size_labels_and_val_bpb(make_run):
     from aigc.config import ServeConfig
-    from aigc.serve import create_app
     from aigc.models import load_run
+    from aigc.serve import create_app
 
     run_dir = make_run()
     for step, bpb in ((100, 2.5), (200, 2.1), (300, 2.2)):
@@ -294,8 +300,12 @@ def test_server_bug_is_500_in_error_shape(make_app, monkeypatch):
     with TestClient(make_app(), raise_server_exceptions=False) as client:
         response = client.post("/v1/completions", json={"model": MODEL})
     assert response.status_code == 500
-    assert response.json()["error"] == {"message": "internal server error (RuntimeError)", "type": "server_error",
-                                        "param": None, "code": None}
+    assert response.json()["error"] == {
+        "message": "internal server error (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
 
 
 def test_health_reports_queue_and_batches(client):
@@ -308,8 +318,17 @@ def test_health_reports_queue_and_batches(client):
 def test_playground_page_is_self_contained(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for element in ('id="prompt"', 'id="label"', 'id="temperature"', 'id="top-p"', 'id="max-tokens"',
-                    'id="seed"', 'id="generate"', 'id="colour"', 'id="summary"'):
+    for element in (
+        'id="prompt"',
+        'id="label"',
+        'id="temperature"',
+        'id="top-p"',
+        'id="max-tokens"',
+        'id="seed"',
+        'id="generate"',
+        'id="colour"',
+        'id="summary"',
+    ):
         assert element in page.text
     for asset in ("/static/app.js", "/static/style.css"):
         response = client.get(asset)

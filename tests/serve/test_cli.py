@@ -57,7 +57,9 @@ def test_serve_cli_signal_lets_in_flight_request_finish(make_run, tmp_path, stop
     log = open(tmp_path / "server.log", "w+")
     server = subprocess.Popen(
         [sys.executable, "-m", "aigc", "serve", str(make_run()), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer from-env"}
     try:

@@ -16,9 +16,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-EXAMPLES = (
-    60  # per operation and mode: the whole run stays well under a minute on two shared cores
-)
+EXAMPLES = 60  # per operation and mode: the whole run stays well under a minute on two shared cores
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -36,9 +34,7 @@ def test_api_fuzzed_from_its_schema_never_answers_5xx(live_server, mode):
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 5
-    if (
-        mode is GenerationMode.NEGATIVE
-    ):  # invalid input needs a body (a path string cannot be invalid)
+    if mode is GenerationMode.NEGATIVE:  # invalid input needs a body (a path string cannot be invalid)
         operations = [op for op in operations if len(op.body)]
     for operation in operations:
 
@@ -55,6 +51,4 @@ def test_api_fuzzed_from_its_schema_never_answers_5xx(live_server, mode):
             case.call_and_validate(checks=CHECKS)
 
         call()
-    print(
-        f"schemathesis {mode.value}: {calls[mode.value]} cases over {len(operations)} operations, 0 failures"
-    )
+    print(f"schemathesis {mode.value}: {calls[mode.value]} cases over {len(operations)} operations, 0 failures")

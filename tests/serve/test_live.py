@@ -20,15 +20,31 @@ def test_openai_client_completions_and_streaming(live_server):
     assert [m.id for m in client.models.list().data] == ["run"]
 
     result = client.completions.create(
-        model="run", prompt="a wonderful film", max_tokens=8, temperature=0.7, top_p=0.9, seed=4, n=2,
-        logprobs=2, stop=["never"], extra_body={"label": "pos", "min_tokens": 8},
+        model="run",
+        prompt="a wonderful film",
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        seed=4,
+        n=2,
+        logprobs=2,
+        stop=["never"],
+        extra_body={"label": "pos", "min_tokens": 8},
     )
     assert len(result.choices) == 2 and result.usage.completion_tokens == 16
     assert all(c.finish_reason == "length" and len(c.logprobs.tokens) == 8 for c in result.choices)
 
     stream = client.completions.create(
-        model="run", prompt="a wonderful film", max_tokens=8, temperature=0.7, top_p=0.9, seed=4, n=2, stream=True,
-        stream_options={"include_usage": True}, extra_body={"label": "pos", "min_tokens": 8},
+        model="run",
+        prompt="a wonderful film",
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        seed=4,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"label": "pos", "min_tokens": 8},
     )
     texts, usage = {0: "", 1: ""}, None
     for chunk in stream:

@@ -9,13 +9,18 @@ import pytest
 
 from aigc.config import ServeConfig
 from aigc.fsutil import append_jsonl
-from aigc.serve import create_app
 from aigc.models import load_run
+from aigc.serve import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-    "--disable-component-update", "--disable-sync", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -108,6 +113,4 @@ def test_playground_asks_for_the_key_and_shows_api_errors(live_server, browser):
 
 
 def set_slider(page, selector: str, value: float) -> None:
-    page.eval_on_selector(
-        selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input')); }", value
-    )
+    page.eval_on_selector(selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input')); }", value)

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from aigc.config import SampleConfig
 from aigc.generate import Request
-from aigc.serve.scheduler import Scheduler
 from aigc.models import load_run
+from aigc.serve.scheduler import Scheduler
 
 MODEL = "run"
 
@@ -65,9 +65,7 @@ def test_scheduler_survives_a_batch_whose_every_job_was_cancelled(make_run):
         gone = scheduler.submit([Request("bye", config=config)], want_events=True)
         gone.cancel()
         scheduler.start()
-        await asyncio.sleep(
-            0.2
-        )  # the worker takes the cancelled job and must keep waiting for work
+        await asyncio.sleep(0.2)  # the worker takes the cancelled job and must keep waiting for work
         job = scheduler.submit([Request("hello", config=config)], want_events=False)
         kind, _, _ = await asyncio.wait_for(job.next(), timeout=20)
         return kind
@@ -105,9 +103,7 @@ def test_a_failing_decode_step_fails_only_its_batch(make_app, caplog):
         assert client.get("/health").json()["status"] == "ok"
 
 
-@pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
-)  # the thread's death is the point
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
 def test_health_is_degraded_when_the_decode_thread_is_gone(make_app):
     app = make_app()
     scheduler = app.state.scheduler
@@ -137,9 +133,7 @@ def test_non_streaming_request_is_cancelled_when_its_client_disconnects(make_app
         )
         wait_for(lambda: scheduler.running == 1, 20, "the request to be decoding")
     wait_for(lambda: scheduler.running == 0, 5, "the decode to stop once its client has gone")
-    assert httpx.post(
-        f"{server.url}/v1/completions", json={"model": MODEL, "max_tokens": 2}, timeout=30
-    ).is_success
+    assert httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "max_tokens": 2}, timeout=30).is_success
 
 
 @pytest.mark.parametrize(
@@ -158,9 +152,7 @@ def test_non_streaming_request_is_cancelled_when_its_client_disconnects(make_app
         ("attacker.example", "k3y", 200),  # with a key, the key protects the server
     ],
 )
-def test_without_api_key_only_loopback_and_allowed_hosts_are_served(
-    make_app, host, api_key, status
-):
+def test_without_api_key_only_loopback_and_allowed_hosts_are_served(make_app, host, api_key, status):
     app = make_app(allowed_hosts=("my-box.lan",), api_key=api_key)
     with TestClient(app, base_url="http://localhost") as client:
         headers = {"Host": host, "Authorization": "Bearer k3y"}
@@ -213,8 +205,6 @@ def drain_until_cut(lines) -> int:
     try:
         for line in lines:
             count += line.startswith("data: ")
-    except (
-        httpx.RemoteProtocolError
-    ):  # the server closed the connection in the middle of the stream
+    except httpx.RemoteProtocolError:  # the server closed the connection in the middle of the stream
         return count
     return count

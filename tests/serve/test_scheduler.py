@@ -8,8 +8,8 @@ import pytest
 
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
-from aigc.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from aigc.models import load_run
+from aigc.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 
 
 @pytest.fixture

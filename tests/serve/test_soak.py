@@ -35,18 +35,14 @@ def call(port: int, body: dict, hang_up_after: float | None) -> int | None:
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), answer[:300]
     if body.get("stream"):
-        assert b"data: [DONE]" in payload, payload[
-            -300:
-        ]  # (chunked transfer encoding around the events)
+        assert b"data: [DONE]" in payload, payload[-300:]  # (chunked transfer encoding around the events)
         return payload.count(b'"finish_reason": null')
     return json.loads(payload)["usage"]["completion_tokens"]
 
 
 def test_scheduler_soak_with_random_disconnects(make_app, live_server):
     app = make_app(max_batch=4, max_queue=256)
-    patch_forward(
-        app.state.scheduler.model, lambda: time.sleep(0.002)
-    )  # prefill and steps take real time
+    patch_forward(app.state.scheduler.model, lambda: time.sleep(0.002))  # prefill and steps take real time
     server = live_server(app)
     scheduler, port = app.state.scheduler, int(server.url.rsplit(":", 1)[1])
     baseline = threading.active_count()
@@ -69,9 +65,7 @@ def test_scheduler_soak_with_random_disconnects(make_app, live_server):
     for (body, hang_up), result in zip(plans, results):
         if hang_up is None:
             assert result == body["max_tokens"], body
-    wait_for(
-        lambda: scheduler.queued == 0 and scheduler.running == 0, 20, "the scheduler to drain"
-    )
+    wait_for(lambda: scheduler.queued == 0 and scheduler.running == 0, 20, "the scheduler to drain")
     wait_for(lambda: threading.active_count() <= baseline, 10, "threads to return to the baseline")
     assert scheduler.alive
     survivors = sum(hang_up is None for _, hang_up in plans)

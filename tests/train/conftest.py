@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from aigc.config import TrainConfig, model_preset
 from aigc.artifacts.dataset import token_dtype, write_split
+from aigc.config import TrainConfig, model_preset
 from aigc.tokenizer import Tokenizer
 
 
@@ -50,5 +50,7 @@ def tiny_model(tiny_tokenizer):
 
 
 def tiny_train_config(**overrides) -> TrainConfig:
-    base = dict(batch_size=4, max_steps=6, eval_every=3, eval_batches=2, warmup_steps=2, learning_rate=3e-3, sample_tokens=0)
+    base = dict(
+        batch_size=4, max_steps=6, eval_every=3, eval_batches=2, warmup_steps=2, learning_rate=3e-3, sample_tokens=0
+    )
     return TrainConfig(**{**base, **overrides})

@@ -37,7 +37,10 @@ def test_cli_train_prints_evaluations_and_samples_then_resumes(tiny_data, tmp_pa
         (["--data", "{tmp}/missing", "--out", "{tmp}/run", "--max-steps", "2"], "data folder not found"),
         (["--data", "{tmp}", "--out", "{tmp}/run", "--max-steps", "2"], "not a prepared dataset"),
         (["--data", "{data}", "--out", "{tmp}/run"], "no training budget"),
-        (["--data", "{data}", "--out", "{tmp}/run", "--max-steps", "2", "--learning-rate", "-1"], "--learning-rate must be > 0"),
+        (
+            ["--data", "{data}", "--out", "{tmp}/run", "--max-steps", "2", "--learning-rate", "-1"],
+            "--learning-rate must be > 0",
+        ),
         (["--data", "{data}", "--max-steps", "2"], "--out is required"),
         (["--resume", "{tmp}/nope"], "run folder not found"),
     ],
@@ -107,8 +110,26 @@ def test_cli_train_killed_with_sigkill_leaves_a_loadable_resumable_run(tiny_data
     from aigc.models import load_run
 
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "aigc", "train", "--data", str(tiny_data), "--out", str(run), *TINY,
-            "--max-steps", "100000", "--eval-every", "1", "--save-every", "1", "--quiet", "--threads", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "aigc",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        *TINY,
+        "--max-steps",
+        "100000",
+        "--eval-every",
+        "1",
+        "--save-every",
+        "1",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

@@ -7,19 +7,51 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_train_config
 
 from aigc.train.loop import train
+from conftest import tiny_train_config
 
-ARGS = ["--preset", "tiny", "--block-size", "32", "--max-steps", "6", "--eval-every", "3", "--eval-batches", "2",
-        "--warmup-steps", "2", "--learning-rate", "3e-3", "--sample-tokens", "0", "--quiet"]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--block-size",
+    "32",
+    "--max-steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--learning-rate",
+    "3e-3",
+    "--sample-tokens",
+    "0",
+    "--quiet",
+]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "aigc", "train", "--data", str(tiny_data), "--out", str(tmp_path / "ddp"), "--batch-size", "2", *ARGS]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "aigc",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--batch-size",
+        "2",
+        *ARGS,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     single = train(tiny_data, tmp_path / "single", tiny_model, tiny_train_config(batch_size=4))

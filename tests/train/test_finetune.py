@@ -4,15 +4,20 @@
 import random
 
 import pytest
-from conftest import tiny_train_config, write_dataset
 
 from aigc.errors import AigcError
-from aigc.tokenizer import Tokenizer
 from aigc.models import load_run
+from aigc.tokenizer import Tokenizer
 from aigc.train.loop import train
+from conftest import tiny_train_config, write_dataset
 
 _GOOD = ["a wonderful , moving story", "great acting and superb music", "funny and warm", "the cast is brilliant"]
-_BAD = ["a boring , weak plot", "terrible acting and awful dialogue", "dull and far too long", "the ending makes no sense"]
+_BAD = [
+    "a boring , weak plot",
+    "terrible acting and awful dialogue",
+    "dull and far too long",
+    "the ending makes no sense",
+]
 
 
 def short_reviews(n: int, seed: int = 1) -> list[tuple[str, str]]:

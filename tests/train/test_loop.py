@@ -5,16 +5,28 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_train_config
 from safetensors.torch import load_file
 
-from aigc.errors import AigcError
-from aigc.train import events
 from aigc.artifacts.state import load_state
+from aigc.errors import AigcError
 from aigc.models import load_run
+from aigc.train import events
 from aigc.train.loop import train
+from conftest import tiny_train_config
 
-METRIC_KEYS = {"step", "tokens", "elapsed_s", "lr", "train_loss", "train_acc", "val_loss", "val_ppl", "val_bpb", "val_acc", "tokens_per_s"}
+METRIC_KEYS = {
+    "step",
+    "tokens",
+    "elapsed_s",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_ppl",
+    "val_bpb",
+    "val_acc",
+    "tokens_per_s",
+}
 TIMING_KEYS = {"elapsed_s", "tokens_per_s"}
 
 
@@ -29,7 +41,15 @@ def _without_timing(records):
 def test_train_writes_a_complete_run_folder(tiny_data, tiny_model, tmp_path):
     seen = []
     run_dir = train(tiny_data, tmp_path / "run", tiny_model, tiny_train_config(), on_event=seen.append)
-    for name in ("config.json", "tokenizer.json", "model.safetensors", "best.safetensors", "state.pt", "plots/loss.png", "plots/accuracy.png"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "best.safetensors",
+        "state.pt",
+        "plots/loss.png",
+        "plots/accuracy.png",
+    ):
         assert (run_dir / name).is_file(), name
     records = _metrics(run_dir)
     assert [r["step"] for r in records] == [3, 6]
@@ -49,7 +69,9 @@ def test_train_lstm_learns(tiny_data, tiny_model, tmp_path):
     import dataclasses
 
     config = dataclasses.replace(tiny_model, kind="lstm")
-    run_dir = train(tiny_data, tmp_path / "lstm", config, tiny_train_config(max_steps=8, eval_every=4, learning_rate=1e-2))
+    run_dir = train(
+        tiny_data, tmp_path / "lstm", config, tiny_train_config(max_steps=8, eval_every=4, learning_rate=1e-2)
+    )
     records = _metrics(run_dir)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     assert load_run(run_dir).config.model.kind == "lstm"

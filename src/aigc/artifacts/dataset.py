@@ -78,7 +78,9 @@ def read_dataset_info(folder: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise AigcError(f"data folder not found: {folder}; create it with `aigc prepare SOURCE --out {folder}`")
     if not path.is_file():
-        raise AigcError(f"{folder} is not a prepared dataset (no {DATASET_JSON}); run `aigc prepare SOURCE --out {folder}`")
+        raise AigcError(
+            f"{folder} is not a prepared dataset (no {DATASET_JSON}); run `aigc prepare SOURCE --out {folder}`"
+        )
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -140,7 +142,9 @@ def open_dataset(folder: str | os.PathLike) -> Dataset:
 
 
 def check_same_tokenizer(dataset_dir: Path, dataset_tokenizer: Tokenizer, tokenizer: Tokenizer, owner: Path) -> None:
-    """A dataset is only usable with the tokenizer it was made with; `owner` is the run (or base) that has `tokenizer`."""
+    """A dataset is only usable with the tokenizer it was made with.
+
+    `owner` is the run (or base model) that `tokenizer` belongs to; the error names it."""
     if dataset_tokenizer.vocab_fingerprint() != tokenizer.vocab_fingerprint():
         raise AigcError(
             f"{dataset_dir} was prepared with a different tokenizer than {owner}; prepare it again with "

@@ -73,7 +73,9 @@ class Weights:
         if (self.format == "lora") != (self.lora is not None):
             raise AigcError("weights of format 'lora' (and only those) carry LoRA settings; config.json was edited")
         if (self.format == "int8") != (self.quantization is not None):
-            raise AigcError("weights of format 'int8' (and only those) carry a quantization scheme; config.json was edited")
+            raise AigcError(
+                "weights of format 'int8' (and only those) carry a quantization scheme; config.json was edited"
+            )
 
     @property
     def is_plain(self) -> bool:

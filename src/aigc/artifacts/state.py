@@ -27,7 +27,9 @@ def load_state(run_dir: str | os.PathLike, *, map_location: str | torch.device =
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (pickle, zip, runtime) for a damaged file
-        raise AigcError(f"{path} is corrupted ({type(exc).__name__}); resume is impossible, start again with --overwrite") from exc
+        raise AigcError(
+            f"{path} is corrupted ({type(exc).__name__}); resume is impossible, start again with --overwrite"
+        ) from exc
     if not isinstance(state, dict) or "step" not in state:
         raise AigcError(f"{path} is not an aigc training state; start again with --overwrite")
     return state

@@ -38,10 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--source", default="imdb",
+        "--source",
+        default="imdb",
         help="corpus: imdb, rotten-tomatoes, or a CSV with `text` and `label` columns (for quick trials)",
     )
-    parser.add_argument("--data", type=Path, default=Path("data/imdb"), help="prepared dataset folder (made if missing)")
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/imdb"), help="prepared dataset folder (made if missing)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
     parser.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS), help="model size preset")
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget in wall-clock minutes")
@@ -109,8 +112,14 @@ def _train(args: argparse.Namespace) -> None:
     progress = Progress(sample_tokens=32, seed=args.seed)
     try:
         train(
-            None if resume else args.data, args.out, None, None if resume else config,
-            preset=args.preset, resume=resume, overwrite=args.fresh, on_event=progress,
+            None if resume else args.data,
+            args.out,
+            None,
+            None if resume else config,
+            preset=args.preset,
+            resume=resume,
+            overwrite=args.fresh,
+            on_event=progress,
         )
     finally:
         progress.close()
@@ -129,13 +138,22 @@ def _generate(run_dir: Path, seed: int) -> list[tuple[str, str, str]]:
         for _ in range(REVIEWS_PER_LABEL):
             # A distinct seed per sample: with shared seeds the labels' samples start alike.
             config = SampleConfig(
-                max_new_tokens=160, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=seed + len(requests)
+                max_new_tokens=160,
+                temperature=0.8,
+                top_k=50,
+                top_p=0.95,
+                repetition_penalty=1.1,
+                seed=seed + len(requests),
             )
             requests.append(Request(label=label, config=config))
-    requests.append(Request(prompt=CONTINUATION_PROMPT, config=SampleConfig(max_new_tokens=80, temperature=0.7, top_k=50, seed=seed)))
+    requests.append(
+        Request(
+            prompt=CONTINUATION_PROMPT, config=SampleConfig(max_new_tokens=80, temperature=0.7, top_k=50, seed=seed)
+        )
+    )
     completions = generate(run.model, run.tokenizer, requests)
     samples = [(r.label or "", r.prompt, c.text.strip()) for r, c in zip(requests, completions)]
-    write_json(run_dir / "samples.json", [dict(label=l, prompt=p, text=t) for l, p, t in samples])
+    write_json(run_dir / "samples.json", [dict(label=label, prompt=p, text=t) for label, p, t in samples])
     for label, prompt, text in samples:
         shown = f"{prompt} {text}" if prompt else text
         _say(f"  [{label or 'continuation'}] {' '.join(shown.split())[:300]}")

@@ -30,12 +30,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) made by `aigc train`")
     parser.add_argument("--data", metavar="DIR", help="prepared dataset folder (default: the one recorded in the run)")
-    parser.add_argument("--references", metavar="FILE", help='JSONL of {"prompt", "reference"} pairs to score instead of held-out documents')
+    parser.add_argument(
+        "--references",
+        metavar="FILE",
+        help='JSONL of {"prompt", "reference"} pairs to score instead of held-out documents',
+    )
     parser.add_argument("--text", metavar="FILE", help="also report perplexity on this UTF-8 text file")
-    parser.add_argument("--judge", metavar="RUN2", help="second run whose perplexity of the generated text is a fluency proxy")
-    parser.add_argument("--out", metavar="FILE", help="write the metrics JSON here instead of RUN/eval/metrics.json (one run only)")
-    parser.add_argument("--chart", metavar="PNG", help="comparison bar chart for several runs (default: FIRST_RUN/eval/compare.png)")
-    parser.add_argument("--reuse", action="store_true", help="reuse a run's existing eval/metrics.json instead of evaluating it again")
+    parser.add_argument(
+        "--judge", metavar="RUN2", help="second run whose perplexity of the generated text is a fluency proxy"
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="write the metrics JSON here instead of RUN/eval/metrics.json (one run only)"
+    )
+    parser.add_argument(
+        "--chart", metavar="PNG", help="comparison bar chart for several runs (default: FIRST_RUN/eval/compare.png)"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse a run's existing eval/metrics.json instead of evaluating it again"
+    )
     add_dataclass_args(parser, EvalConfig)
     add_dataclass_args(parser, SampleConfig, exclude=_SAMPLING_EXCLUDED)
     parser.set_defaults(handler=handle)
@@ -45,7 +57,9 @@ def handle(args: argparse.Namespace) -> int:
     config = dataclass_from_args(args, EvalConfig)
     sampling = dataclass_from_args(args, SampleConfig, max_new_tokens=config.max_new_tokens)
     if args.out and len(args.runs) > 1:
-        raise AigcError("--out names one metrics file but several runs were given; drop --out (each run gets RUN/eval/metrics.json)")
+        raise AigcError(
+            "--out names one metrics file but several runs were given; drop --out (each run gets RUN/eval/metrics.json)"
+        )
     results = [_evaluate_one(Path(run), args, config, sampling) for run in args.runs]
     if len(results) == 1:
         _print_single(results[0])
@@ -64,8 +78,14 @@ def _evaluate_one(run: Path, args: argparse.Namespace, config: EvalConfig, sampl
         _say(f"{run.name}: reusing {out}")
         return json.loads(out.read_text(encoding="utf-8"))
     result = evaluate_run(
-        run, config=config, sampling=sampling, data=args.data, references=args.references,
-        text=args.text, judge=args.judge, progress=lambda message: _say(f"{run.name}: {message}"),
+        run,
+        config=config,
+        sampling=sampling,
+        data=args.data,
+        references=args.references,
+        text=args.text,
+        judge=args.judge,
+        progress=lambda message: _say(f"{run.name}: {message}"),
     )
     write_json(out, result)
     _say(f"{run.name}: metrics written to {out}")

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder made by aigc train (or aigc import)")
     parser.add_argument("--format", choices=FORMATS, required=True, help="hf: Hugging Face folder; int8: quantized run")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
-    parser.add_argument("--best", action="store_true", help="export best.safetensors (lowest val loss) instead of the latest weights")
+    parser.add_argument(
+        "--best", action="store_true", help="export best.safetensors (lowest val loss) instead of the latest weights"
+    )
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     parser.set_defaults(handler=run_export)
 
@@ -39,5 +41,8 @@ def run_export(args: argparse.Namespace) -> int:
     exporter = export_hf if args.format == "hf" else export_int8
     out = exporter(run, args.out, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"exported {args.run} as {args.format} to {out} ({size / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s)", file=sys.stderr)
+    print(
+        f"exported {args.run} as {args.format} to {out} ({size / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s)",
+        file=sys.stderr,
+    )
     return 0

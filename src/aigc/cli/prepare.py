@@ -32,10 +32,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset folder to create")
     add_dataclass_args(parser, PrepareConfig)
     aliases = parser.add_argument_group("aliases")
-    aliases.add_argument("--text-field", dest="text_column", default=argparse.SUPPRESS, metavar="TEXT_COLUMN",
-                         help="same as --text-column (the word JSONL users expect)")
-    aliases.add_argument("--label-field", dest="label_column", default=argparse.SUPPRESS, metavar="LABEL_COLUMN",
-                         help="same as --label-column")
+    aliases.add_argument(
+        "--text-field",
+        dest="text_column",
+        default=argparse.SUPPRESS,
+        metavar="TEXT_COLUMN",
+        help="same as --text-column (the word JSONL users expect)",
+    )
+    aliases.add_argument(
+        "--label-field",
+        dest="label_column",
+        default=argparse.SUPPRESS,
+        metavar="LABEL_COLUMN",
+        help="same as --label-column",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -64,7 +74,8 @@ def summary(info: dict, out: Path) -> str:
         f"{read['bad_lines_skipped']:,} bad lines skipped)",
         f"  clean     {clean['kept']:,} kept, {clean['too_short']:,} too short, {clean['too_long']:,} too long",
         f"  dedup     {dedup['exact']:,} exact and {dedup['near']:,} near duplicates removed"
-        if dedup.get("enabled", True) else "  dedup     off",
+        if dedup.get("enabled", True)
+        else "  dedup     off",
     ]
     if redact.get("enabled"):
         found = ", ".join(f"{redact[k]:,} {k}" for k in ("EMAIL", "PHONE", "CARD", "IP"))

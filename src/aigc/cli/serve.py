@@ -50,18 +50,24 @@ def handle(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     params = run.model.num_params()
-    print(f"aigc serve: serving {run.path} ({run.config.model.kind}, {params:,} parameters) as model "
-          f"{config.model_name or run.path.name!r}", file=sys.stderr)
-    print(f"aigc serve: playground http://{shown}:{port}/  API http://{shown}:{port}/v1  "
-          f"(auth {'on' if config.api_key else 'off'}; Ctrl+C to stop)", file=sys.stderr)
-    if not config.api_key and host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"aigc serve: warning: listening on {host} without an API key; set --api-key or {API_KEY_ENV} "
-              "(meanwhile only loopback Host names, --host and --allowed-host values are answered)",
-              file=sys.stderr)
-    # After Ctrl+C / SIGTERM, requests in flight get shutdown_timeout seconds; then they are cancelled.
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=config.shutdown_timeout)
+    print(
+        f"aigc serve: serving {run.path} ({run.config.model.kind}, {params:,} parameters) as model "
+        f"{config.model_name or run.path.name!r}",
+        file=sys.stderr,
     )
+    print(
+        f"aigc serve: playground http://{shown}:{port}/  API http://{shown}:{port}/v1  "
+        f"(auth {'on' if config.api_key else 'off'}; Ctrl+C to stop)",
+        file=sys.stderr,
+    )
+    if not config.api_key and host not in ("127.0.0.1", "::1", "localhost"):
+        print(
+            f"aigc serve: warning: listening on {host} without an API key; set --api-key or {API_KEY_ENV} "
+            "(meanwhile only loopback Host names, --host and --allowed-host values are answered)",
+            file=sys.stderr,
+        )
+    # After Ctrl+C / SIGTERM, requests in flight get shutdown_timeout seconds; then they are cancelled.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=config.shutdown_timeout))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down gracefully
@@ -80,4 +86,3 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise AigcError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host") from exc
     return sock
-

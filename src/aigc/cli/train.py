@@ -78,7 +78,9 @@ def handle(args: argparse.Namespace) -> int:
     if args.resume and args.out and args.out.resolve() != args.resume.resolve():
         raise AigcError("--resume RUN continues RUN in place; drop --out or make it the same folder")
     if args.resume and args.init_from:
-        raise AigcError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+        raise AigcError(
+            "--resume and --init-from exclude each other: resume continues a run, init-from starts a new one"
+        )
     out = args.resume or args.out
     if out is None:
         raise AigcError("--out is required: the run folder to create (or --resume RUN)")
@@ -86,14 +88,24 @@ def handle(args: argparse.Namespace) -> int:
     progress = None if args.quiet else Progress(train_config.sample_tokens, train_config.seed)
     try:
         train(
-            args.data, out, model_config, train_config,
-            preset=args.preset or "small", resume=args.resume is not None, init_from=args.init_from,
-            overwrite=args.overwrite, on_event=progress,
+            args.data,
+            out,
+            model_config,
+            train_config,
+            preset=args.preset or "small",
+            resume=args.resume is not None,
+            init_from=args.init_from,
+            overwrite=args.overwrite,
+            on_event=progress,
         )
     except TrainingInterrupted as stop:
         if progress:
             progress.close()  # before the message, so the bar does not redraw over it
-        print(f"aigc train: interrupted at step {stop.step}; checkpoint saved. Continue with: aigc train --resume {stop.run_dir}", file=sys.stderr)
+        print(
+            f"aigc train: interrupted at step {stop.step}; checkpoint saved. Continue with: aigc train "
+            f"--resume {stop.run_dir}",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if progress:
@@ -139,12 +151,22 @@ class Progress:
         m = e.model_config
         shape = f"{m.n_layer}x{m.n_embd}" + (f", {m.n_head} heads" if m.kind == "gpt" else f", hidden {m.hidden_size}")
         what = "resuming" if e.resumed else f"fine-tuning {e.init_from}" if e.init_from else "training"
-        _say(f"{what} {m.kind} ({shape}, context {m.block_size}, {e.num_params / 1e6:.2f}M parameters) "
-             f"on {e.device}, {e.dtype}" + (f", {e.world_size} processes" if e.world_size > 1 else "") + f" -> {e.run_dir}")
+        _say(
+            f"{what} {m.kind} ({shape}, context {m.block_size}, {e.num_params / 1e6:.2f}M parameters) "
+            f"on {e.device}, {e.dtype}"
+            + (f", {e.world_size} processes" if e.world_size > 1 else "")
+            + f" -> {e.run_dir}"
+        )
         for note in e.notes:
             _say(f"note: {note}")
-        self.bar = tqdm(total=100, initial=0, file=sys.stderr, unit="%", dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
+        self.bar = tqdm(
+            total=100,
+            initial=0,
+            file=sys.stderr,
+            unit="%",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+        )
 
     def _step(self, e) -> None:
         if self.bar is None:
@@ -169,9 +191,15 @@ class Progress:
     def _end(self, e) -> None:
         self.close()
         if e.reason == "already done":
-            _say(f"{e.run_dir} already reached its budget at step {e.step}; raise --max-steps/--max-tokens/--minutes to go on")
+            _say(
+                f"{e.run_dir} already reached its budget at step {e.step}; raise "
+                "--max-steps/--max-tokens/--minutes to go on"
+            )
         else:
-            _say(f"done ({e.reason.replace('_', '-')}) at step {e.step}; run saved in {e.run_dir}, curves in {e.run_dir / 'plots'}")
+            _say(
+                f"done ({e.reason.replace('_', '-')}) at step {e.step}; run saved in {e.run_dir}, curves in "
+                f"{e.run_dir / 'plots'}"
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from aigc.artifacts.dataset import DATASET_JSON, SPLITS, token_dtype, write_split
 from aigc.config import PrepareConfig
 from aigc.data.clean import Cleaner
 from aigc.data.dedup import ExactDedup, MinHasher, near_duplicates
 from aigc.data.publish import existing_dataset, publish
 from aigc.data.redact import Redactor
-from aigc.artifacts.dataset import DATASET_JSON, SPLITS, token_dtype, write_split
 from aigc.data.sources import ReadStats, Source, read_source, resolve_source, source_sha256
 from aigc.data.spool import Spool
 from aigc.errors import AigcError

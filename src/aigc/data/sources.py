@@ -90,7 +90,10 @@ def _builtin_csv() -> Path:
     for file in files:
         if file.name.endswith(".csv"):
             return Path(str(file.locate()))
-    raise AigcError(f"no CSV found in the installed {_PACKAGE} package; reinstall it with `pip install --force-reinstall {_PACKAGE}`")
+    raise AigcError(
+        f"no CSV found in the installed {_PACKAGE} package; reinstall it with `pip install "
+        f"--force-reinstall {_PACKAGE}`"
+    )
 
 
 def source_sha256(source: Source) -> str:
@@ -217,7 +220,9 @@ def _read_csv(path: Path, delimiter: str, config: PrepareConfig, stats: ReadStat
         if not row:
             continue  # blank line
         if len(row) < needed:
-            _bad_line(config, stats, f"{path}: line {reader.line_num} has {len(row)} fields, the header has {len(header)}")
+            _bad_line(
+                config, stats, f"{path}: line {reader.line_num} has {len(row)} fields, the header has {len(header)}"
+            )
             continue
         label = _label_text(row[label_at]) if label_at is not None else None
         if label_at is not None and label is None:
@@ -243,7 +248,9 @@ def _read_jsonl(path: Path, config: PrepareConfig, stats: ReadStats) -> Iterator
         for key, flag in ((text_key, "--text-field"), (label_key, "--label-field")):
             if key is not None and key not in record and not seen_any:
                 shown = ", ".join(repr(k) for k in list(record)[:50]) or "(none)"
-                raise AigcError(f"{path}: line {number} has no field {key!r}; fields there: {shown}; choose one with {flag}")
+                raise AigcError(
+                    f"{path}: line {number} has no field {key!r}; fields there: {shown}; choose one with {flag}"
+                )
         text = record.get(text_key)
         label = _label_text(record.get(label_key)) if label_key else None
         if not isinstance(text, str):

@@ -57,9 +57,7 @@ def train_classifier(
 
     present = np.unique(train_labels)
     if len(present) < 2:
-        raise AigcError(
-            f"the train split has {len(present)} distinct label(s); control accuracy needs at least two"
-        )
+        raise AigcError(f"the train split has {len(present)} distinct label(s); control accuracy needs at least two")
     vectorizer = TfidfVectorizer(max_features=20000, min_df=2, sublinear_tf=True, dtype=np.float32)
     features = vectorizer.fit_transform(list(train_texts))
     # liblinear fits IMDb's 24k reviews in seconds on two cores; lbfgs took twice as long here.

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from aigc.errors import AigcError
-from aigc.fsutil import parse_jsonl_objects
 from aigc.evaluate.textstats import WordTokenizer
+from aigc.fsutil import parse_jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -32,17 +32,15 @@ def read_references(path: str | os.PathLike) -> list[Pair]:
     """Read a JSONL file of {"prompt": ..., "reference": ...} objects (an optional "label" too)."""
     path = Path(path)
     if not path.is_file():
-        raise AigcError(f"references file not found: {path}; give a JSONL file of {{\"prompt\", \"reference\"}} lines")
+        raise AigcError(f'references file not found: {path}; give a JSONL file of {{"prompt", "reference"}} lines')
     pairs = []
     for number, row in parse_jsonl_objects(path.read_text(encoding="utf-8"), path):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("reference"), str):
-            raise AigcError(
-                f"{path} line {number} needs string fields \"prompt\" and \"reference\"; got {sorted(row)}"
-            )
+            raise AigcError(f'{path} line {number} needs string fields "prompt" and "reference"; got {sorted(row)}')
         label = row.get("label")
         pairs.append(Pair(row["prompt"], row["reference"], label if isinstance(label, str) else None))
     if not pairs:
-        raise AigcError(f"{path} holds no reference pairs; add JSONL lines with \"prompt\" and \"reference\"")
+        raise AigcError(f'{path} holds no reference pairs; add JSONL lines with "prompt" and "reference"')
     return pairs
 
 

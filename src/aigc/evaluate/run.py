@@ -47,7 +47,8 @@ def dataset_folder(run: Run, data: str | os.PathLike | None) -> tuple[Path, dict
     recorded = run.config.data.get("path")
     if data is None and not recorded:
         raise AigcError(
-            f"run {run.path} does not record the dataset it was trained on; pass --data DIR (a folder made by aigc prepare)"
+            f"run {run.path} does not record the dataset it was trained on; pass --data DIR (a folder made "
+            "by aigc prepare)"
         )
     folder = Path(data if data is not None else recorded)
     if not (folder / DATASET_JSON).is_file():
@@ -55,7 +56,10 @@ def dataset_folder(run: Run, data: str | os.PathLike | None) -> tuple[Path, dict
         raise AigcError(f"no prepared dataset at {folder} ({where}; moved or deleted?); pass --data DIR")
     info = read_dataset_info(folder)
     tokenizer_file = folder / "tokenizer.json"
-    if tokenizer_file.is_file() and Tokenizer.load(tokenizer_file).vocab_fingerprint() != run.tokenizer.vocab_fingerprint():
+    if (
+        tokenizer_file.is_file()
+        and Tokenizer.load(tokenizer_file).vocab_fingerprint() != run.tokenizer.vocab_fingerprint()
+    ):
         raise AigcError(
             f"the dataset at {folder} was tokenized with a different tokenizer than run {run.path}; "
             "pass --data with the dataset this run was trained on"
@@ -139,7 +143,9 @@ def language_modelling(run: Run, folder: Path, config: EvalConfig, text: str | o
     sequences = lm.document_sequences(split, run.tokenizer.eot_id, config.lm_docs)
     block = run.config.model.block_size
     token_bytes = lm.byte_lengths(run.tokenizer)
-    scores = lm.score_sequences(run.model, sequences, [1] * len(sequences), block_size=block, batch_size=config.batch_size)
+    scores = lm.score_sequences(
+        run.model, sequences, [1] * len(sequences), block_size=block, batch_size=config.batch_size
+    )
     summary = lm.summarize(scores, token_bytes)
     summary["computed_on"] = {
         "split": config.split,
@@ -164,8 +170,10 @@ def control_section(run: Run, folder: Path, info: dict, config: EvalConfig, item
     """Classifier trained on the train split, its held-out accuracy, then control accuracy of samples."""
     labels = list(run.tokenizer.labels)
     if not labels:
-        return {"skipped": "the run was trained without labels, so no sample was generated for a requested label; "
-                "prepare the data with --label-column to train a labelled run"}
+        return {
+            "skipped": "the run was trained without labels, so no sample was generated for a requested label; "
+            "prepare the data with --label-column to train a labelled run"
+        }
     # Document label indices follow dataset.json's label list; map them onto the run's order by name.
     names = list(info.get("labels") or labels)
     remap = np.array([labels.index(n) if n in labels else -1 for n in names] + [-1], dtype=np.int64)
@@ -259,14 +267,22 @@ def evaluate_run(
     lm_result = stages.run("language modelling", language_modelling, run, folder, config, text)
     if pairs is None:
         pairs = reference.held_out_pairs(
-            open_split(folder, config.split), run.tokenizer, info.get("labels") or run.tokenizer.labels,
-            count=config.prompts, prompt_tokens=config.prompt_tokens,
-            reference_tokens=config.max_new_tokens, seed=config.seed,
+            open_split(folder, config.split),
+            run.tokenizer,
+            info.get("labels") or run.tokenizer.labels,
+            count=config.prompts,
+            prompt_tokens=config.prompt_tokens,
+            reference_tokens=config.max_new_tokens,
+            seed=config.seed,
         )
     items = stages.run("generation", draw, run, pairs, config, sampling)
     result = {
-        "run": str(run.path), "model": run.config.model.kind, "data": str(folder), "device": str(device),
-        "config": to_dict(config), "sampling": {**to_dict(sampling), "seed": f"{config.seed} + sample index"},
+        "run": str(run.path),
+        "model": run.config.model.kind,
+        "data": str(folder),
+        "device": str(device),
+        "config": to_dict(config),
+        "sampling": {**to_dict(sampling), "seed": f"{config.seed} + sample index"},
         "language_modelling": lm_result,
     }
     result.update(stages.run("text metrics", _text_metrics, items, pairs, references, config))
@@ -296,7 +312,8 @@ def _text_metrics(items: Sequence[Generated], pairs, references, config: EvalCon
     source = str(references) if references is not None else f"held-out {config.split} documents"
     ref = reference.reference_metrics([c.text for c in continuations], [c.reference or "" for c in continuations])
     ref["computed_on"] = {
-        "pairs_from": source, "pairs": len(continuations),
+        "pairs_from": source,
+        "pairs": len(continuations),
         "prompt_tokens": config.prompt_tokens if references is None else "as given",
         "reference_tokens": config.max_new_tokens if references is None else "as given",
     }

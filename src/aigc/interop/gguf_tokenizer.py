@@ -140,11 +140,7 @@ def _post_processor(vocab: GGUFVocab) -> processors.PostProcessor:
     if not prefix and not suffix:
         return byte_level
     single = " ".join([f"{t}:0" for t, _ in prefix] + ["$A:0"] + [f"{t}:0" for t, _ in suffix])
-    pair = (
-        single
-        + " "
-        + " ".join([f"{t}:1" for t, _ in prefix] + ["$B:1"] + [f"{t}:1" for t, _ in suffix])
-    )
+    pair = single + " " + " ".join([f"{t}:1" for t, _ in prefix] + ["$B:1"] + [f"{t}:1" for t, _ in suffix])
     template = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=list(dict.fromkeys(prefix + suffix))
     )
@@ -160,15 +156,11 @@ def tokenizer_json(vocab: GGUFVocab, where: str) -> str:
         )
     if vocab.pre not in PRE_TOKENIZERS:
         raise AigcError(
-            f"{where}: pre-tokenizer {vocab.pre!r} is not supported; supported: "
-            f"{', '.join(PRE_TOKENIZERS)}"
+            f"{where}: pre-tokenizer {vocab.pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}"
         )
     for name, index in vocab.special_ids.items():
         if not 0 <= index < len(vocab.tokens):
-            raise AigcError(
-                f"{where}: {name} token id {index} is outside the vocabulary "
-                f"of {len(vocab.tokens)} tokens"
-            )
+            raise AigcError(f"{where}: {name} token id {index} is outside the vocabulary of {len(vocab.tokens)} tokens")
     known = _vocab(vocab.tokens)
     bpe = models.BPE(
         vocab=known,

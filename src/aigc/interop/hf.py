@@ -10,11 +10,10 @@ plain JSON, model.safetensors is written with `safetensors`, tokenizer.json is o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-
-import dataclasses
 
 import torch
 import torch.nn as nn
@@ -133,8 +132,18 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
             "Embedding→LSTM→Dense model, so only GPT runs export (use --format int8, or train with --model gpt)"
         )
     c = model.config
-    if (c.norm, c.positions, c.mlp, c.n_kv_head, c.qkv_bias, c.tie_embeddings) != ("layernorm", "learned", "gelu", 0, False, True) or c.ffn_size != 4 * c.n_embd:
-        raise AigcError(f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}); export it as Llama")
+    if (c.norm, c.positions, c.mlp, c.n_kv_head, c.qkv_bias, c.tie_embeddings) != (
+        "layernorm",
+        "learned",
+        "gelu",
+        0,
+        False,
+        True,
+    ) or c.ffn_size != 4 * c.n_embd:
+        raise AigcError(
+            f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}); "
+            "export it as Llama"
+        )
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     if has_lora(model):
         merge_lora(model)  # the hub format has no adapters: fold them into the weights
@@ -192,7 +201,9 @@ def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
     }
     for key, (ok, wanted) in checks.items():
         if not ok:
-            raise AigcError(f"{src}/config.json has {key}={hf.get(key)!r}; aigc's GPT needs {wanted}, so it cannot import it")
+            raise AigcError(
+                f"{src}/config.json has {key}={hf.get(key)!r}; aigc's GPT needs {wanted}, so it cannot import it"
+            )
     return ModelConfig(
         kind="gpt",
         vocab_size=hf["vocab_size"],
@@ -232,7 +243,10 @@ def our_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, src: P
         expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise AigcError(f"weights in {src} do not match a GPT-2 of this config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise AigcError(
+            f"weights in {src} do not match a GPT-2 of this config.json (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]})"
+        )
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v)}" for k, v in expected.items() if state[k].shape != v]
     if wrong:
         raise AigcError(f"weights in {src} have other shapes than its config.json says: {'; '.join(wrong[:2])}")
@@ -246,10 +260,14 @@ def read_hf_tokenizer(src: Path) -> tuple[Tokenizer, bool]:
     elif (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         hf = _tokenizer_from_vocab_merges(src)
     else:
-        raise AigcError(f"{src} has no tokenizer.json (nor vocab.json + merges.txt); copy the model's tokenizer into it")
+        raise AigcError(
+            f"{src} has no tokenizer.json (nor vocab.json + merges.txt); copy the model's tokenizer into it"
+        )
     pre = json.loads(hf.to_str()).get("pre_tokenizer") or {}
     if "ByteLevel" not in json.dumps(pre):
-        raise AigcError(f"{src} has a {pre.get('type', 'non')}-pre-tokenized tokenizer; aigc needs GPT-2's byte-level BPE")
+        raise AigcError(
+            f"{src} has a {pre.get('type', 'non')}-pre-tokenized tokenizer; aigc needs GPT-2's byte-level BPE"
+        )
     if hf.token_to_id(EOT) is None:
         raise AigcError(f"the tokenizer in {src} has no {EOT} token; a GPT-2-type tokenizer must have one")
     hf.add_special_tokens([AddedToken(EOT, special=True)])  # GPT-2's vocab.json lists it as a plain entry

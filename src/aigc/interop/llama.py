@@ -26,9 +26,15 @@ BLOCK_NAMES = {
     "mlp.down_proj.weight": "mlp.c_proj.weight",
     "mlp.down_proj.bias": "mlp.c_proj.bias",
 }
-FUSED = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj")}
-TOP_NAMES = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight", "lm_head.weight": "lm_head.weight"}
+FUSED = {
+    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "wte.weight",
+    "model.norm.weight": "ln_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 def _architecture(hf: dict) -> str:
@@ -77,11 +83,22 @@ def model_config_from_hf(hf_config: dict, *, block_size: int | None = None) -> M
         raise AigcError(f"block_size {block_size} exceeds what this model reproduces exactly ({limit})")
     bias, qkv_bias = _biases(arch, hf)
     return ModelConfig(
-        kind="gpt", vocab_size=int(hf["vocab_size"]), block_size=block_size or limit,
-        n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_embd=width,
-        n_kv_head=int(hf.get("num_key_value_heads") or heads), ffn_hidden=int(hf["intermediate_size"]),
-        norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rotary",
-        rope_theta=_rope_theta(hf), mlp="swiglu", bias=bias, qkv_bias=qkv_bias, dropout=0.0,
+        kind="gpt",
+        vocab_size=int(hf["vocab_size"]),
+        block_size=block_size or limit,
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=heads,
+        n_embd=width,
+        n_kv_head=int(hf.get("num_key_value_heads") or heads),
+        ffn_hidden=int(hf["intermediate_size"]),
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        positions="rotary",
+        rope_theta=_rope_theta(hf),
+        mlp="swiglu",
+        bias=bias,
+        qkv_bias=qkv_bias,
+        dropout=0.0,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
@@ -131,8 +148,10 @@ def _check_names(state: dict, unused: list[str], expected: dict[str, tuple]) -> 
 def _check_exportable(config: ModelConfig) -> None:
     llama = (config.kind, config.norm, config.positions, config.mlp) == ("gpt", "rmsnorm", "rotary", "swiglu")
     if not llama:
-        raise AigcError("only Llama-style runs (rmsnorm, rotary, swiglu) export as LlamaForCausalLM; "
-                        "GPT-2-style runs export as GPT2LMHeadModel")
+        raise AigcError(
+            "only Llama-style runs (rmsnorm, rotary, swiglu) export as LlamaForCausalLM; "
+            "GPT-2-style runs export as GPT2LMHeadModel"
+        )
     if config.qkv_bias and config.bias:
         raise AigcError("--qkv-bias with --bias has no Hugging Face equivalent; train with one of them")
 
@@ -143,14 +162,25 @@ def hf_config_from(config: ModelConfig) -> dict:
     _check_exportable(config)
     arch = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
     hf = {
-        "architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd, "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_scaling": None,  # the 4.x spelling; 5.x reads it too
-        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+        "architectures": [arch],
+        "model_type": MODEL_TYPES[arch],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.ffn_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,  # the 4.x spelling; 5.x reads it too
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
     }
     if arch == "LlamaForCausalLM":
         hf.update(attention_bias=config.bias, mlp_bias=config.bias)
@@ -166,8 +196,10 @@ def state_dict_to_hf(model_state: dict[str, torch.Tensor], config: ModelConfig) 
     if any(".lora_" in name or name.endswith("weight_scale") for name in model_state):
         raise AigcError("the model holds LoRA adapters or int8 weights; merge (`aigc merge`) the fp32 run first")
     ours_to_hf = {v: k for k, v in TOP_NAMES.items()}
-    splits = {"attn.c_attn": [config.n_embd, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim],
-              "mlp.c_fc": [config.ffn_size, config.ffn_size]}
+    splits = {
+        "attn.c_attn": [config.n_embd, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim],
+        "mlp.c_fc": [config.ffn_size, config.ffn_size],
+    }
     out = {}
     for name, tensor in model_state.items():
         tensor = tensor.detach().to(torch.float32)

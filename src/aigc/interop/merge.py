@@ -8,16 +8,26 @@ import shutil
 from pathlib import Path
 
 from aigc.artifacts.run import (
-    BEST, METRICS, TOKENIZER, WEIGHTS, Weights, prepare_out_dir, read_run_config, save_config, save_weights,
+    BEST,
+    METRICS,
+    TOKENIZER,
+    WEIGHTS,
+    Weights,
+    prepare_out_dir,
+    read_run_config,
+    save_config,
+    save_weights,
 )
 from aigc.errors import AigcError
 from aigc.models import load_run
-from aigc.models.lora import LoRASpec, parameter_counts, merge_lora, save_adapters
+from aigc.models.lora import LoRASpec, merge_lora, parameter_counts, save_adapters
 
 ADAPTER = "adapter.safetensors"
 
 
-def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False) -> tuple[Path, dict]:
+def merge_run(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False
+) -> tuple[Path, dict]:
     """Merge `run_dir` in place, or into `out_dir`. Returns the output folder and its parameter counts.
 
     The adapters alone are kept in `adapter.safetensors` (see `aigc.models.lora.load_adapters`).

@@ -48,12 +48,15 @@ def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT,
     return import_gguf(find_packaged_gguf(PACKAGES[name]), out, context=context, overwrite=True)
 
 
-def import_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, context: int = DEFAULT_CONTEXT,
-                 overwrite: bool = False) -> Path:
+def import_model(
+    source: str | os.PathLike, out_dir: str | os.PathLike, *, context: int = DEFAULT_CONTEXT, overwrite: bool = False
+) -> Path:
     """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run."""
     src = Path(source)
     if not src.exists():
-        raise AigcError(f"{src} is not a folder or a .gguf file (it does not exist); pass a local model; nothing is downloaded")
+        raise AigcError(
+            f"{src} is not a folder or a .gguf file (it does not exist); pass a local model; nothing is downloaded"
+        )
     if src.is_file() and src.suffix.lower() == ".gguf":
         return import_gguf(src, out_dir, context=context, overwrite=overwrite)
     if src.is_dir() and read_hf_config(src).get("model_type") != "gpt2":
@@ -65,8 +68,7 @@ def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwri
     out = prepare_out_dir(out_dir, overwrite=overwrite)  # checked before minutes of dequantising
     model = read_gguf(path)
     source = {"format": "gguf", **model.source}
-    return _write_run(model.hf_config, model.tensors, model.tokenizer_json, model.chat_template, source,
-                      out, context)
+    return _write_run(model.hf_config, model.tensors, model.tokenizer_json, model.chat_template, source, out, context)
 
 
 def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
@@ -77,8 +79,15 @@ def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, over
         raise AigcError(f"{src} has no tokenizer.json; copy the model's tokenizer into it")
     template = _hf_chat_template(src)
     source = {"format": "hf", "path": str(src.resolve()), "model_type": hf_config.get("model_type")}
-    return _write_run(hf_config, read_hf_weights(src), (src / "tokenizer.json").read_text(encoding="utf-8"),
-                      template, source, out, context)
+    return _write_run(
+        hf_config,
+        read_hf_weights(src),
+        (src / "tokenizer.json").read_text(encoding="utf-8"),
+        template,
+        source,
+        out,
+        context,
+    )
 
 
 def _hf_chat_template(src: Path) -> str | None:
@@ -92,8 +101,15 @@ def _hf_chat_template(src: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _write_run(hf_config: dict, tensors: dict, tokenizer_json: str, chat_template: str | None, source: dict,
-               out: Path, context: int) -> Path:
+def _write_run(
+    hf_config: dict,
+    tensors: dict,
+    tokenizer_json: str,
+    chat_template: str | None,
+    source: dict,
+    out: Path,
+    context: int,
+) -> Path:
     max_positions = int(hf_config.get("max_position_embeddings") or context)
     config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
     state = state_dict_from_hf(tensors, config)

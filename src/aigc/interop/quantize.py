@@ -12,7 +12,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from aigc.artifacts.run import METRICS, TOKENIZER, WEIGHTS, Run, Weights, prepare_out_dir, require_plain_weights, save_config
+from aigc.artifacts.run import (
+    METRICS,
+    TOKENIZER,
+    WEIGHTS,
+    Run,
+    Weights,
+    prepare_out_dir,
+    require_plain_weights,
+    save_config,
+)
 from aigc.fsutil import write_with
 from aigc.models.int8 import SCHEME, int8_state, quantize_int8
 

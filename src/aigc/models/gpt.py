@@ -103,7 +103,12 @@ class CausalSelfAttention(nn.Module):
         # Without a mask this is training or a prefill from position 0: the fused causal path. A single
         # new token attends to every cached key (causality holds trivially); `mask` drops padding.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None and T > 1,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-# torch.ao's quantize_dynamic is imported by `quantize_int8` alone: it costs start-up for every other caller.
 
+# torch.ao's quantize_dynamic is imported by `quantize_int8` alone: it costs start-up for every other caller.
 from aigc.artifacts.run import RunConfig
 from aigc.errors import AigcError
 from aigc.models.build import build_model
@@ -109,7 +109,9 @@ def load_int8_state(quantized: nn.Module, tensors: dict[str, torch.Tensor], sour
                     param.copy_(tensors[name])
                     used.add(name)
     except (KeyError, RuntimeError) as exc:
-        raise AigcError(f"int8 weights {source} do not match the model in config.json ({exc}); re-export the run") from exc
+        raise AigcError(
+            f"int8 weights {source} do not match the model in config.json ({exc}); re-export the run"
+        ) from exc
     unexpected = sorted(set(tensors) - used)
     if unexpected:
         raise AigcError(f"int8 weights {source} hold tensors this model lacks ({unexpected[:3]}); re-export the run")

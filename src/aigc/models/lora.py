@@ -187,7 +187,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> LoRASpec:
     missing, unexpected = model.load_state_dict(state, strict=False)
     lora_missing = [key for key in missing if ".lora_" in key]
     if unexpected or lora_missing:
-        raise AigcError(f"adapters in {path} do not fit this model (unexpected {unexpected[:3]}, missing {lora_missing[:3]})")
+        raise AigcError(
+            f"adapters in {path} do not fit this model (unexpected {unexpected[:3]}, missing {lora_missing[:3]})"
+        )
     return spec
 
 

@@ -47,7 +47,12 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
         code: str | None = None,
     ):
         super().__init__(message)
@@ -75,8 +80,9 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     for param, texts in (("prompt", prompts), ("stop", stops)):
         if not all(_is_unicode(text) for text in texts):
-            raise ApiError(400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)",
-                           param=param)
+            raise ApiError(
+                400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)", param=param
+            )
     if body.n < 1 or body.n * len(prompts) > limits.max_batch:
         raise ApiError(
             400,
@@ -95,8 +101,10 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         size = len(tokenizer.encode(prompt)) + extra
         if size > limits.max_prompt_tokens:
             raise ApiError(
-                413, f"prompt is {size} tokens; this server takes at most {limits.max_prompt_tokens} "
-                "(--max-prompt-tokens)", param="prompt", code="context_length_exceeded",
+                413,
+                f"prompt is {size} tokens; this server takes at most {limits.max_prompt_tokens} (--max-prompt-tokens)",
+                param="prompt",
+                code="context_length_exceeded",
             )
     rows = tuple(
         Request(prompt=prompt, label=body.label, config=_choice_config(config, j))
@@ -110,7 +118,8 @@ def sample_config(body: CompletionRequest, limits: ServeConfig, *, vocab_size: i
     """The request's sampling options as a SampleConfig, its errors renamed to the API's fields."""
     if not 1 <= body.max_tokens <= limits.max_tokens_limit:
         raise ApiError(
-            400, f"max_tokens must be in [1, {limits.max_tokens_limit}] on this server, got {body.max_tokens}",
+            400,
+            f"max_tokens must be in [1, {limits.max_tokens_limit}] on this server, got {body.max_tokens}",
             param="max_tokens",
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
 from aigc import __version__
+from aigc.artifacts.run import Run
 from aigc.config import ServeConfig
 from aigc.errors import AigcError
 from aigc.serve import api
@@ -29,7 +30,6 @@ from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
 from aigc.serve.guard import error_response as _error_response
 from aigc.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from aigc.artifacts.run import Run
 from aigc.serve.schemas import (
     CompletionRequest,
     CompletionResponse,
@@ -46,8 +46,11 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 41
 CLOSE_TIMEOUT_S = 10  # most seconds shutdown waits for the decode thread once requests are over
 # With `stream: true`: one server-sent event per token (a CompletionResponse chunk as JSON), then [DONE].
 SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string", "description": "chunk JSON or [DONE]"}}}
-STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": "JSON, or with `stream: true` "
-          "server-sent events: `data: {completion chunk}` per token, then `data: [DONE]`"}
+STREAM = {
+    "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    "description": "JSON, or with `stream: true` "
+    "server-sent events: `data: {completion chunk}` per token, then `data: [DONE]`",
+}
 
 
 def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
@@ -69,7 +72,11 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages load Swagger UI / ReDoc from a CDN, dead offline. The schema
     # stays at /openapi.json for any OpenAPI viewer or client generator.
     app = FastAPI(
-        title="aigc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="aigc",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         description="OpenAI-compatible text completions from one aigc run, and a playground at `/`.",
     )
     app.state.scheduler = scheduler
@@ -93,8 +100,14 @@ def _add_info_routes(app: FastAPI, name: str, scheduler: Scheduler, summary: dic
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():
         status = "shutting_down" if scheduler.closed else "ok" if scheduler.alive else "degraded"
-        body = {"status": status, "model": name, "queued": scheduler.queued, "running": scheduler.running,
-                "batches": scheduler.batches, "sequences": scheduler.sequences}
+        body = {
+            "status": status,
+            "model": name,
+            "queued": scheduler.queued,
+            "running": scheduler.running,
+            "batches": scheduler.batches,
+            "sequences": scheduler.sequences,
+        }
         return body if status == "ok" else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
@@ -121,7 +134,8 @@ def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: st
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(job, plan, body.n, meta, usage), media_type="text/event-stream",
+                _stream(job, plan, body.n, meta, usage),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         result = await _collect_while_connected(request, job, len(plan.rows))
@@ -146,8 +160,10 @@ def _document_model_name(app: FastAPI, name: str) -> None:
 def _check_model(model: str, name: str) -> None:
     if model != name:
         raise ApiError(
-            404, f"model {model!r} not found; this server serves {name!r} (see GET /v1/models)",
-            param="model", code="model_not_found",
+            404,
+            f"model {model!r} not found; this server serves {name!r} (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
         )
 
 
@@ -156,8 +172,10 @@ def _submit(scheduler: Scheduler, plan: api.Plan, *, want_events: bool) -> Job:
         return scheduler.submit(plan.rows, want_events=want_events)
     except QueueFull:
         raise ApiError(
-            429, f"the server is busy: more than {scheduler.max_queue} sequences are queued (--max-queue); "
-            "retry shortly", type="rate_limit_error", code="queue_full",
+            429,
+            f"the server is busy: more than {scheduler.max_queue} sequences are queued (--max-queue); retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
         ) from None
     except ShuttingDown:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None

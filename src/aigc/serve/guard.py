@@ -30,9 +30,7 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):  # [::1]:8000
         return header[1:].partition("]")[0]
-    if (
-        header.count(":") == 1
-    ):  # name:port or 1.2.3.4:port (a bare IPv6 address has several colons)
+    if header.count(":") == 1:  # name:port or 1.2.3.4:port (a bare IPv6 address has several colons)
         header = header.partition(":")[0]
     return header.rstrip(".")
 
@@ -64,9 +62,7 @@ class Guard:
     body size cap (checked on the declared length and on the bytes actually received, so chunked
     bodies count too)."""
 
-    def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, hosts: HostAllowList
-    ):
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, hosts: HostAllowList):
         self.app, self.api_key, self.max_body_bytes, self.hosts = (
             app,
             api_key,
@@ -114,9 +110,7 @@ class Guard:
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:

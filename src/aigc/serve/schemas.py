@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 _NULL_MEANS_DEFAULT = frozenset(
     ("prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "n", "stream")
 )

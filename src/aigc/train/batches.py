@@ -24,7 +24,11 @@ def check_split_size(num_tokens: int, split: str, block_size: int, windows: int 
     """A split must hold `windows` distinct windows of `block_size + 1` tokens."""
     need = windows * (block_size + 1)
     if num_tokens < need:
-        what = f"{windows} windows of --block-size {block_size} + 1" if windows > 1 else f"one window of --block-size {block_size} + 1"
+        what = (
+            f"{windows} windows of --block-size {block_size} + 1"
+            if windows > 1
+            else f"one window of --block-size {block_size} + 1"
+        )
         raise AigcError(
             f"the {split} split has only {num_tokens} tokens but {what} need {need}; "
             "use a smaller --batch-size or --block-size, or prepare more data"
@@ -49,7 +53,9 @@ class BatchSampler:
     the current step runs. The windows are drawn on the caller's thread, so the stream is the same
     as without prefetching, and `state()` is the state before the prefetched batch was drawn."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+    ):
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size

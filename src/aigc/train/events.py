@@ -6,9 +6,10 @@ Events come from the main process only (rank 0 of a data-parallel run). A callba
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch.nn as nn
 
@@ -58,7 +59,7 @@ class TrainEnd:
     metrics: dict[str, Any] | None  # the last evaluation
 
 
-Event = Union[TrainStart, TrainStep, TrainEval, TrainEnd]
+Event = TrainStart | TrainStep | TrainEval | TrainEnd
 EventCallback = Callable[[Event], None]
 
 

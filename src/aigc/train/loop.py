@@ -16,7 +16,17 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aigc.artifacts.run import BEST, STATE, TOKENIZER, WEIGHTS, RunConfig, Weights, load_weights, save_config, save_weights
+from aigc.artifacts.run import (
+    BEST,
+    STATE,
+    TOKENIZER,
+    WEIGHTS,
+    RunConfig,
+    Weights,
+    load_weights,
+    save_config,
+    save_weights,
+)
 from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
@@ -85,8 +95,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg, runtime.device)
         block = plan.model_config.block_size
         self.sampler = BatchSampler(
-            plan.data.train.tokens, block, self.cfg.batch_size,
-            seed=self.cfg.seed, rank=runtime.rank, world_size=runtime.world_size,
+            plan.data.train.tokens,
+            block,
+            self.cfg.batch_size,
+            seed=self.cfg.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
         )
         world_batch = self.cfg.batch_size * runtime.world_size
         self.tokens_per_step = world_batch * block * self.cfg.grad_accum
@@ -176,15 +190,22 @@ class Trainer:
             "sampler": self.sampler.state(),
             "torch_rng": torch.get_rng_state(),
             "running": {
-                "loss": self.run_loss.item(), "acc": self.run_acc.item(), "steps": self.run_steps,
-                "acc_steps": self.run_acc_steps, "tokens": self.run_tokens, "time": self.run_time,
+                "loss": self.run_loss.item(),
+                "acc": self.run_acc.item(),
+                "steps": self.run_steps,
+                "acc_steps": self.run_acc_steps,
+                "tokens": self.run_tokens,
+                "time": self.run_time,
             },
         }
 
     def _load_state(self, state: dict) -> None:
         path = self.run_dir / STATE
         if state.get("format") != STATE_FORMAT:
-            raise AigcError(f"{path} has state format {state.get('format')}, this aigc reads {STATE_FORMAT}; start again with --overwrite")
+            raise AigcError(
+                f"{path} has state format {state.get('format')}, this aigc reads {STATE_FORMAT}; start again "
+                "with --overwrite"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -192,7 +213,9 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             running = state["running"]
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise AigcError(f"{path} does not match this run ({type(exc).__name__}: {str(exc)[:120]}); start again with --overwrite") from exc
+            raise AigcError(
+                f"{path} does not match this run ({type(exc).__name__}: {str(exc)[:120]}); start again with --overwrite"
+            ) from exc
         self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.last_eval_step = state["best_val_loss"], state["last_eval_step"]
         self.run_loss.fill_(running["loss"])
@@ -238,7 +261,9 @@ class Trainer:
             return None
         loss_value = loss.item()  # waits for the step to finish, so the timing below is honest
         self.run_time += time.perf_counter() - started
-        self._emit(TrainStep(self.step, self.tokens, loss_value, lr, self._throughput(), self._elapsed(), self._progress()))
+        self._emit(
+            TrainStep(self.step, self.tokens, loss_value, lr, self._throughput(), self._elapsed(), self._progress())
+        )
         elapsed, interrupted, nonfinite = self._sync_status(loss_value)
         if nonfinite:
             raise self._nonfinite_error("training loss")
@@ -348,7 +373,11 @@ class Trainer:
             self.model.train()
 
     def _nonfinite_error(self, what: str) -> AigcError:
-        saved = f"the last good checkpoint (step {self.last_eval_step}) is kept in {self.run_dir}" if self.last_eval_step > 0 else "no checkpoint was saved"
+        saved = (
+            f"the last good checkpoint (step {self.last_eval_step}) is kept in {self.run_dir}"
+            if self.last_eval_step > 0
+            else "no checkpoint was saved"
+        )
         lower = self.cfg.learning_rate / 3
         return AigcError(
             f"{what} became NaN/inf at step {self.step}; training stopped and {saved}; "
@@ -388,10 +417,17 @@ class Trainer:
     def _start_event(self) -> TrainStart:
         warning = rt.precision_warning(self.runtime)
         return TrainStart(
-            run_dir=self.run_dir, step=self.step, model_config=self.plan.model_config, train_config=self.cfg,
-            num_params=sum(p.numel() for p in self.model.parameters()), device=self.runtime.describe(),
-            dtype=self.runtime.dtype, world_size=self.runtime.world_size, resumed=self.plan.resume,
-            init_from=self.plan.init_from, notes=(warning,) if warning else (),
+            run_dir=self.run_dir,
+            step=self.step,
+            model_config=self.plan.model_config,
+            train_config=self.cfg,
+            num_params=sum(p.numel() for p in self.model.parameters()),
+            device=self.runtime.describe(),
+            dtype=self.runtime.dtype,
+            world_size=self.runtime.world_size,
+            resumed=self.plan.resume,
+            init_from=self.plan.init_from,
+            notes=(warning,) if warning else (),
         )
 
     def _emit(self, event) -> None:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from aigc.artifacts.run import METRICS, TENSORBOARD, read_metrics
 from aigc.errors import AigcError
 from aigc.fsutil import append_jsonl, write_text
-from aigc.artifacts.run import METRICS, TENSORBOARD, read_metrics
 
 TENSORBOARD_DIR = TENSORBOARD
 
@@ -20,7 +20,9 @@ def check_tensorboard(wanted: bool) -> None:
     try:
         import tensorboard  # noqa: F401
     except ImportError as exc:
-        raise AigcError("--tensorboard needs the tensorboard package; pip install 'aigc[tensorboard]' or drop the flag") from exc
+        raise AigcError(
+            "--tensorboard needs the tensorboard package; pip install 'aigc[tensorboard]' or drop the flag"
+        ) from exc
 
 
 class MetricsLog:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 

@@ -21,8 +21,20 @@ from aigc.tokenizer import Tokenizer
 from aigc.train.batches import check_split_size
 
 MODEL_SHAPE_FIELDS = (
-    "kind", "block_size", "n_layer", "n_head", "n_embd", "hidden_size", "bias", "norm", "positions", "mlp",
-    "ffn_hidden", "n_kv_head", "qkv_bias", "tie_embeddings",
+    "kind",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "hidden_size",
+    "bias",
+    "norm",
+    "positions",
+    "mlp",
+    "ffn_hidden",
+    "n_kv_head",
+    "qkv_bias",
+    "tie_embeddings",
 )
 
 
@@ -70,7 +82,9 @@ def plan_session(
         base = read_run_config(init_from)
         require_plain_weights(base, init_from, "--init-from")
         if model_config is not None and _shape(model_config) != _shape(base.model):
-            raise AigcError(f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)")
+            raise AigcError(
+                f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)"
+            )
         data = open_dataset(data_dir)
         _check_same_tokenizer(data, Tokenizer.load(Path(init_from) / TOKENIZER), Path(init_from))
         config = base.model if model_config is None else dataclasses.replace(base.model, dropout=model_config.dropout)
@@ -119,7 +133,9 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise AigcError(f"--out {run_dir} is a file; choose a folder name")
     if (run_dir / CONFIG).is_file():
         if not overwrite:
-            raise AigcError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite")
+            raise AigcError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite"
+            )
     elif any(run_dir.iterdir()):
         raise AigcError(f"{run_dir} exists and is not an aigc run; choose another --out (nothing was changed)")
 
