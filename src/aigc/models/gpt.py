@@ -126,7 +126,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        h = self.c_proj(h)
+        return self.dropout(h) if self.training else h  # Dropout is the identity in eval: skip the call
 
 
 class Block(nn.Module):
@@ -205,7 +206,8 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         else:
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        x = self.drop(x)
+        if self.training:  # Dropout is the identity in eval: skip the call
+            x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer, mask, rope)
         if cache is not None:
