@@ -39,7 +39,9 @@ def decode_loop(model, batch: int, new_tokens: int, *, use_packed: bool = True):
 
     @torch.inference_mode()
     def run():
-        with mock.patch.object(packed, "onednn_linear_available", lambda: use_packed and _onednn()):
+        with mock.patch.object(
+            packed, "onednn_linear_available", lambda: use_packed and _onednn()
+        ):
             cache, x, out = model.new_cache(batch), start, []
             for _ in range(new_tokens):
                 x = model(x, cache=cache)[0][:, -1].argmax(dim=-1, keepdim=True)
@@ -53,7 +55,9 @@ _onednn = packed.onednn_linear_available
 
 
 def prefill(model, length: int, last_only: bool):
-    idx = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(
+        0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)
+    )
     kwargs = {"last_only": True} if last_only else {}
 
     @torch.inference_mode()
@@ -75,7 +79,9 @@ def best_times(runs: dict, repeats: int) -> tuple[dict, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -91,18 +97,29 @@ def main() -> int:
     if args.baseline:
         models["baseline"] = load_baseline(args.baseline)(config).eval()
         models["baseline"].load_state_dict(model.state_dict())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} preset "
-          f"(block {block}), onednn packed head available: {_onednn()}", file=sys.stderr)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} preset "
+        f"(block {block}), onednn packed head available: {_onednn()}",
+        file=sys.stderr,
+    )
     report = []
     for batch in args.batches:
         runs = {name: decode_loop(m, batch, args.new_tokens) for name, m in models.items()}
         runs["no-packed"] = decode_loop(model, batch, args.new_tokens, use_packed=False)
         best, results = best_times(runs, args.repeats)
-        row = {"batch": batch, **{f"{k}_tokens_per_s": round(batch * args.new_tokens / v, 1) for k, v in best.items()}}
+        row = {
+            "batch": batch,
+            **{
+                f"{k}_tokens_per_s": round(batch * args.new_tokens / v, 1) for k, v in best.items()
+            },
+        }
         row["same_tokens"] = all(torch.equal(results["current"], r) for r in results.values())
         report.append(row)
         print(json.dumps(row), flush=True)
-    runs = {"all_logits": prefill(model, args.prefill, False), "last_only": prefill(model, args.prefill, True)}
+    runs = {
+        "all_logits": prefill(model, args.prefill, False),
+        "last_only": prefill(model, args.prefill, True),
+    }
     best, results = best_times(runs, args.repeats)
     row = {f"prefill_{k}_tokens_per_s": round(args.prefill / v, 1) for k, v in best.items()}
     row["same_token"] = bool(torch.equal(results["all_logits"], results["last_only"]))

@@ -8,29 +8,65 @@ import torch
 
 from aigc.config import model_preset
 from aigc.errors import AigcError
-from aigc.interop.llama import hf_config_from, model_config_from_hf, state_dict_from_hf, state_dict_to_hf
+from aigc.interop.llama import (
+    hf_config_from,
+    model_config_from_hf,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 from aigc.models import GPT
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 97
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 CASES = {
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=500.0)),
-    "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
-    "qwen2-qkv-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "mistral-gqa": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
+    "llama-tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=4, tie_word_embeddings=True),
+    ),
+    "llama-gqa-untied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_theta=500.0),
+    ),
+    "llama-bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+    ),
+    "qwen2-qkv-bias": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mistral-gqa": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=None),
+    ),
 }
 
 
 def hf_model(case: str):
     config_cls, arch, extra = CASES[case]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**SHAPE, **extra, architectures=[arch], attn_implementation="eager")
+    config = getattr(transformers, config_cls)(
+        **SHAPE, **extra, architectures=[arch], attn_implementation="eager"
+    )
     model = getattr(transformers, arch)(config).eval()
-    with torch.no_grad():  # the default init (std 0.02, zero biases) gives near-uniform logits: widen it
+    with (
+        torch.no_grad()
+    ):  # the default init (std 0.02, zero biases) gives near-uniform logits: widen it
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0.0, 0.2)
@@ -84,17 +120,27 @@ def test_llama_left_padded_cache_decode_matches_transformers_per_row(case):
             torch.testing.assert_close(got[i], full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=False), dict(qkv_bias=True), dict(n_kv_head=1)])
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(tie_embeddings=False), dict(qkv_bias=True), dict(n_kv_head=1)]
+)
 def test_llama_export_round_trip_gives_our_logits_in_transformers(overrides):
     torch.manual_seed(0)
     config = model_preset("llama-tiny", vocab_size=VOCAB, **overrides)
     ours = GPT(config).eval()
     hf_dict = hf_config_from(config)
     hf_config = transformers.AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
-    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), config), strict=False)
-    assert not unexpected and set(missing) <= ({"lm_head.weight"} if config.tie_embeddings else set())
-    assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == config.tie_embeddings
+    hf = transformers.AutoModelForCausalLM.from_config(
+        hf_config, attn_implementation="eager"
+    ).eval()
+    missing, unexpected = hf.load_state_dict(
+        state_dict_to_hf(ours.state_dict(), config), strict=False
+    )
+    assert not unexpected and set(missing) <= (
+        {"lm_head.weight"} if config.tie_embeddings else set()
+    )
+    assert (
+        hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ) == config.tie_embeddings
     idx = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=1e-4)

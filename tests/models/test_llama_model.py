@@ -11,7 +11,11 @@ from aigc.models import GPT, build_model, packed
 from aigc.models.lora import LoRASpec, apply_lora, merge_lora
 
 VOCAB = 50
-LLAMAS = {"tied-gqa": {}, "untied-mha": dict(tie_embeddings=False, n_kv_head=0), "qkv-bias": dict(qkv_bias=True)}
+LLAMAS = {
+    "tied-gqa": {},
+    "untied-mha": dict(tie_embeddings=False, n_kv_head=0),
+    "qkv-bias": dict(qkv_bias=True),
+}
 
 
 def llama(seed: int = 0, **overrides) -> GPT:
@@ -21,13 +25,26 @@ def llama(seed: int = 0, **overrides) -> GPT:
 
 def test_gpt2_defaults_keep_the_module_names_and_shapes_of_existing_runs():
     """A config.json written before the Llama fields existed loads as GPT-2: same tensors, same shapes."""
-    old_json = dict(kind="gpt", vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_embd=64, bias=True)
+    old_json = dict(
+        kind="gpt", vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_embd=64, bias=True
+    )
     model = GPT(from_dict(ModelConfig, old_json))
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    expected = {"wte.weight": (50, 64), "wpe.weight": (64, 64), "ln_f.weight": (64,), "ln_f.bias": (64,),
-                "lm_head.weight": (50, 64)}
-    for name, shape in {"ln_1": (64,), "ln_2": (64,), "attn.c_attn": (192, 64), "attn.c_proj": (64, 64),
-                        "mlp.c_fc": (256, 64), "mlp.c_proj": (64, 256)}.items():
+    expected = {
+        "wte.weight": (50, 64),
+        "wpe.weight": (64, 64),
+        "ln_f.weight": (64,),
+        "ln_f.bias": (64,),
+        "lm_head.weight": (50, 64),
+    }
+    for name, shape in {
+        "ln_1": (64,),
+        "ln_2": (64,),
+        "attn.c_attn": (192, 64),
+        "attn.c_proj": (64, 64),
+        "mlp.c_fc": (256, 64),
+        "mlp.c_proj": (64, 256),
+    }.items():
         expected[f"h.0.{name}.weight"] = shape
         expected[f"h.0.{name}.bias"] = shape[:1]
     assert shapes == expected
@@ -76,7 +93,13 @@ def test_llama_left_padding_is_invisible_and_last_only_equals_the_last_row():
     with torch.no_grad():
         reference, _ = model(prompt)
         out, _ = model(padded, cache=model.new_cache(1), positions=positions, pad_mask=pad_mask)
-        last, _ = model(padded, cache=model.new_cache(1), positions=positions, pad_mask=pad_mask, last_only=True)
+        last, _ = model(
+            padded,
+            cache=model.new_cache(1),
+            positions=positions,
+            pad_mask=pad_mask,
+            last_only=True,
+        )
     torch.testing.assert_close(out[:, 3:], reference, atol=1e-5, rtol=1e-4)
     assert last.shape == (1, 1, VOCAB)
     torch.testing.assert_close(last, out[:, -1:], atol=1e-6, rtol=1e-5)
@@ -88,7 +111,10 @@ def test_llama_batched_greedy_generation_equals_one_by_one(tiny_tokenizer):
     torch.manual_seed(0)
     model = build_model(model_preset("llama-tiny", vocab_size=tiny_tokenizer.vocab_size)).eval()
     greedy = SampleConfig(temperature=0, max_new_tokens=12)
-    requests = [Request(p, config=greedy) for p in ("a wonderful film", "", "a much longer prompt than the others")]
+    requests = [
+        Request(p, config=greedy)
+        for p in ("a wonderful film", "", "a much longer prompt than the others")
+    ]
     batched = generate(model, tiny_tokenizer, requests)
     for request, completion in zip(requests, batched):
         assert completion.token_ids == generate(model, tiny_tokenizer, [request])[0].token_ids
@@ -100,7 +126,9 @@ def test_packed_head_fallback_gives_the_same_tokens(tiny_tokenizer, monkeypatch,
     """With the oneDNN packed head forced off, the plain nn.Linear path decodes the same tokens."""
     torch.manual_seed(0)
     model = build_model(model_preset(preset, vocab_size=tiny_tokenizer.vocab_size)).eval()
-    requests = [Request(p, config=SampleConfig(temperature=0, max_new_tokens=16)) for p in ("a film", "")]
+    requests = [
+        Request(p, config=SampleConfig(temperature=0, max_new_tokens=16)) for p in ("a film", "")
+    ]
     packed_tokens = [c.token_ids for c in generate(model, tiny_tokenizer, requests)]
     calls = []
     monkeypatch.setattr(packed, "onednn_linear_available", lambda: calls.append(1) and False)

@@ -15,7 +15,11 @@ from aigc.config import ModelConfig
 from aigc.errors import AigcError
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
 # Per-block tensors: HF name under `model.layers.N.` -> ours under `h.N.` (q/k/v, gate/up fused apart).
 BLOCK_NAMES = {
     "input_layernorm.weight": "ln_1.weight",
@@ -25,9 +29,15 @@ BLOCK_NAMES = {
     "mlp.down_proj.weight": "mlp.c_proj.weight",
     "mlp.down_proj.bias": "mlp.c_proj.bias",
 }
-FUSED = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj")}
-TOP_NAMES = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight", "lm_head.weight": "lm_head.weight"}
+FUSED = {
+    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "wte.weight",
+    "model.norm.weight": "ln_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 def _architecture(hf: dict) -> str:
@@ -44,7 +54,9 @@ def _rope_theta(hf: dict) -> float:
     scaling = hf.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise AigcError(f"rope scaling {kind!r} is not supported; aigc reproduces plain rotary positions only")
+        raise AigcError(
+            f"rope scaling {kind!r} is not supported; aigc reproduces plain rotary positions only"
+        )
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -54,7 +66,9 @@ def _biases(arch: str, hf: dict) -> tuple[bool, bool]:
         return False, True
     attention, mlp = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if attention != mlp:
-        raise AigcError(f"attention_bias={attention} with mlp_bias={mlp} is not supported; aigc needs both alike")
+        raise AigcError(
+            f"attention_bias={attention} with mlp_bias={mlp} is not supported; aigc needs both alike"
+        )
     return attention, False
 
 
@@ -64,23 +78,40 @@ def model_config_from_hf(hf_config: dict, *, block_size: int | None = None) -> M
     positions per row, so pass less to save memory. Anything we cannot reproduce is an AigcError."""
     hf, arch = hf_config, _architecture(hf_config)
     if hf.get("hidden_act", "silu") != "silu":
-        raise AigcError(f"hidden_act {hf.get('hidden_act')!r} is not supported; aigc's SwiGLU uses silu")
+        raise AigcError(
+            f"hidden_act {hf.get('hidden_act')!r} is not supported; aigc's SwiGLU uses silu"
+        )
     heads, width = int(hf["num_attention_heads"]), int(hf["hidden_size"])
     if hf.get("head_dim") not in (None, width // heads):
-        raise AigcError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads; not supported")
+        raise AigcError(
+            f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads; not supported"
+        )
     if hf.get("use_sliding_window"):
         raise AigcError("Qwen2 with use_sliding_window=true is not supported; only full attention")
     window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
     limit = min(int(hf.get("max_position_embeddings", 2048)), window or 1 << 62)
     if block_size is not None and block_size > limit:
-        raise AigcError(f"block_size {block_size} exceeds what this model reproduces exactly ({limit})")
+        raise AigcError(
+            f"block_size {block_size} exceeds what this model reproduces exactly ({limit})"
+        )
     bias, qkv_bias = _biases(arch, hf)
     return ModelConfig(
-        kind="gpt", vocab_size=int(hf["vocab_size"]), block_size=block_size or limit,
-        n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_embd=width,
-        n_kv_head=int(hf.get("num_key_value_heads") or heads), ffn_hidden=int(hf["intermediate_size"]),
-        norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rotary",
-        rope_theta=_rope_theta(hf), mlp="swiglu", bias=bias, qkv_bias=qkv_bias, dropout=0.0,
+        kind="gpt",
+        vocab_size=int(hf["vocab_size"]),
+        block_size=block_size or limit,
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=heads,
+        n_embd=width,
+        n_kv_head=int(hf.get("num_key_value_heads") or heads),
+        ffn_hidden=int(hf["intermediate_size"]),
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        positions="rotary",
+        rope_theta=_rope_theta(hf),
+        mlp="swiglu",
+        bias=bias,
+        qkv_bias=qkv_bias,
+        dropout=0.0,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
@@ -92,12 +123,16 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
         return {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
 
 
-def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(
+    tensors: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """HF tensors -> our state dict (float32), ready for `GPT(config).load_state_dict`. With tied
     embeddings HF stores no lm_head.weight; ours gets the embedding under both names."""
     state, used = {}, set()
     for name, tensor in tensors.items():
-        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; recomputed here
+        if name.endswith(
+            "rotary_emb.inv_freq"
+        ):  # a buffer older checkpoints saved; recomputed here
             used.add(name)
         elif name in TOP_NAMES:
             state[TOP_NAMES[name]] = tensor
@@ -123,19 +158,34 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
 def _check_names(state: dict, unused: list[str], expected: dict[str, tuple]) -> None:
     missing = sorted(set(expected) - set(state))
     if missing or unused:
-        raise AigcError(f"weights do not match this config.json (missing {missing[:3]}, unexpected {unused[:3]})")
-    wrong = [f"{k} {tuple(state[k].shape)} != {v}" for k, v in expected.items() if tuple(state[k].shape) != v]
+        raise AigcError(
+            f"weights do not match this config.json (missing {missing[:3]}, unexpected {unused[:3]})"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {v}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != v
+    ]
     if wrong:
         raise AigcError(f"weights have other shapes than config.json says: {'; '.join(wrong[:2])}")
 
 
 def _check_exportable(config: ModelConfig) -> None:
-    llama = (config.kind, config.norm, config.positions, config.mlp) == ("gpt", "rmsnorm", "rotary", "swiglu")
+    llama = (config.kind, config.norm, config.positions, config.mlp) == (
+        "gpt",
+        "rmsnorm",
+        "rotary",
+        "swiglu",
+    )
     if not llama:
-        raise AigcError("only Llama-style runs (rmsnorm, rotary, swiglu) export as LlamaForCausalLM; "
-                        "GPT-2-style runs export as GPT2LMHeadModel")
+        raise AigcError(
+            "only Llama-style runs (rmsnorm, rotary, swiglu) export as LlamaForCausalLM; "
+            "GPT-2-style runs export as GPT2LMHeadModel"
+        )
     if config.qkv_bias and config.bias:
-        raise AigcError("--qkv-bias with --bias has no Hugging Face equivalent; train with one of them")
+        raise AigcError(
+            "--qkv-bias with --bias has no Hugging Face equivalent; train with one of them"
+        )
 
 
 def hf_config_from(config: ModelConfig) -> dict:
@@ -144,14 +194,25 @@ def hf_config_from(config: ModelConfig) -> dict:
     _check_exportable(config)
     arch = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
     hf = {
-        "architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd, "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_scaling": None,  # the 4.x spelling; 5.x reads it too
-        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+        "architectures": [arch],
+        "model_type": MODEL_TYPES[arch],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.ffn_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,  # the 4.x spelling; 5.x reads it too
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
     }
     if arch == "LlamaForCausalLM":
         hf.update(attention_bias=config.bias, mlp_bias=config.bias)
@@ -160,15 +221,25 @@ def hf_config_from(config: ModelConfig) -> dict:
     return hf
 
 
-def state_dict_to_hf(model_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def state_dict_to_hf(
+    model_state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names (float32), q/k/v and gate/up split apart; no lm_head when tied.
     LoRA adapters must be merged first, and int8 weights cannot be exported."""
     _check_exportable(config)
     if any(".lora_" in name or name.endswith("weight_scale") for name in model_state):
-        raise AigcError("the model holds LoRA adapters or int8 weights; merge (`aigc merge`) the fp32 run first")
+        raise AigcError(
+            "the model holds LoRA adapters or int8 weights; merge (`aigc merge`) the fp32 run first"
+        )
     ours_to_hf = {v: k for k, v in TOP_NAMES.items()}
-    splits = {"attn.c_attn": [config.n_embd, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim],
-              "mlp.c_fc": [config.ffn_size, config.ffn_size]}
+    splits = {
+        "attn.c_attn": [
+            config.n_embd,
+            config.kv_heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        ],
+        "mlp.c_fc": [config.ffn_size, config.ffn_size],
+    }
     out = {}
     for name, tensor in model_state.items():
         tensor = tensor.detach().to(torch.float32)

@@ -56,7 +56,9 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     """cos, sin (B | 1, 1, T, hs) for position ids (B | 1, T), Hugging Face Llama's layout: the
     frequency of pair i is theta^(-2i/hs), repeated for both halves. Computed in float32 from the
     positions of each row, so left-padded rows rotate by their own positions."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    exponent = (
+        torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    )
     inv_freq = 1.0 / (theta**exponent)  # (hs/2,)
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, hs/2)
     angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
@@ -78,7 +80,11 @@ def make_norm(config: ModelConfig) -> nn.Module:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.kv_heads,
+            config.head_dim,
+        )
         width = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, k, v at once
         self.c_attn = nn.Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -88,7 +94,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs)
         q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        kv = qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
+        kv = (
+            qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (2, B, nkv, T, hs)
         k, v = kv[0], kv[1]
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -103,7 +111,12 @@ class CausalSelfAttention(nn.Module):
         # Without a mask this is training or a prefill from position 0: the fused causal path. A single
         # new token attends to every cached key (causality holds trivially); `mask` drops padding.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None and T > 1,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -115,7 +128,9 @@ class MLP(nn.Module):
         self.gated = config.mlp == "swiglu"
         hidden = config.ffn_size
         # SwiGLU: gate and up projections fused, (C) -> (2 * hidden), gate first.
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.c_fc = nn.Linear(
+            config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias
+        )
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -127,7 +142,9 @@ class MLP(nn.Module):
         else:
             h = F.gelu(h, approximate="tanh")
         h = self.c_proj(h)
-        return self.dropout(h) if self.training else h  # Dropout is the identity in eval: skip the call
+        return (
+            self.dropout(h) if self.training else h
+        )  # Dropout is the identity in eval: skip the call
 
 
 class Block(nn.Module):
@@ -194,7 +211,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+            )
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss; pass targets with last_only=False")
         if positions is None:
@@ -216,7 +235,9 @@ class GPT(nn.Module):
         logits = self._project(x, cache)  # (B, T | 1, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+        )
         return logits, loss
 
     def _project(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
