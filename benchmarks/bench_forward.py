@@ -101,11 +101,17 @@ def main() -> int:
         runs = {name: decode_loop(m, batch, args.new_tokens) for name, m in models.items()}
         runs["no-packed"] = decode_loop(model, batch, args.new_tokens, use_packed=False)
         best, results = best_times(runs, args.repeats)
-        row = {"batch": batch, **{f"{k}_tokens_per_s": round(batch * args.new_tokens / v, 1) for k, v in best.items()}}
+        row = {
+            "batch": batch,
+            **{f"{k}_tokens_per_s": round(batch * args.new_tokens / v, 1) for k, v in best.items()},
+        }
         row["same_tokens"] = all(torch.equal(results["current"], r) for r in results.values())
         report.append(row)
         print(json.dumps(row), flush=True)
-    runs = {"all_logits": prefill(model, args.prefill, False), "last_only": prefill(model, args.prefill, True)}
+    runs = {
+        "all_logits": prefill(model, args.prefill, False),
+        "last_only": prefill(model, args.prefill, True),
+    }
     best, results = best_times(runs, args.repeats)
     row = {f"prefill_{k}_tokens_per_s": round(args.prefill / v, 1) for k, v in best.items()}
     row["same_token"] = bool(torch.equal(results["all_logits"], results["last_only"]))

@@ -8,7 +8,12 @@ import torch
 
 from aigc.config import model_preset
 from aigc.errors import AigcError
-from aigc.interop.llama import hf_config_from, model_config_from_hf, state_dict_from_hf, state_dict_to_hf
+from aigc.interop.llama import (
+    hf_config_from,
+    model_config_from_hf,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 from aigc.models import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -24,11 +29,31 @@ SHAPE = dict(
     rms_norm_eps=1e-5,
 )
 CASES = {
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=500.0)),
-    "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
-    "qwen2-qkv-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "mistral-gqa": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
+    "llama-tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=4, tie_word_embeddings=True),
+    ),
+    "llama-gqa-untied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_theta=500.0),
+    ),
+    "llama-bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+    ),
+    "qwen2-qkv-bias": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mistral-gqa": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=None),
+    ),
 }
 
 

@@ -11,7 +11,11 @@ from aigc.models.int8 import int8_state, load_int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora, merge_lora
 
 VOCAB = 50
-LLAMAS = {"tied-gqa": {}, "untied-mha": dict(tie_embeddings=False, n_kv_head=0), "qkv-bias": dict(qkv_bias=True)}
+LLAMAS = {
+    "tied-gqa": {},
+    "untied-mha": dict(tie_embeddings=False, n_kv_head=0),
+    "qkv-bias": dict(qkv_bias=True),
+}
 
 
 def llama(seed: int = 0, **overrides) -> GPT:
@@ -87,7 +91,13 @@ def test_llama_left_padding_is_invisible_and_last_only_equals_the_last_row():
     with torch.no_grad():
         reference, _ = model(prompt)
         out, _ = model(padded, cache=model.new_cache(1), positions=positions, pad_mask=pad_mask)
-        last, _ = model(padded, cache=model.new_cache(1), positions=positions, pad_mask=pad_mask, last_only=True)
+        last, _ = model(
+            padded,
+            cache=model.new_cache(1),
+            positions=positions,
+            pad_mask=pad_mask,
+            last_only=True,
+        )
     torch.testing.assert_close(out[:, 3:], reference, atol=1e-5, rtol=1e-4)
     assert last.shape == (1, 1, VOCAB)
     torch.testing.assert_close(last, out[:, -1:], atol=1e-6, rtol=1e-5)

@@ -78,7 +78,11 @@ def make_norm(config: ModelConfig) -> nn.Module:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.kv_heads,
+            config.head_dim,
+        )
         width = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, k, v at once
         self.c_attn = nn.Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -131,7 +135,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        h = self.c_proj(h)
+        return self.dropout(h) if self.training else h  # Dropout is the identity in eval: skip the call
 
 
 class Block(nn.Module):
@@ -210,7 +215,8 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         else:
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        x = self.drop(x)
+        if self.training:  # Dropout is the identity in eval: skip the call
+            x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer, mask, rope)
         if cache is not None:
