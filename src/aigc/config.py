@@ -116,7 +116,7 @@ LLAMA_STYLE: dict[str, Any] = dict(norm="rmsnorm", positions="rotary", mlp="swig
 # Presets by name. `small` is the demo's CPU model; `base` is the GPT-2 124M shape for GPUs.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=64, hidden_size=64),
-    # Tuned on IMDb (8192-token BPE) on the shared 2-core CPU: for a 5-minute budget a narrow model
+    # Tuned on IMDb (8192-token BPE) on a shared 2-core CPU: for a 5-minute budget a narrow model
     # that sees more tokens beats a wider one that sees fewer (see docs/benchmarks.md#train).
     "small": dict(block_size=128, n_layer=3, n_head=4, n_embd=128, hidden_size=256),
     "base": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, hidden_size=1024),

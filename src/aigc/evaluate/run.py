@@ -79,9 +79,9 @@ def generate_all(run: Run, requests: Sequence, batch_size: int) -> list:
 @contextmanager
 def _one_cpu_thread(run: Run) -> Iterator[None]:
     """Decode on CPU with one intra-op thread. Each decode step is many tiny ops on (B, 1, C)
-    activations; measured on the 2-core dev machine (shared), two threads made a 32 x 128-token decode
-    of the `small` GPT 3-12x slower than one (thread hand-offs cost more than the work), whereas the
-    big batches of `lm.score_sequences` do run 2x faster on two threads, so only this stage is pinned."""
+    activations, so thread hand-offs can cost more than the work (docs/evaluate.md has the figures:
+    two threads decoded the `small` GPT 3-12x slower than one on a shared 2-core CPU), whereas the big
+    batches of `lm.score_sequences` gain from threads, so only this stage is pinned."""
     if next(run.model.parameters()).device.type != "cpu":
         yield
         return

@@ -3,7 +3,7 @@
 Each `nn.Linear` weight is stored as int8 with one scale per output row (symmetric, zero point 0);
 activations are quantized per batch at run time, so no calibration data is needed. We use
 `torch.ao.quantization.quantize_dynamic` with a per-channel config: it is deprecated in favour of
-`torchao.quantize_`, but on this CPU in eager mode it was the fastest of the three we measured
+`torchao.quantize_`, but in eager mode on the CPUs we measured it was the fastest of the three
 (docs/interop.md): torchao's int8 dynamic path decoded 3x slower than fp32, its weight-only path
 1.2x faster, `quantize_dynamic` 1.8x faster. Embeddings, LayerNorms and the LSTM's recurrent weights stay fp32.
 

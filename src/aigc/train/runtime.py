@@ -58,8 +58,8 @@ def auto_threads(processes: int = 1) -> int:
     """CPU threads per process: the cores that other work leaves free, split between our processes.
 
     On a shared machine this matters more than anything else: when the threads of one parallel
-    region outnumber the free cores, each region waits for a descheduled thread (measured here
-    under a load of 7 on 2 cores: 2 threads ran at 1/3 the speed of 1 thread)."""
+    region outnumber the free cores, each region waits for a descheduled thread (docs/benchmarks.md:
+    under a load of 7 on 2 cores, 2 threads ran at 1/3 the speed of 1 thread)."""
     cores = os.cpu_count() or 1
     free = max(1, round(cores - busy_cores()))
     return max(1, min(cores, free) // processes)
