@@ -141,12 +141,13 @@ def open_dataset(folder: str | os.PathLike) -> Dataset:
     return Dataset(path, info, tokenizer, open_split(path, "train"), open_split(path, "val"))
 
 
-def check_same_tokenizer(dataset_dir: Path, dataset_tokenizer: Tokenizer, tokenizer: Tokenizer, owner: Path) -> None:
+def check_same_tokenizer(
+    dataset_dir: Path, dataset_tokenizer: Tokenizer, tokenizer: Tokenizer, owner: Path, *, fix: str | None = None
+) -> None:
     """A dataset is only usable with the tokenizer it was made with.
 
-    `owner` is the run (or base model) that `tokenizer` belongs to; the error names it."""
+    `owner` is the run (or base model) that `tokenizer` belongs to; `fix` replaces the default advice
+    (prepare the data again with the owner's tokenizer)."""
     if dataset_tokenizer.vocab_fingerprint() != tokenizer.vocab_fingerprint():
-        raise AigcError(
-            f"{dataset_dir} was prepared with a different tokenizer than {owner}; prepare it again with "
-            f"`aigc prepare SOURCE --out DIR --tokenizer {owner / TOKENIZER}`"
-        )
+        fix = fix or f"prepare it again with `aigc prepare SOURCE --out DIR --tokenizer {owner / TOKENIZER}`"
+        raise AigcError(f"the dataset at {dataset_dir} was tokenized with a different tokenizer than {owner}; {fix}")

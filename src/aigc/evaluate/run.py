@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aigc.artifacts.dataset import DATASET_JSON, open_split, read_dataset_info
+from aigc.artifacts.dataset import DATASET_JSON, TOKENIZER, check_same_tokenizer, open_split, read_dataset_info
 from aigc.artifacts.device import pick_device
 from aigc.config import EvalConfig, SampleConfig, to_dict
 from aigc.errors import AigcError
@@ -55,15 +55,10 @@ def dataset_folder(run: Run, data: str | os.PathLike | None) -> tuple[Path, dict
         where = "given with --data" if data is not None else "recorded in the run's config.json"
         raise AigcError(f"no prepared dataset at {folder} ({where}; moved or deleted?); pass --data DIR")
     info = read_dataset_info(folder)
-    tokenizer_file = folder / "tokenizer.json"
-    if (
-        tokenizer_file.is_file()
-        and Tokenizer.load(tokenizer_file).vocab_fingerprint() != run.tokenizer.vocab_fingerprint()
-    ):
-        raise AigcError(
-            f"the dataset at {folder} was tokenized with a different tokenizer than run {run.path}; "
-            "pass --data with the dataset this run was trained on"
-        )
+    tokenizer_file = folder / TOKENIZER
+    if tokenizer_file.is_file():
+        fix = "pass --data with the dataset this run was trained on"
+        check_same_tokenizer(folder, Tokenizer.load(tokenizer_file), run.tokenizer, run.path, fix=fix)
     return folder, info
 
 
