@@ -55,8 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    # Deferred: a slow import that only this path needs.
-
     if args.minutes <= 0:
         raise AigcError(f"--minutes must be > 0, got {args.minutes}")
     started = time.perf_counter()
