@@ -155,7 +155,11 @@ class PrepareConfig:
     test_fraction: float = opt(0.0, "share of documents held out for testing")
     seed: int = opt(1337, "seed for the split")
     vocab_size: int = opt(8192, "BPE vocabulary size, special tokens included")
-    tokenizer: str | None = opt(None, "reuse this tokenizer.json instead of training one (for fine-tuning)")
+    tokenizer: str | None = opt(
+        None,
+        "reuse a tokenizer instead of training one (for fine-tuning): a tokenizer.json, a run folder or a pulled "
+        "model's name; control tokens for labels it lacks are appended",
+    )
     overwrite: bool = opt(False, "replace an output folder that already holds a different dataset")
 
     def __post_init__(self) -> None:
