@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import write_csv
 
 from aigc.artifacts.run import RunConfig, save_run
 from aigc.cli import main
@@ -18,7 +19,6 @@ from aigc.models.adapted import load_base
 from aigc.models.lora import LoRASpec, apply_lora, has_lora
 from aigc.models.vocab import grow_frozen, initial_rows
 from aigc.tokenizer import Tokenizer
-from tests.conftest import write_csv
 
 TRAIN = "--max-steps 12 --eval-every 12 --eval-batches 1 --seq-len 32 --learning-rate 1e-2 --device cpu --dtype fp32"
 
