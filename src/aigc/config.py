@@ -155,7 +155,11 @@ class PrepareConfig:
     test_fraction: float = opt(0.0, "share of documents held out for testing")
     seed: int = opt(1337, "seed for the split")
     vocab_size: int = opt(8192, "BPE vocabulary size, special tokens included")
-    tokenizer: str | None = opt(None, "reuse this tokenizer.json instead of training one (for fine-tuning)")
+    tokenizer: str | None = opt(
+        None,
+        "reuse a tokenizer instead of training one (for fine-tuning): a tokenizer.json, a run folder or a pulled "
+        "model's name; control tokens for labels it lacks are appended",
+    )
     overwrite: bool = opt(False, "replace an output folder that already holds a different dataset")
 
     def __post_init__(self) -> None:
@@ -192,6 +196,7 @@ class TrainConfig:
 
     batch_size: int = opt(16, "sequences per micro-batch (per process)")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    seq_len: int = opt(0, "tokens per training sequence (at most the model's context); 0 = the model's context")
     learning_rate: float = opt(1e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
     warmup_steps: int = opt(100, "linear warm-up steps")
@@ -236,7 +241,7 @@ class TrainConfig:
         _check(bool(targets), "--lora-targets is empty; name at least one linear layer, e.g. c_attn")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_steps", "max_tokens", "save_every", "sample_tokens", "threads"):
+        for name in ("seq_len", "warmup_steps", "max_steps", "max_tokens", "save_every", "sample_tokens", "threads"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -253,6 +258,27 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(batch_size=8, learning_rate=4e-3, warmup_steps=20),
     "base": dict(),
 }
+
+
+# Training settings for fine-tuning an imported (pretrained) model, where the user sets nothing else:
+# LoRA rank 16 on every block layer, and short sequences in small batches, so that a CPU takes a step
+# every few seconds instead of one 16 x 2048-token step in minutes.
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
+    lora_rank=16,
+    lora_alpha=32.0,
+    batch_size=4,
+    seq_len=128,
+    learning_rate=1e-3,
+    warmup_steps=10,
+    eval_every=25,
+    eval_batches=4,
+    sample_tokens=32,
+)
+
+
+def finetune_train_config(**overrides: Any) -> TrainConfig:
+    """The TrainConfig of fine-tuning an imported model: FINETUNE_DEFAULTS plus any field overrides."""
+    return TrainConfig(**{**FINETUNE_DEFAULTS, **overrides})
 
 
 def train_preset(name: str, **overrides: Any) -> TrainConfig:

@@ -88,6 +88,16 @@ class Tokenizer:
             raise AigcError(f"cannot read tokenizer {path}: {exc}; re-create it with aigc prepare") from exc
         return cls(hf, labels)
 
+    def with_labels(self, labels: Sequence[str]) -> Tokenizer:
+        """A copy that also has control tokens for `labels`: the missing ones are appended after the
+        last id (so every existing id keeps its meaning, as a pretrained model's embedding needs)."""
+        missing = [label for label in labels if label not in self.labels]
+        if not missing:
+            return self
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_special_tokens([label_token(label) for label in missing])
+        return Tokenizer(hf, [*self.labels, *missing])
+
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename) so a crash never leaves half a tokenizer."""
         write_with(path, lambda tmp: self.hf.save(str(tmp)))

@@ -205,11 +205,46 @@ def test_prepare_dataset_reuses_a_given_tokenizer(tmp_path, reviews, tiny_tokeni
     assert data.tokens[0] in (tiny_tokenizer.label_id("pos"), tiny_tokenizer.label_id("neg"))
 
 
-def test_prepare_dataset_given_tokenizer_must_know_the_labels(tmp_path, reviews, tiny_tokenizer):
+def test_prepare_dataset_appends_control_tokens_the_given_tokenizer_lacks(tmp_path, reviews, tiny_tokenizer):
     tiny_tokenizer.save(tmp_path / "tok.json")
     rows = [(text, "meh" if i % 3 == 0 else label) for i, (text, label) in enumerate(reviews[:30])]
-    with pytest.raises(AigcError, match="no control token for label.*meh.*it knows: pos, neg"):
-        prepare_dataset(_csv(tmp_path / "r.csv", rows), tmp_path / "ds", _config(tokenizer=str(tmp_path / "tok.json")))
+    info = prepare_dataset(
+        _csv(tmp_path / "r.csv", rows), tmp_path / "ds", _config(tokenizer=str(tmp_path / "tok.json"))
+    )
+    base_size = tiny_tokenizer.vocab_size
+    assert info["vocab_size"] == base_size + 1 and info["base_vocab_size"] == base_size
+    assert info["base_tokenizer_fingerprint"] == tiny_tokenizer.vocab_fingerprint()
+    extended = Tokenizer.load(tmp_path / "ds" / "tokenizer.json", info["labels"])
+    assert extended.label_id("meh") == base_size  # appended: every id of the base keeps its meaning
+    assert extended.hf.get_vocab() | tiny_tokenizer.hf.get_vocab() == extended.hf.get_vocab()
+    data = open_split(tmp_path / "ds", "train")
+    meh = data.docs[data.docs[:, 2] == info["labels"].index("meh")]
+    assert len(meh) and all(data.tokens[start] == base_size for start in meh[:, 0])
+
+
+def test_prepare_dataset_uint32_shards_for_a_vocabulary_over_65536(tmp_path, reviews):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from aigc.tokenizer import EOT, PAD
+
+    # A word-level vocabulary of 70,000 entries: ids beyond uint16 occur in the text.
+    words = sorted({w for text, _ in reviews[:40] for w in text.split()})
+    vocab = {f"filler{i}": i for i in range(70_000 - len(words))}
+    vocab.update({w: len(vocab) + i for i, w in enumerate(words)})
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="filler0"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens([EOT, PAD])
+    Tokenizer(hf).save(tmp_path / "big.json")
+    info = prepare_dataset(
+        _csv(tmp_path / "r.csv", reviews[:40]), tmp_path / "ds", _config(tokenizer=str(tmp_path / "big.json"))
+    )
+    assert info["token_dtype"] == "uint32" and info["vocab_size"] > 65_536
+    data = open_split(tmp_path / "ds", "train")
+    assert data.tokens.dtype == np.uint32 and int(data.tokens.max()) >= 65_536
+    tokenizer = Tokenizer.load(tmp_path / "ds" / "tokenizer.json", info["labels"])
+    first = data.document(0)
+    assert tokenizer.decode(first[1:-1].tolist()) in {text for text, _ in reviews[:40]}
 
 
 def test_prepare_dataset_unlabelled_documents_have_label_index_minus_one(tmp_path):

@@ -68,26 +68,48 @@ def test_lora_finetune_lowers_val_loss_and_leaves_the_base_unchanged(make_run, t
     assert after < before - 0.25, (before, after)  # measured: 5.99 -> 5.53 nats
 
     assert _digest(base_dir / "model.safetensors") == base_digest
-    base_tensors, tuned_tensors = (
-        load_file(base_dir / "model.safetensors"),
-        load_file(tmp_path / "lora" / "model.safetensors"),
-    )
-    frozen = {name: t for name, t in tuned_tensors.items() if ".lora_" not in name}
-    assert frozen.keys() == base_tensors.keys()
-    assert all(torch.equal(frozen[name], base_tensors[name]) for name in frozen)
+    tuned_tensors = load_file(tmp_path / "lora" / "model.safetensors")
+    # Only the adapters are stored; config.json names the base and its content hash.
+    assert tuned_tensors and all(".lora_" in name for name in tuned_tensors)
+    assert not any(name.endswith("c_proj.lora_A") for name in tuned_tensors)  # c_proj was not targeted
 
     saved = json.loads((tmp_path / "lora" / "config.json").read_text())
-    extra = saved["extra"]
     assert saved["weights"]["format"] == "lora"
     assert saved["weights"]["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["c_attn", "c_fc"], "dropout": 0.0}
-    adapters = sum(t.numel() for name, t in tuned_tensors.items() if ".lora_" in name)
-    assert extra["parameters"] == {"trainable": adapters, "total": base.model.num_params() + adapters}
+    assert saved["weights"]["base"] == str(base_dir.resolve()) and saved["weights"]["base_sha256"] == base_digest
+    adapters = sum(t.numel() for t in tuned_tensors.values())
+    assert saved["extra"]["parameters"] == {"trainable": adapters, "total": base.model.num_params() + adapters}
+    base_tensors = load_file(base_dir / "model.safetensors")
+    state = tuned.model.state_dict()
+    assert all(torch.equal(state[name], base_tensors[name]) for name in base_tensors)  # the base, as it was
 
     # Resuming keeps the adapters (and the frozen base) from the saved config and state.
     assert main(["train", "--resume", str(tmp_path / "lora"), "--max-steps", "32", "--quiet"]) == 0
     resumed = load_file(tmp_path / "lora" / "model.safetensors")
-    assert all(torch.equal(resumed[name], base_tensors[name]) for name in base_tensors)
+    assert resumed.keys() == tuned_tensors.keys()
     assert not torch.equal(resumed["h.0.attn.c_attn.lora_B"], tuned_tensors["h.0.attn.c_attn.lora_B"])
+    assert (tmp_path / "lora" / "state.pt").stat().st_size < (base_dir / "model.safetensors").stat().st_size
+
+
+def test_lora_run_with_a_changed_or_missing_base_is_a_one_line_error(make_run, tmp_path, capsys):
+    base_dir = make_run("gpt", name="base", seed=1)
+    data = _prepare(tmp_path, base_dir / "tokenizer.json", docs=60, val_fraction=0.2)
+    train = ["train", "--data", str(data), "--init-from", str(base_dir), "--out", str(tmp_path / "lora")]
+    options = "--lora-rank 2 --max-steps 2 --eval-every 2 --eval-batches 1 --sample-tokens 0 --device cpu --quiet"
+    assert main([*train, *options.split()]) == 0
+    generate = ["generate", str(tmp_path / "lora"), "--max-new-tokens", "3", "--seed", "1"]
+    assert main(generate) == 0
+    capsys.readouterr()
+
+    make_run("gpt", name="base", seed=2)  # another model in the same folder
+    assert main(generate) == 2
+    err = capsys.readouterr().err.strip()
+    assert "changed since the adapters were trained" in err and "\n" not in err
+
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (base_dir / name).unlink()
+    assert main(generate) == 2
+    assert "of these LoRA adapters is missing" in capsys.readouterr().err
 
 
 def test_lora_rank_without_init_from_is_refused(make_run, tmp_path, capsys):

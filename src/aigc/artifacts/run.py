@@ -58,7 +58,9 @@ class Weights:
     """What `model.safetensors` holds.
 
     full: every parameter of the model in `config.model`.
-    lora: the model plus LoRA adapters (`lora` = `LoRASpec.to_json()`); `base` names what it was built on.
+    lora: LoRA adapters (`lora` = `LoRASpec.to_json()`) over the run `base` (a pulled model's name or a
+      folder) whose model.safetensors has the sha256 `base_sha256`; the file holds the adapters (and
+      the rows of added tokens) only. Runs written before `base` was set hold the base weights too.
     int8: dynamically quantized linear layers (`quantization` describes the scheme; see models/int8.py).
     """
 
@@ -66,6 +68,7 @@ class Weights:
     lora: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
     base: str | None = None
+    base_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in WEIGHT_FORMATS:

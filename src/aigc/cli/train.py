@@ -9,11 +9,13 @@ from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, given_options
 from aigc.config import (
+    FINETUNE_DEFAULTS,
     MODEL_PRESETS,
     TRAIN_PRESETS,
     ModelConfig,
     SampleConfig,
     TrainConfig,
+    finetune_train_config,
     model_preset,
     train_preset,
 )
@@ -28,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train a model on a dataset made by `aigc prepare` and write the run folder --out (config, "
             "tokenizer, weights, training state, metrics.jsonl, plots). Budget with --max-steps, "
             "--max-tokens or --minutes. `--resume RUN` continues a run exactly; `--init-from RUN` "
-            "fine-tunes one on new data. Distributed: `torchrun --nproc_per_node=N -m aigc train ...`. "
+            "fine-tunes one on new data (an imported model such as smollm2-135m with LoRA by default: "
+            + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in FINETUNE_DEFAULTS.items())
+            + "; --lora-rank 0 for full fine-tuning). Distributed: `torchrun --nproc_per_node=N -m aigc train ...`. "
             "A preset also sets training options where no flag does: "
             + "; ".join(f"{name}: {_settings(values)}" for name, values in TRAIN_PRESETS.items() if values)
             + ". The defaults shown below are those of the other presets."
@@ -66,6 +70,8 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]
         saved = read_run_config(args.resume).train
         return model, dataclasses.replace(saved, **given_options(args, TrainConfig))
     if args.init_from:
+        if "imported_from" in read_run_config(args.init_from).extra:  # a pretrained base: LoRA, short sequences
+            return model, finetune_train_config(**given_options(args, TrainConfig))
         return model, dataclass_from_args(args, TrainConfig)
     return model, train_preset(args.preset or "small", **given_options(args, TrainConfig))
 

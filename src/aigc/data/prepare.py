@@ -110,14 +110,14 @@ def _build(src: Source, tmp: Path, config: PrepareConfig, report: Progress) -> d
     report("redacting and splitting" if config.redact else "splitting")
     splits, redact_counts = _redact_and_split(collected, keep, labels, config, tmp)
     lap("redact_split")
-    tokenizer = _tokenizer(splits["train"], labels, config, report)
+    tokenizer, origin = _tokenizer(splits["train"], labels, config, report)
     tokenizer.save(tmp / "tokenizer.json")
     lap("tokenizer")
     report("encoding")
     split_info = _write_shards(tokenizer, splits, labels, tmp)
     lap("shards")
     counts = {**collected.counts, "redact": redact_counts, "split": {s: v["documents"] for s, v in split_info.items()}}
-    return _summary(counts, split_info, labels, tokenizer, timings)
+    return {**_summary(counts, split_info, labels, tokenizer, timings), **origin}
 
 
 def _summary(counts: dict, split_info: dict, labels: list[str], tokenizer: Tokenizer, timings: dict) -> dict:
@@ -307,20 +307,39 @@ def _redact_and_split(
 # -- tokenizer and shards -------------------------------------------------------------------
 
 
-def _tokenizer(train: Spool, labels: list[str], config: PrepareConfig, report: Progress) -> Tokenizer:
+def _tokenizer(train: Spool, labels: list[str], config: PrepareConfig, report: Progress) -> tuple[Tokenizer, dict]:
+    """The tokenizer of the dataset, and what dataset.json records about where it came from."""
     if config.tokenizer:
-        tokenizer = Tokenizer.load(config.tokenizer)
-        missing = [label for label in labels if label not in tokenizer.labels]
-        if missing:
-            known = ", ".join(tokenizer.labels) or "none"
-            raise AigcError(
-                f"the tokenizer {config.tokenizer} has no control token for label(s) {', '.join(missing)} "
-                f"(it knows: {known}); map the labels to known ones or train a new tokenizer"
-            )
-        report(f"reusing tokenizer {config.tokenizer} ({tokenizer.vocab_size} tokens)")
-        return tokenizer
+        base = reused_tokenizer(config.tokenizer)
+        tokenizer = base.with_labels(labels)
+        added = [label for label in labels if label not in base.labels]
+        what = f", control tokens added for {', '.join(added)}" if added else ""
+        report(f"reusing tokenizer {config.tokenizer} ({base.vocab_size} tokens{what})")
+        if not added:
+            return tokenizer, {}
+        # A model made with `base` takes this dataset once its embedding grows by the added rows.
+        return tokenizer, {"base_tokenizer_fingerprint": base.vocab_fingerprint(), "base_vocab_size": base.vocab_size}
     report(f"training a {config.vocab_size}-token BPE tokenizer on {len(train):,} documents")
-    return Tokenizer.train((text for text, _ in train), config.vocab_size, labels)
+    return Tokenizer.train((text for text, _ in train), config.vocab_size, labels), {}
+
+
+def reused_tokenizer(value: str) -> Tokenizer:
+    """`--tokenizer`: a tokenizer.json, a run folder, or the name of a pulled model (`smollm2-135m`).
+
+    A run's tokenizer takes its labels from the run's record, so an imported model's chat tokens
+    (`<|im_start|>`) are not mistaken for labels."""
+    # Deferred: the run module imports torch, which only this path needs.
+    from aigc.artifacts.run import CONFIG, TOKENIZER, read_run_config, read_run_tokenizer, resolve_run_dir
+
+    path = Path(value)
+    run_dir = resolve_run_dir(value) if not path.is_file() else path.parent
+    if path.is_file() and not (run_dir / CONFIG).is_file():
+        return Tokenizer.load(path)  # a bare tokenizer.json: its special `<|name|>` tokens are its labels
+    if not (run_dir / TOKENIZER).is_file():
+        raise AigcError(
+            f"--tokenizer {value}: no {TOKENIZER} there; pass a tokenizer.json, a run folder or a model name"
+        )
+    return read_run_tokenizer(run_dir, read_run_config(run_dir))
 
 
 def _encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[list[int]]]:

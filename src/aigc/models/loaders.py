@@ -1,6 +1,7 @@
 """The built-in weight loaders, registered with `aigc.artifacts.registry` when `aigc.models` is imported.
 
-full: build the model of config.json and fill it. lora: build it, wrap the adapted layers, fill both.
+full: build the model of config.json and fill it. lora: the base run named in config.json plus the
+stored adapters (`adapted.py`); runs written before adapters were stored apart hold the base too.
 int8: see `int8.py`.
 """
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from aigc.artifacts.registry import register_weights_loader
 from aigc.artifacts.run import RunConfig, load_weights
+from aigc.models.adapted import load_lora_run
 from aigc.models.build import build_model
 from aigc.models.int8 import load_int8_model
 from aigc.models.lora import LoRASpec, apply_lora
@@ -24,7 +26,9 @@ def load_full(config: RunConfig, weights: Path) -> nn.Module:
 
 
 def load_lora(config: RunConfig, weights: Path) -> nn.Module:
-    model = build_model(config.model)
+    if config.weights.base is not None:
+        return load_lora_run(config, weights)
+    model = build_model(config.model)  # an older LoRA run: base weights and adapters in one file
     apply_lora(model, LoRASpec.from_json(config.weights.lora))  # the adapters are in the weights file too
     load_weights(model, weights)
     return model

@@ -24,13 +24,15 @@ from aigc.artifacts.run import (
     RunConfig,
     Weights,
     load_weights,
+    read_run_config,
+    resolve_run_dir,
     save_config,
     save_weights,
 )
 from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
-from aigc.models import build_model, lora
+from aigc.models import adapted, build_model, lora, vocab
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
@@ -93,7 +95,7 @@ class Trainer:
         self.run_dir = plan.run_dir
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.cfg, runtime.device)
-        block = plan.model_config.block_size
+        block = plan.seq_len
         self.sampler = BatchSampler(
             plan.data.train.tokens,
             block,
@@ -125,17 +127,43 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         torch.manual_seed(self.cfg.seed)
-        model = build_model(self.plan.model_config)
-        if self.plan.init_from and not self.plan.resume:
-            load_weights(model, Path(self.plan.init_from) / WEIGHTS)
-        if self.cfg.freeze_embeddings:
-            setup.freeze_embeddings(model)
         self.lora = lora.spec_from_config(self.cfg)
         if self.lora is not None:  # before the optimizer is built: it takes only trainable parameters
-            if not self.plan.init_from:
-                raise AigcError("--lora-rank needs --init-from RUN: adapters fine-tune a trained model")
-            lora.apply_lora(model, self.lora)
+            return self._build_lora_model().to(self.runtime.device).train()
+        fresh_finetune = self.plan.init_from and not self.plan.resume
+        model = self._base_model() if fresh_finetune else build_model(self.plan.model_config)
+        if self.cfg.freeze_embeddings:
+            setup.freeze_embeddings(model)
         return model.to(self.runtime.device).train()
+
+    def _base_model(self) -> nn.Module:
+        """The --init-from run's model, its vocabulary grown to the dataset's (new label tokens)."""
+        base_dir = resolve_run_dir(self.plan.init_from)
+        model = build_model(read_run_config(base_dir).model)
+        load_weights(model, base_dir / WEIGHTS)
+        return self._grow(model, vocab.grow)
+
+    def _grow(self, model: nn.Module, how) -> nn.Module:
+        old, new = model.wte.num_embeddings, self.plan.model_config.vocab_size
+        if new > old:
+            how(model, vocab.initial_rows(model.wte.weight, self.plan.data.tokenizer, range(old, new)))
+        return model
+
+    def _build_lora_model(self) -> nn.Module:
+        """Base (frozen, hash-checked) + new vocabulary rows + adapters: only the last two train."""
+        if not self.plan.init_from:
+            raise AigcError("--lora-rank needs --init-from RUN: adapters fine-tune a trained model")
+        if self.plan.resume:
+            saved = read_run_config(self.run_dir).weights
+            self.base_ref, self.base_sha = saved.base, saved.base_sha256
+        else:
+            self.base_ref = adapted.base_reference(self.plan.init_from)
+            self.base_sha = adapted.weights_sha256(resolve_run_dir(self.plan.init_from))
+        if self.base_ref is None:
+            raise AigcError(f"{self.run_dir} is a LoRA run from an older aigc (no base named); start it again")
+        _, model = adapted.load_base(self.base_ref, self.base_sha)
+        lora.apply_lora(model, self.lora)
+        return self._grow(model, vocab.grow_frozen)
 
     def _wrap(self, model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None]:
         ddp = None
@@ -147,7 +175,9 @@ class Trainer:
         return model, ddp
 
     def _write_run_files(self, overwrite: bool) -> None:
-        weights = Weights("lora", lora=self.lora.to_json()) if self.lora is not None else Weights()
+        weights = Weights()
+        if self.lora is not None:
+            weights = Weights("lora", lora=self.lora.to_json(), base=self.base_ref, base_sha256=self.base_sha)
         run_config = RunConfig(
             model=self.plan.model_config,
             train=self.cfg,
@@ -185,7 +215,7 @@ class Trainer:
             "elapsed_s": self._elapsed(),
             "best_val_loss": self.best_val,
             "last_eval_step": self.last_eval_step,
-            "model": self.model.state_dict(),
+            "model": adapted.trainable_state(self.model) if self.lora else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state(),
             "torch_rng": torch.get_rng_state(),
@@ -207,7 +237,10 @@ class Trainer:
                 "with --overwrite"
             )
         try:
-            self.model.load_state_dict(state["model"])
+            if self.lora:  # the frozen base is not in the state: it was loaded from the base run
+                adapted.load_trainable_state(self.model, state["model"])
+            else:
+                self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.set_state(state["sampler"])
             torch.set_rng_state(state["torch_rng"])
@@ -228,7 +261,14 @@ class Trainer:
         model.safetensors for the readers of the run. Each write is atomic."""
         if self.runtime.is_main:
             save_state(self.run_dir, self._state())
-            save_weights(self.model, self.run_dir / WEIGHTS)
+            self._save_weights(WEIGHTS)
+
+    def _save_weights(self, name: str) -> None:
+        """All weights, or for a LoRA run the trained tensors only (config.json names the base)."""
+        if self.lora is not None:
+            adapted.save_trainable(self.model, self.run_dir / name)
+        else:
+            save_weights(self.model, self.run_dir / name)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -323,7 +363,7 @@ class Trainer:
     def _validate(self) -> tuple[float, float, float]:
         """Mean loss, next-token accuracy and bits per byte over the fixed validation windows."""
         self.model.eval()
-        block, data = self.plan.model_config.block_size, self.plan.data.val.tokens
+        block, data = self.plan.seq_len, self.plan.data.val.tokens
         mine = self.val_starts[self.runtime.rank :: self.runtime.world_size]
         loss_sum = correct = count = num_bytes = 0.0
         for inputs, targets in eval_batches(data, mine, block, self.cfg.batch_size, self.runtime.device):
@@ -365,7 +405,7 @@ class Trainer:
         self._save()
         if self.runtime.is_main:
             if is_best:
-                save_weights(self.model, self.run_dir / BEST)
+                self._save_weights(BEST)
             self.log.append(metrics)
             self.model.eval()
             with torch.random.fork_rng(devices=[]):  # samples drawn by the callback must not shift our RNG

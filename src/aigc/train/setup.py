@@ -14,8 +14,18 @@ import numpy as np
 import torch.nn as nn
 
 from aigc.artifacts.dataset import Dataset, check_same_tokenizer, open_dataset
-from aigc.artifacts.run import CONFIG, RUN_ARTEFACTS, STATE, TOKENIZER, read_run_config, require_plain_weights
-from aigc.config import ModelConfig, TrainConfig, model_preset, train_preset
+from aigc.artifacts.run import (
+    CONFIG,
+    RUN_ARTEFACTS,
+    STATE,
+    TOKENIZER,
+    RunConfig,
+    read_run_config,
+    read_run_tokenizer,
+    require_plain_weights,
+    resolve_run_dir,
+)
+from aigc.config import ModelConfig, TrainConfig, finetune_train_config, model_preset, train_preset
 from aigc.errors import AigcError
 from aigc.tokenizer import Tokenizer
 from aigc.train.batches import check_split_size
@@ -48,6 +58,11 @@ class SessionPlan:
     train_config: TrainConfig
     resume: bool
     init_from: str | None
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training window: --seq-len, or the model's whole context."""
+        return self.train_config.seq_len or self.model_config.block_size
 
 
 def _check_same_tokenizer(data: Dataset, tokenizer: Tokenizer, owner: Path) -> None:
@@ -86,9 +101,11 @@ def plan_session(
                 f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)"
             )
         data = open_dataset(data_dir)
-        _check_same_tokenizer(data, Tokenizer.load(Path(init_from) / TOKENIZER), Path(init_from))
-        config = base.model if model_config is None else dataclasses.replace(base.model, dropout=model_config.dropout)
-        plan = SessionPlan(run_dir, data, config, train_config or TrainConfig(), False, str(init_from))
+        config = _finetune_model(data, base, Path(init_from))
+        config = config if model_config is None else dataclasses.replace(config, dropout=model_config.dropout)
+        if train_config is None:  # a pretrained (imported) base is fine-tuned with LoRA unless told otherwise
+            train_config = finetune_train_config() if "imported_from" in base.extra else TrainConfig()
+        plan = SessionPlan(run_dir, data, config, train_config, False, str(init_from))
     else:
         if data_dir is None:
             raise AigcError("--data is required: a folder made by `aigc prepare SOURCE --out DIR`")
@@ -101,12 +118,27 @@ def plan_session(
     return plan
 
 
+def _finetune_model(data: Dataset, base: RunConfig, init_from: Path) -> ModelConfig:
+    """The model of a fine-tuning run: the base's, with the vocabulary grown when `aigc prepare` appended
+    control tokens to the base's tokenizer (the dataset records the base tokenizer's fingerprint)."""
+    base_dir = resolve_run_dir(init_from)
+    tokenizer = read_run_tokenizer(base_dir, base)
+    if data.info.get("base_tokenizer_fingerprint") != tokenizer.vocab_fingerprint():
+        _check_same_tokenizer(data, tokenizer, init_from)
+        return base.model
+    if base.model.kind != "gpt":
+        raise AigcError(f"{data.path} adds label tokens to {init_from}'s vocabulary; only a GPT can grow it")
+    return dataclasses.replace(base.model, vocab_size=max(base.model.vocab_size, data.tokenizer.vocab_size))
+
+
 def _shape(config: ModelConfig) -> tuple:
     return tuple(getattr(config, name) for name in MODEL_SHAPE_FIELDS)
 
 
 def _check_sizes(plan: SessionPlan, world_size: int = 1) -> None:
-    block = plan.model_config.block_size
+    block = plan.seq_len
+    if block > plan.model_config.block_size:
+        raise AigcError(f"--seq-len {block} exceeds the model's context of {plan.model_config.block_size} tokens")
     if plan.data.tokenizer.vocab_size > plan.model_config.vocab_size:
         raise AigcError(
             f"the dataset's tokenizer has {plan.data.tokenizer.vocab_size} tokens but the model only "
