@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tokenizer, weights, training state, metrics.jsonl, plots). Budget with --max-steps, "
             "--max-tokens or --minutes. `--resume RUN` continues a run exactly; `--init-from RUN` "
             "fine-tunes one on new data (an imported model such as smollm2-135m with LoRA by default: "
-            + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in FINETUNE_DEFAULTS.items())
+            + _settings(FINETUNE_DEFAULTS)
             + "; --lora-rank 0 for full fine-tuning). Distributed: `torchrun --nproc_per_node=N -m aigc train ...`. "
             "A preset also sets training options where no flag does: "
             + "; ".join(f"{name}: {_settings(values)}" for name, values in TRAIN_PRESETS.items() if values)
@@ -52,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _settings(values: dict) -> str:
-    return ", ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in values.items())
+    return ", ".join(
+        f"--{key.replace('_', '-')} {value if isinstance(value, str) else f'{value:g}'}"
+        for key, value in values.items()
+    )
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig | None, TrainConfig]:
