@@ -7,6 +7,8 @@ import torch
 from aigc.config import ModelConfig, SampleConfig, from_dict, model_preset
 from aigc.generate import Request, generate
 from aigc.models import GPT, build_model, packed
+from aigc.models import gpt as gpt_module
+from aigc.models.gpt import cached_rotary_tables, rotary_tables
 from aigc.models.int8 import int8_state, load_int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora, merge_lora
 
@@ -67,7 +69,38 @@ def test_llama_contract_logits_loss_and_counts(variant):
 def test_llama_cache_holds_only_the_shared_key_value_heads():
     model = llama()
     cache = model.new_cache(3)
-    assert cache.kv[0].shape == (2, 3, 2, 64, 16)  # (k/v, B, n_kv_head, block, head_dim)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (3, 5)), cache=cache)
+    assert cache.kv[0].shape == (2, 3, 2, 64, 16)  # (k/v, B, n_kv_head, capacity = block here, head_dim)
+
+
+def test_cache_grows_on_demand_up_to_block_size_and_keeps_its_tokens(monkeypatch):
+    monkeypatch.setattr(gpt_module, "FIRST_CAPACITY", 4)
+    model = llama()
+    idx = torch.randint(0, VOCAB, (2, 40))
+    cache, chunks, capacities = model.new_cache(2), [], []
+    assert cache.capacity == 0  # nothing allocated before the first forward
+    with torch.no_grad():
+        full, _ = model(idx)
+        for start, end in [(0, 3), (3, 6), *((t, t + 1) for t in range(6, 40))]:
+            chunks.append(model(idx[:, start:end], cache=cache)[0])
+            capacities.append(cache.capacity)
+    assert capacities[:3] == [4, 8, 8] and max(capacities) == 64 == model.config.block_size
+    assert all(c >= e for c, e in zip(capacities, [3, 6, *range(7, 41)]))
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_rotary_table_of_a_cache_gives_the_rows_of_the_per_step_formula():
+    config = llama().config
+    cache = llama().new_cache(2)
+    positions = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 63]])  # (B, T), as left padding makes them
+    cos, sin = cached_rotary_tables(cache, positions, config, torch.float32)
+    table = cache.rope
+    expected = rotary_tables(positions, config.head_dim, config.rope_theta, torch.float32)
+    torch.testing.assert_close((cos, sin), expected, atol=1e-6, rtol=0)
+    assert cos.shape == (2, 1, 4, config.head_dim)
+    cached_rotary_tables(cache, positions[:, -1:], config, torch.float32)
+    assert cache.rope is table  # computed once per cache, not per step
 
 
 @pytest.mark.parametrize("variant", sorted(LLAMAS))

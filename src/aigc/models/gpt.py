@@ -27,24 +27,49 @@ import torch.nn.functional as F
 from aigc.config import ModelConfig
 from aigc.models.packed import PackedLinear
 
+# Positions a fresh cache holds before it first grows (it doubles as needed, up to block_size).
+FIRST_CAPACITY = 256
+
 
 class KVCache:
     """Keys/values of every layer for the tokens seen so far; filled in place by `GPT.forward`.
 
-    One preallocated (2, B, n_kv_head, block_size, hs) tensor per layer holds keys then values and
-    is never concatenated. With grouped-query attention only the n_kv_head shared heads are stored.
+    One (2, B, n_kv_head, capacity, hs) tensor per layer holds keys then values and is never
+    concatenated. With grouped-query attention only the n_kv_head shared heads are stored. The
+    capacity starts small and doubles when a forward needs more (up to block_size): preallocating
+    block_size positions cost 0.8 s per decode at batch 16 for SmolLM2 (2048 positions, 1.5 GB to
+    zero), more than the 128 steps after it (docs/bench-smollm2.md). Positions past `length` are
+    uninitialised and never read.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
-        shape = (2, batch_size, config.kv_heads, config.block_size, config.head_dim)
-        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.block_size, self.n_layer = config.block_size, config.n_layer
+        shape = (2, batch_size, config.kv_heads, 0, config.head_dim)
+        self.kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # True where a cached position holds a real (non-padding) token.   # (B, block_size)
         self.valid = torch.ones(batch_size, config.block_size, device=device, dtype=torch.bool)
         self.head = PackedLinear()  # the output layer packed for this session's fixed weights
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (block_size, hs), see `rope_for`
         # Whether any cached position is padding: tracked in Python so a decode step needs no device sync.
         self.padded = False
         self.length = 0
-        self.capacity = config.block_size
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now (`length` of them filled)."""
+        return self.kv[0].shape[3]
+
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` tokens in all: double the capacity (at least) and keep the filled part."""
+        if positions <= self.capacity:
+            return
+        size = min(self.block_size, max(positions, 2 * self.capacity, FIRST_CAPACITY))
+        grown = []
+        for kv in self.kv:
+            new = kv.new_empty(kv.shape[:3] + (size, kv.shape[4]))
+            new[:, :, :, : self.length] = kv[:, :, :, : self.length]
+            grown.append(new)
+        self.kv = grown
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
@@ -61,6 +86,16 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, hs/2)
     angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def cached_rotary_tables(cache: KVCache, positions: torch.Tensor, config: ModelConfig, dtype: torch.dtype):
+    """`rotary_tables` for a decode session: the cos/sin rows of every position up to block_size are
+    computed once per cache (by the same formula, so the same bits) and each step gathers its rows."""
+    if cache.rope is None or cache.rope[0].dtype != dtype:
+        every = torch.arange(config.block_size, device=positions.device).unsqueeze(0)  # (1, block)
+        cos, sin = rotary_tables(every, config.head_dim, config.rope_theta, dtype)  # (1, 1, block, hs)
+        cache.rope = cos[0, 0], sin[0, 0]
+    return cache.rope[0][positions].unsqueeze(1), cache.rope[1][positions].unsqueeze(1)  # (B | 1, 1, T, hs)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,8 +129,11 @@ class CausalSelfAttention(nn.Module):
         q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         kv = qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
         k, v = kv[0], kv[1]
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if rope is not None:  # queries and keys are adjacent in qkv: rotate both in one call, then split
+            heads = self.n_head + self.n_kv_head
+            qk = qkv[..., : heads * self.head_dim].view(B, T, heads, self.head_dim).transpose(1, 2)
+            qk = apply_rotary(qk, *rope)  # (B, nh + nkv, T, hs)
+            q, k = qk[:, : self.n_head], qk[:, self.n_head :]
         if cache is not None:
             start, stored = cache.length, cache.kv[layer]
             if rope is None:
@@ -206,6 +244,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss; pass targets with last_only=False")
+        if cache is not None:
+            cache.reserve(start + T)
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
         mask = self._attention_mask(cache, start, T, pad_mask, idx.device)
@@ -213,6 +253,8 @@ class GPT(nn.Module):
         rope = None
         if self.config.positions == "learned":
             x = x + self.wpe(positions)
+        elif cache is not None:
+            rope = cached_rotary_tables(cache, positions, self.config, x.dtype)
         else:
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if self.training:  # Dropout is the identity in eval: skip the call
