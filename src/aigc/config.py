@@ -273,7 +273,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
     eval_every=25,
     eval_batches=4,
     sample_tokens=32,
-    # bf16 autocast made LoRA steps 3.8x slower on an AVX512-BF16 CPU without AMX (docs/bench-lora.md).
+    # bf16 autocast made LoRA steps 3.8x slower on an AVX512-BF16 CPU without AMX (docs/benchmarks.md).
     dtype="fp32",
 )
 

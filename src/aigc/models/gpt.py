@@ -38,7 +38,7 @@ class KVCache:
     concatenated. With grouped-query attention only the n_kv_head shared heads are stored. The
     capacity starts small and doubles when a forward needs more (up to block_size): preallocating
     block_size positions cost 0.8 s per decode at batch 16 for SmolLM2 (2048 positions, 1.5 GB to
-    zero), more than the 128 steps after it (docs/bench-smollm2.md). Positions past `length` are
+    zero), more than the 128 steps after it (docs/benchmarks.md). Positions past `length` are
     uninitialised and never read.
     """
 
