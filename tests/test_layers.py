@@ -21,7 +21,7 @@ LAYERS = (
     ("aigc.data",),
     ("aigc.plots",),
     ("aigc.train",),
-    ("aigc.textstream", "aigc.generate"),
+    ("aigc.textstream", "aigc.generate", "aigc.chat"),
     ("aigc.evaluate",),
     ("aigc.interop", "aigc.report"),
     ("aigc.serve",),
