@@ -80,3 +80,24 @@ def make_run(tmp_path, tiny_tokenizer):
         return save_run(tmp_path / name, run_config, tiny_tokenizer, model)
 
     return _make
+
+
+# A chat template for the tiny tokenizer (it has no ChatML tokens): turns end with eos_token, which
+# the tests' `transformers` tokenizer and aigc both set to <|endoftext|>.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[sys] {{ m['content'] | trim }}\n"
+    "{% else %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture
+def make_chat_run(make_run):
+    """Factory: a tiny run (as `make_run`) that carries TINY_CHAT_TEMPLATE as its chat template."""
+
+    def _make(**options):
+        run_dir = make_run(**options)
+        (run_dir / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE, encoding="utf-8")
+        return run_dir
+
+    return _make

@@ -18,7 +18,7 @@ LAYERS = (
     ("aigc.tokenizer",),
     ("aigc.artifacts",),
     ("aigc.models",),
-    ("aigc.data",),
+    ("aigc.data", "aigc.chat"),
     ("aigc.plots",),
     ("aigc.train",),
     ("aigc.textstream", "aigc.generate"),

@@ -38,6 +38,10 @@ class Request:
     prompt: str = ""  # may be empty: starts a document from scratch
     label: str | None = None  # prefixes the label's control token <|label|>
     config: SampleConfig = field(default_factory=SampleConfig)  # per-request sampling options
+    # Chat: the whole context, already encoded by a chat template (no <|endoftext|> or label prefix is
+    # added, `prompt` and `label` are ignored); the caller keeps it within the context (never slid off).
+    prompt_ids: tuple[int, ...] | None = None
+    stop_ids: tuple[int, ...] = ()  # tokens that end the text like <|endoftext|> (e.g. <|im_end|>)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,10 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: tor
 
 
 def prompt_prefix(tokenizer: Tokenizer, request: Request) -> list[int]:
-    """`<|endoftext|>` then the label's control token; unknown labels raise AigcError listing the known ones."""
+    """`<|endoftext|>` then the label's control token; unknown labels raise AigcError listing the known ones.
+    Nothing for a request with `prompt_ids` (its template decides how the context starts)."""
+    if request.prompt_ids is not None:
+        return []
     prefix = [tokenizer.eot_id]
     if request.label is not None:
         prefix.append(tokenizer.label_id(request.label))
@@ -126,7 +133,11 @@ def prompt_prefix(tokenizer: Tokenizer, request: Request) -> list[int]:
 
 def encode_request(tokenizer: Tokenizer, request: Request) -> list[int]:
     """Every token fed to the model before generation: prefix, then the prompt."""
-    return prompt_prefix(tokenizer, request) + tokenizer.encode(request.prompt)
+    return prompt_prefix(tokenizer, request) + _prompt_body(tokenizer, request)
+
+
+def _prompt_body(tokenizer: Tokenizer, request: Request) -> list[int]:
+    return list(request.prompt_ids) if request.prompt_ids is not None else tokenizer.encode(request.prompt)
 
 
 def context_limit(model: nn.Module) -> int | None:
@@ -411,7 +422,7 @@ def _decode_rows(
 
 def _start_row(index: int, request: Request, tokenizer: Tokenizer) -> _Row:
     prefix = prompt_prefix(tokenizer, request)
-    return _Row(index, request, prefix, tokenizer.encode(request.prompt), TextStream(request.config.stop))
+    return _Row(index, request, prefix, _prompt_body(tokenizer, request), TextStream(request.config.stop))
 
 
 def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) -> TokenEvent:
@@ -419,9 +430,10 @@ def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) 
     config = row.request.config
     row.generated.append(token)
     row.body.append(token)
-    last = token == eot or len(row.generated) >= config.max_new_tokens
+    ended = token == eot or token in row.request.stop_ids
+    last = ended or len(row.generated) >= config.max_new_tokens
     text = row.stream.push(token_bytes(token), final=last)
-    if token == eot or row.stream.stopped:
+    if ended or row.stream.stopped:
         row.finish_reason = "stop"
     elif last:
         row.finish_reason = "length"

@@ -142,3 +142,32 @@ def test_batch_resume_refuses_an_output_of_other_rows(make_run, capsys, tmp_path
     write_jsonl(out, [{"title": "Other", "sentiment": "pos", "generated": "x"}])
     code, err = batch(capsys, run_dir, write_jsonl(tmp_path / "rows.jsonl", ROWS), out, "--resume")
     assert code == 2 and "row 1 of --out" in err and "differs from --input" in err
+
+
+def test_chat_mode_renders_each_row_as_a_user_message(make_chat_run, tmp_path):
+    # Deferred: only this test needs the chat module.
+    from aigc.chat import Message, encode_chat, load_chat_template
+
+    run_dir = make_chat_run()
+    rows = write_csv(tmp_path / "rows.csv", ROWS)
+    out = tmp_path / "out.jsonl"
+    args = ["batch", str(run_dir), "--input", str(rows), "--template", TEMPLATE, "--out", str(out), *OPTIONS]
+    assert main([*args, "--system", "be brief"]) == 0
+    written = read_jsonl(out)
+    run = load_run(run_dir)
+    template = load_chat_template(run_dir)
+    for i, row in enumerate(written):
+        messages = [Message("system", "be brief"), Message("user", TEMPLATE.format_map(ROWS[i]))]
+        prompt = encode_chat(template, run.tokenizer, messages, context=None)
+        config = SampleConfig(max_new_tokens=6, seed=10 + i)
+        expected = generate(
+            run.model, run.tokenizer, [Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=config)]
+        )
+        assert row["generated"] == expected[0].text
+
+
+def test_chat_mode_needs_a_template(make_run, tmp_path, capsys):
+    rows = write_csv(tmp_path / "rows.csv", ROWS)
+    args = ["batch", str(make_run()), "--input", str(rows), "--template", TEMPLATE, "--out", str(tmp_path / "o.csv")]
+    assert main([*args, "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

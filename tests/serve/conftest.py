@@ -18,13 +18,14 @@ from aigc.serve import create_app
 
 
 @pytest.fixture
-def make_app(make_run) -> Callable[..., FastAPI]:
-    """Factory: the app over a fresh tiny run (`kind` gpt or lstm), with ServeConfig overrides."""
+def make_app(make_chat_run) -> Callable[..., FastAPI]:
+    """Factory: the app over a fresh tiny run (`kind` gpt or lstm) that has a chat template, with
+    ServeConfig overrides."""
 
     def _make(kind: str = "gpt", **options) -> FastAPI:
         # TestClient sends `Host: testserver`, which a server without an API key does not serve by default.
         options = {"allowed_hosts": ("testserver",), **options}
-        return create_app(load_run(make_run(kind=kind)), ServeConfig(**options))
+        return create_app(load_run(make_chat_run(kind=kind)), ServeConfig(**options))
 
     return _make
 

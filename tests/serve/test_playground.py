@@ -114,3 +114,32 @@ def test_playground_asks_for_the_key_and_shows_api_errors(live_server, browser):
 
 def set_slider(page, selector: str, value: float) -> None:
     page.eval_on_selector(selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input')); }", value)
+
+
+def test_playground_chat_tab_streams_keeps_history_and_resets(make_chat_run, live_server, browser):
+    server = live_server(app=create_app(load_run(make_chat_run()), ServeConfig(model_name="tiny-chat")))
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.locator("#summary").get_by_text("tiny-chat").wait_for()
+    page.click("#tab-chat")
+    assert page.locator("#chat").is_visible() and not page.locator("#prompt").is_visible()
+    page.fill("#chat-system", "be kind")
+    page.fill("#seed", "3")
+    set_slider(page, "#max-tokens", 20)
+    for text in ("a wonderful film", "another one"):
+        page.fill("#chat-input", text)
+        page.click("#chat-send")
+        page.locator("#chat-status").get_by_text("Done:").wait_for(timeout=60_000)
+    roles = page.locator("#chat-history .msg .role").all_inner_texts()
+    assert roles == ["user", "assistant", "user", "assistant"]
+    answers = page.locator("#chat-history .msg.assistant .content").all_inner_texts()
+    assert all(answer for answer in answers)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground-chat.png"), full_page=True)
+    page.click("#chat-reset")
+    assert page.locator("#chat-history .msg").count() == 0
+    page.click("#tab-completion")
+    assert page.locator("#prompt").is_visible()
+    assert errors == []

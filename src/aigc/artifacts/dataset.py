@@ -4,6 +4,8 @@
     DIR/tokenizer.json     the tokenizer the shards were made with
     DIR/{split}.bin        token ids, uint16 when the vocabulary fits, else uint32
     DIR/{split}.docs.npy   int64 (N, 3): start, end (exclusive), label index (-1 = no label)
+    DIR/{split}.mask.bin   optional, uint8 per token: 1 where the loss counts (instruction data: the
+                           assistant's tokens); training sets the targets of the others to -1
 
 Every document is `[<|label|>] tokens… <|endoftext|>`, and its offsets span all of it. Nothing but this
 module reads or writes the shard files; `open_dataset` is the one way to read a folder.
@@ -37,6 +39,7 @@ class Split:
 
     tokens: np.ndarray  # (num_tokens,) memmap, never fully loaded
     docs: np.ndarray  # (N, 3) int64: start, end, label index
+    mask: np.ndarray | None = None  # (num_tokens,) uint8 memmap: 1 = learn this token; None = learn all
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -105,7 +108,25 @@ def open_split(folder: str | os.PathLike, split: str) -> Split:
     docs = np.load(docs_path)
     if len(docs) and docs[-1, 1] != len(tokens):
         raise AigcError(f"{bin_path} does not match {docs_path.name} (truncated?); prepare the data again")
-    return Split(tokens=tokens, docs=docs)
+    return Split(tokens=tokens, docs=docs, mask=_open_mask(folder / f"{split}.mask.bin", len(tokens)))
+
+
+def write_mask(folder: str | os.PathLike, split: str, masks: Iterable[Sequence[bool]]) -> int:
+    """Write `{split}.mask.bin`: the documents' loss masks, concatenated in the order of `write_split`."""
+    count = 0
+    with open(Path(folder) / f"{split}.mask.bin", "wb") as f:
+        for mask in masks:
+            f.write(np.asarray(mask, dtype=np.uint8).tobytes())
+            count += len(mask)
+    return count
+
+
+def _open_mask(path: Path, num_tokens: int) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    if path.stat().st_size != num_tokens:
+        raise AigcError(f"{path} does not match its token shard (truncated?); prepare the data again")
+    return np.memmap(path, dtype=np.uint8, mode="r") if num_tokens else np.zeros(0, dtype=np.uint8)
 
 
 @dataclass(frozen=True)

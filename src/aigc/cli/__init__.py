@@ -14,7 +14,20 @@ from aigc import __version__
 from aigc.errors import AigcError
 
 # Module names under aigc.cli, in the order `aigc --help` lists them.
-COMMANDS = ("prepare", "train", "plot", "generate", "batch", "eval", "demo", "serve", "export", "import_", "merge")
+COMMANDS = (
+    "prepare",
+    "train",
+    "plot",
+    "generate",
+    "chat",
+    "batch",
+    "eval",
+    "demo",
+    "serve",
+    "export",
+    "import_",
+    "merge",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

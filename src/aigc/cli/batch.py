@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="output table (.csv or .jsonl)")
     parser.add_argument("--label-field", help="condition each row on the label named in this field")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="instruction mode: each filled template is a user message, rendered with RUN's chat template",
+    )
+    parser.add_argument("--system", help="system prompt for every row (implies --chat)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted --out, skipping its rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--batch-size", type=int, default=16, help="rows decoded together (1..256)")
@@ -68,20 +74,49 @@ def handle(args: argparse.Namespace) -> int:
     from aigc.cli.generate import warn_if_truncated
     from aigc.generate import Request, generate
 
+    chat = args.chat or args.system is not None
+    if chat and args.label_field:
+        raise AigcError("--label-field conditions plain generation; leave it out with --chat / --system")
     run = load(args)
     _check_labels(run.tokenizer, labels)
-    longest = max(range(len(rows)), key=lambda i: len(prompts[i]))
-    warn_if_truncated(run, prompts[longest], labels[longest], "batch")
+    if chat:
+        base = _chat_requests(run, prompts, args.system, config)
+    else:
+        longest = max(range(len(rows)), key=lambda i: len(prompts[i]))
+        warn_if_truncated(run, prompts[longest], labels[longest], "batch")
+        base = [Request(prompts[i], labels[i], config) for i in range(len(rows))]
     with tqdm(total=len(rows), initial=len(done), unit="row", file=sys.stderr, desc="aigc batch") as progress:
         for start in range(len(done), len(rows), args.batch_size):
             chunk = range(start, min(start + args.batch_size, len(rows)))
-            requests = [Request(prompts[i], labels[i], _row_config(config, i)) for i in chunk]
+            requests = [dataclasses.replace(base[i], config=_row_config(base[i].config, i)) for i in chunk]
             completions = generate(run.model, run.tokenizer, requests)
             done += [{**rows[i], OUTPUT_COLUMN: c.text} for i, c in zip(chunk, completions)]
             write_rows(args.out, done)
             progress.update(len(chunk))
     print(f"aigc batch: wrote {len(done)} rows to {args.out}", file=sys.stderr)
     return 0
+
+
+def _chat_requests(run, prompts: list[str], system: str | None, config: SampleConfig) -> list:
+    """One chat request per row: [system,] user = the filled template, rendered with the run's template;
+    a row too long for the context is an error naming it, and answers never run past the context."""
+    # Deferred: slow imports (torch) that only this path needs.
+    from aigc.chat import Message, encode_chat, load_chat_template, room_left
+    from aigc.generate import Request, context_limit
+
+    template = load_chat_template(run.path)
+    context = context_limit(run.model)
+    head = [Message("system", system)] if system else []
+    requests = []
+    for n, prompt in enumerate(prompts, start=1):
+        try:
+            chat = encode_chat(template, run.tokenizer, [*head, Message("user", prompt)], context=context)
+        except AigcError as exc:
+            raise AigcError(f"row {n}: {exc}") from None
+        room = room_left(len(chat.ids), context, config.max_new_tokens)
+        row_config = dataclasses.replace(config, max_new_tokens=room)
+        requests.append(Request(prompt_ids=chat.ids, stop_ids=chat.stop_ids, config=row_config))
+    return requests
 
 
 def _check_format(path: Path, flag: str) -> None:

@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", metavar="SOURCE", help="imdb, rotten-tomatoes, or a file / folder path")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset folder to create")
+    parser.add_argument(
+        "--chat-template-from",
+        metavar="RUN",
+        help="SOURCE is OpenAI fine-tuning JSONL ({'messages': [...]} per line): render it with RUN's chat "
+        "template and tokenizer, with a loss mask on the assistant's tokens (instruction fine-tuning)",
+    )
     add_dataclass_args(parser, PrepareConfig)
     aliases = parser.add_argument_group("aliases")
     aliases.add_argument(
@@ -54,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from aigc.data.prepare import prepare_dataset
 
     config = dataclass_from_args(args, PrepareConfig)
+    if args.chat_template_from:
+        return _instructions(args, config)
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -61,6 +69,27 @@ def run(args: argparse.Namespace) -> int:
 
     info = prepare_dataset(args.source, args.out, config, progress=progress)
     print(summary(info, args.out))
+    return 0
+
+
+def _instructions(args: argparse.Namespace, config: PrepareConfig) -> int:
+    # Deferred: a slow import that only this path needs.
+    from aigc.data.instructions import prepare_instructions
+
+    info = prepare_instructions(
+        args.source,
+        args.out,
+        args.chat_template_from,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        overwrite=config.overwrite,
+    )
+    print(f"prepared {args.source} -> {args.out} (chat template of {args.chat_template_from})")
+    for split, counts in info["splits"].items():
+        print(
+            f"  {split:<5} {counts['documents']:,} conversations, {counts['tokens']:,} tokens, "
+            f"{counts['assistant_tokens']:,} learnt (assistant)"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -23,14 +24,17 @@ from starlette.requests import Request as HttpRequest
 
 from aigc import __version__
 from aigc.artifacts.run import Run
+from aigc.chat import ChatTemplate, load_chat_template
 from aigc.config import ServeConfig
 from aigc.errors import AigcError
-from aigc.serve import api
+from aigc.serve import api, chat_api
 from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
 from aigc.serve.guard import error_response as _error_response
 from aigc.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from aigc.serve.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -50,6 +54,11 @@ STREAM = {
     "content": {"text/event-stream": {"schema": SSE_EVENT}},
     "description": "JSON, or with `stream: true` "
     "server-sent events: `data: {completion chunk}` per token, then `data: [DONE]`",
+}
+CHAT_STREAM = {
+    "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    "description": "JSON, or with `stream: true` server-sent events: `data: {chat.completion.chunk}` per token "
+    "(`delta`), one with each choice's `finish_reason`, then `data: [DONE]`",
 }
 
 
@@ -87,6 +96,7 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_info_routes(app, name, scheduler, run_summary(run, name, config))
     _add_completions_route(app, run, config, name, scheduler)
+    _add_chat_route(app, run, config, name, scheduler)
     return app
 
 
@@ -144,6 +154,43 @@ def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: st
         return api.completion_body(meta, plan, body.n, *result)
 
 
+def _add_chat_route(app: FastAPI, run: Run, config: ServeConfig, name: str, scheduler: Scheduler) -> None:
+    template = _chat_template(run)
+    context = run.config.model.block_size if run.config.model.kind == "gpt" else None
+    token_text = functools.lru_cache(maxsize=None)(lambda i: run.tokenizer.decode([i], skip_special=False))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: CHAT_STREAM})
+    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest):
+        _check_model(body.model, name)
+        if isinstance(template, AigcError):  # no template, or one that does not parse: say so, and how to fix
+            raise ApiError(400, str(template), param="model", code="no_chat_template")
+        plan = chat_api.plan_chat(body, run.tokenizer, template, config, context)
+        job = _submit(scheduler, plan, want_events=body.stream or plan.want_logprobs)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        top = body.top_logprobs or 0
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = chat_api.stream_chat(
+                job, plan, meta, top=top, include_usage=usage, token_text=token_text, failure=_decode_failure
+            )
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
+        result = await _collect_while_connected(request, job, len(plan.rows))
+        if result is None:  # the client hung up; nobody reads a response, its rows were cancelled
+            return Response(status_code=499)
+        return chat_api.chat_body(meta, plan, top, *result, token_text)
+
+
+def _chat_template(run: Run) -> ChatTemplate | AigcError:
+    """The run's chat template, or the error every chat request answers with (the server still starts)."""
+    try:
+        return load_chat_template(run.path)
+    except AigcError as exc:
+        log.warning("chat completions are off: %s", exc)
+        return exc
+
+
 def _document_model_name(app: FastAPI, name: str) -> None:
     """List the one valid `model` in the OpenAPI schema, so clients and fuzzers can find it."""
     build = app.openapi
@@ -151,7 +198,8 @@ def _document_model_name(app: FastAPI, name: str) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schema["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"] = [name]
+            for request in ("CompletionRequest", "ChatCompletionRequest"):
+                schema["components"]["schemas"][request]["properties"]["model"]["enum"] = [name]
         return app.openapi_schema
 
     app.openapi = openapi
@@ -167,7 +215,7 @@ def _check_model(model: str, name: str) -> None:
         )
 
 
-def _submit(scheduler: Scheduler, plan: api.Plan, *, want_events: bool) -> Job:
+def _submit(scheduler: Scheduler, plan: api.Plan | chat_api.ChatPlan, *, want_events: bool) -> Job:
     try:
         return scheduler.submit(plan.rows, want_events=want_events)
     except QueueFull:

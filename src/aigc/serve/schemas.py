@@ -144,3 +144,93 @@ class Health(BaseModel):
     running: int = Field(description="sequences being decoded now")
     batches: int = Field(description="batches decoded since start-up")
     sequences: int = Field(description="sequences decoded since start-up (sequences / batches = mean batch size)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions (`POST /v1/chat/completions`)
+# ---------------------------------------------------------------------------------------------
+
+_CHAT_NULL_MEANS_DEFAULT = frozenset(("temperature", "top_p", "n", "stream", "logprobs"))
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only `{"type": "text", "text": ...}` is read."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    # Typed str (so an unknown role gets aigc's message), documented as the enum it is.
+    role: str = Field(
+        description="system, user or assistant", json_schema_extra={"enum": ["system", "user", "assistant"]}
+    )
+    content: str | list[ContentPart] | None = Field(description="text, or a list of text parts")
+    name: str | None = Field(None, description="accepted and ignored")
+
+
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`: the conversation is rendered with the run's chat template."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+    model: str = Field(description="model id from GET /v1/models")
+    messages: list[ChatMessage] = Field(description="the conversation so far (system, user, assistant turns)")
+    max_tokens: int | None = Field(None, description="most tokens per choice; default: what fits the context")
+    max_completion_tokens: int | None = Field(None, description="the same as max_tokens (OpenAI's newer name)")
+    temperature: float = Field(1.0, description="softmax temperature, >= 0; 0 = greedy")
+    top_p: float = Field(1.0, description="nucleus sampling mass, in (0, 1]")
+    n: int = Field(1, description="choices (<= the server's --max-batch)")
+    stop: str | list[str] | None = Field(None, description="stop when one of these strings appears")
+    seed: int | None = Field(None, description="the same seed gives the same text; choice j uses seed + j")
+    logprobs: bool = Field(False, description="return the log-probability of each generated token")
+    top_logprobs: int | None = Field(None, description="with logprobs: this many alternatives per token (0..20)")
+    stream: bool = Field(False, description="send server-sent chat.completion.chunk events, then `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in _CHAT_NULL_MEANS_DEFAULT)}
+        return data
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

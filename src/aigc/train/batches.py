@@ -35,15 +35,20 @@ def check_split_size(num_tokens: int, split: str, block_size: int, windows: int 
         )
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device):
-    """(B,) start offsets -> inputs and targets, each (B, block_size) int64 on `device`."""
+def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device, mask=None):
+    """(B,) start offsets -> inputs and targets, each (B, block_size) int64 on `device`. With a loss
+    `mask` (instruction data), targets the mask does not mark become -1, which the loss ignores."""
     rows = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
     batch = torch.from_numpy(rows)  # (B, T + 1)
     if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
     else:
         batch = batch.to(device)
-    return batch[:, :-1], batch[:, 1:]
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    if mask is not None:
+        keep = np.stack([np.asarray(mask[s + 1 : s + block_size + 1], dtype=bool) for s in starts])  # (B, T)
+        targets = targets.masked_fill(~torch.from_numpy(keep).to(device), -1)
+    return inputs, targets
 
 
 class BatchSampler:
@@ -54,9 +59,19 @@ class BatchSampler:
     as without prefetching, and `state()` is the state before the prefetched batch was drawn."""
 
     def __init__(
-        self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        mask: np.ndarray | None = None,
     ):
-        self.tokens = tokens
+        self.tokens, self.mask = tokens, mask
+        # With a mask, windows start only where at least one target counts (else the loss would be 0/0).
+        self.starts = None if mask is None else learnable_starts(mask, block_size)
         self.block_size = block_size
         self.batch_size = batch_size
         self.rank = rank
@@ -73,10 +88,12 @@ class BatchSampler:
 
     def _prefetch(self, device: torch.device) -> tuple[str, Future]:
         state = self._rng_state()
-        high = len(self.tokens) - self.block_size  # last valid start + 1
+        high = len(self.tokens) - self.block_size if self.starts is None else len(self.starts)
         starts = self.rng.integers(0, high, size=self.batch_size * self.world_size)  # the global batch
+        if self.starts is not None:
+            starts = self.starts[starts]
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return state, self._reader.submit(_gather, self.tokens, mine, self.block_size, device)
+        return state, self._reader.submit(_gather, self.tokens, mine, self.block_size, device, self.mask)
 
     def _rng_state(self) -> str:
         # JSON text: PCG64's 128-bit integers survive it, and `weights_only` loading accepts strings.
@@ -97,6 +114,17 @@ class BatchSampler:
     def close(self) -> None:
         self._discard_pending()
         self._reader.shutdown(wait=True)
+
+
+def learnable_starts(mask: np.ndarray, block_size: int) -> np.ndarray:
+    """Window starts s (< len - block_size) whose targets mask[s + 1 : s + block_size + 1] hold a 1."""
+    counts = np.concatenate([[0], np.cumsum(np.asarray(mask, dtype=np.int64))])  # counts[i] = sum(mask[:i])
+    starts = np.arange(len(mask) - block_size)
+    learnable = counts[starts + block_size + 1] - counts[starts + 1] > 0
+    found = starts[learnable]
+    if not len(found):
+        raise AigcError("the loss mask marks no token to learn in any window; check the instruction data")
+    return found
 
 
 def fixed_windows(tokens: np.ndarray, block_size: int, count: int) -> np.ndarray:

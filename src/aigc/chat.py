@@ -1,0 +1,266 @@
+"""Chat: a run's chat template, the messages it renders, and the prompt (token ids) a chat decodes from.
+
+An instruction-tuned run carries its Jinja chat template in `RUN/chat_template.jinja` (written by
+`aigc import` from GGUF metadata or `tokenizer_config.json`, or copied in by `--chat-template FILE`).
+It is rendered the way `transformers`' `apply_chat_template` does, so the same messages give the same
+text: a sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension,
+a `tojson` filter that does not escape HTML, `raise_exception`, `strftime_now`, and the special tokens
+`bos_token` / `eos_token` as variables. The `{% generation %}` tag is accepted (and renders its body).
+
+Generation stops at the assistant's end-of-turn token (ChatML's `<|im_end|>`), found by rendering a
+probe conversation: the first special token after the assistant's text is the one the model was taught
+to end its turn with. A conversation longer than the model's context is an error, never cut.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from aigc.artifacts.run import CHAT_TEMPLATE, resolve_run_dir
+from aigc.errors import AigcError
+from aigc.tokenizer import EOT, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+_PROBE = "\u2063probe\u2063"  # text no template adds or changes: marks where the assistant's turn ends
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def parse_messages(raw: Any, *, where: str = "messages") -> list[Message]:
+    """OpenAI-style messages (content a string or a list of {"type": "text", "text": ...} parts) as
+    Messages; anything else is an AigcError naming the message and what to send instead."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise AigcError(f"{where} must be a non-empty list of {{'role', 'content'}} objects")
+    messages = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise AigcError(f"{where}[{i}] must be an object with 'role' and 'content', got {type(item).__name__}")
+        role = item.get("role")
+        if role not in ROLES:
+            raise AigcError(f"{where}[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+        messages.append(Message(role, _text_content(item.get("content"), f"{where}[{i}].content")))
+    return messages
+
+
+def _text_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise AigcError(f"{where}[{j}] is not text (type {kind!r}); this model reads text parts only")
+            texts.append(part["text"])
+        return "\n".join(texts)  # as vLLM joins text parts
+    raise AigcError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The template
+# ---------------------------------------------------------------------------------------------
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text for transformers): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes <, > and & for HTML; chat templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A compiled chat template and the special-token strings it may refer to."""
+
+    source: str
+    bos_token: str = EOT
+    eos_token: str = EOT
+    origin: str = "template"  # where it came from, for error messages
+
+    def __post_init__(self) -> None:
+        try:
+            compiled = _environment().from_string(self.source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise AigcError(f"chat template {self.origin} does not parse (line {exc.lineno}: {exc.message})") from exc
+        object.__setattr__(self, "_compiled", compiled)
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The conversation as text, ending with the assistant's cue when `add_generation_prompt`."""
+        try:
+            return self._compiled.render(
+                messages=[m.to_json() for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                tools=None,
+                documents=None,
+            )
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            raise AigcError(f"chat template {self.origin} failed to render these messages: {message}") from exc
+
+    def end_of_turn_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        """Tokens that end the assistant's turn: the first special token the template puts after the
+        assistant's text (ChatML: <|im_end|>), and <|endoftext|>."""
+        probe = [Message("user", "hi"), Message("assistant", _PROBE)]
+        try:
+            text = self.render(probe, add_generation_prompt=False)
+        except AigcError:  # a template that insists on other turns (e.g. a system first): no probe
+            text = ""
+        after = text.split(_PROBE, 1)[1] if _PROBE in text else ""
+        ends = [i for i in tokenizer.encode(after) if tokenizer.is_special(i)][:1]
+        return tuple(dict.fromkeys([*ends, tokenizer.eot_id]))
+
+
+def template_path(run_dir: str | Path) -> Path:
+    return resolve_run_dir(run_dir) / CHAT_TEMPLATE
+
+
+def load_chat_template(run_dir: str | Path) -> ChatTemplate:
+    """The run's chat template; a run without one is an AigcError saying how to add one."""
+    path = template_path(run_dir)
+    if not path.is_file():
+        raise AigcError(
+            f"run {run_dir} has no chat template ({CHAT_TEMPLATE}), so it cannot chat; import an instruction-tuned "
+            f"model that has one (`aigc import MODEL --out RUN`), or add one with `aigc chat {run_dir} "
+            "--chat-template FILE.jinja`"
+        )
+    return ChatTemplate(path.read_text(encoding="utf-8"), origin=str(path))
+
+
+def install_chat_template(run_dir: str | Path, source: str | Path) -> Path:
+    """Copy a Jinja template file into the run (checked: it must parse and render a small conversation)."""
+    source = Path(source)
+    if not source.is_file():
+        raise AigcError(f"chat template file not found: {source}; give a Jinja file (e.g. one from tokenizer_config)")
+    template = ChatTemplate(source.read_text(encoding="utf-8"), origin=str(source))
+    template.render([Message("system", "s"), Message("user", "u"), Message("assistant", "a")])
+    target = template_path(run_dir)
+    if not target.parent.is_dir():
+        raise AigcError(f"run folder not found: {target.parent}")
+    shutil.copyfile(source, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    ids: tuple[int, ...]  # the rendered conversation, encoded; generation continues from here
+    stop_ids: tuple[int, ...]  # end-of-turn tokens
+    text: str
+
+
+def encode_chat(
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    *,
+    context: int | None,
+    max_new_tokens: int = 0,
+) -> ChatPrompt:
+    """Render and encode a conversation; refuse one that leaves no room for `max_new_tokens` in `context`."""
+    if not messages:
+        raise AigcError("messages is empty; send at least one user message")
+    text = template.render(messages)
+    ids = tuple(tokenizer.encode(text))
+    if not ids:
+        raise AigcError(f"chat template {template.origin} rendered these messages as empty text")
+    if context is not None and len(ids) + max(max_new_tokens, 1) > context:
+        over = len(ids) + max(max_new_tokens, 1) - context
+        raise AigcError(
+            f"the conversation is {len(ids)} tokens and {max(max_new_tokens, 1)} more are asked for, but the model's "
+            f"context is {context}: {over} tokens too many; shorten the conversation or ask for fewer tokens"
+        )
+    return ChatPrompt(ids=ids, stop_ids=template.end_of_turn_ids(tokenizer), text=text)
+
+
+def room_left(prompt_tokens: int, context: int | None, default: int) -> int:
+    """How many tokens may follow a prompt of this size (at most `default`)."""
+    return default if context is None else max(0, min(default, context - prompt_tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training examples
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_for_training(
+    template: ChatTemplate, tokenizer: Tokenizer, messages: Sequence[Message]
+) -> tuple[list[int], list[bool]]:
+    """A whole conversation's token ids and, per token, whether it is the assistant's (its text and the
+    end-of-turn token): the tokens instruction fine-tuning computes the loss on.
+
+    Each assistant turn is located by rendering the conversation before it (with the assistant's cue)
+    and through it: the text between is the turn, whatever the template's markup."""
+    text = template.render(messages, add_generation_prompt=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        before = template.render(messages[:k], add_generation_prompt=True) if k else ""
+        through = template.render(messages[: k + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise AigcError(
+                f"chat template {template.origin} renders a conversation differently from its beginning, so the "
+                f"assistant's turn {k} cannot be located; use a template that only appends turns"
+            )
+        spans.append((len(before), len(through)))
+    if not spans:
+        raise AigcError("the conversation has no assistant message, so there is nothing to learn from it")
+    # Each piece is encoded on its own, so no token straddles a turn's edge; the prompt part ends where an
+    # inference prompt ends (at the assistant's cue), and so is encoded the way generation sees it.
+    ids: list[int] = []
+    mask: list[bool] = []
+    edges = [0, *(i for span in spans for i in span), len(text)]
+    for i, (a, b) in enumerate(zip(edges, edges[1:])):
+        piece = tokenizer.encode(text[a:b]) if b > a else []
+        ids += piece
+        mask += [i % 2 == 1] * len(piece)  # odd pieces are the assistant's turns
+    return ids, mask

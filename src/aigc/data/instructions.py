@@ -1,0 +1,118 @@
+"""Instruction data: OpenAI fine-tuning JSONL (`{"messages": [...]}` per line) → a dataset folder whose
+documents are conversations rendered with a run's chat template and tokenizer, and whose loss mask
+(`{split}.mask.bin`) marks the assistant's tokens, the only ones training learns.
+
+No cleaning, dedup or redaction: the conversations are training targets written on purpose, and any
+change would break the template's markup. Each document is the rendered conversation, then
+`<|endoftext|>` (masked out) so consecutive conversations stay apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from aigc.artifacts.dataset import DATASET_JSON, token_dtype, write_mask, write_split
+from aigc.artifacts.run import read_run_config, read_run_tokenizer, resolve_run_dir
+from aigc.chat import encode_for_training, load_chat_template, parse_messages
+from aigc.data.publish import existing_dataset, publish
+from aigc.errors import AigcError
+from aigc.fsutil import write_json
+
+FORMAT = "openai-chat-jsonl"
+
+
+def read_conversations(path: Path) -> list[list]:
+    """Every line's messages, checked; a bad line is an AigcError naming its number."""
+    if not path.is_file():
+        raise AigcError(f'instruction file not found: {path}; give a JSONL file of {{"messages": [...]}} lines')
+    conversations = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AigcError(f"{path} line {number} is not JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or "messages" not in record:
+            raise AigcError(f'{path} line {number} needs a "messages" list (OpenAI fine-tuning format)')
+        conversations.append(parse_messages(record["messages"], where=f"{path.name} line {number}: messages"))
+    if not conversations:
+        raise AigcError(f"{path} holds no conversations")
+    return conversations
+
+
+def prepare_instructions(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    run: str | os.PathLike,
+    *,
+    val_fraction: float,
+    seed: int,
+    overwrite: bool = False,
+) -> dict:
+    """Render, tokenize, mask and split the conversations of `source` with `run`'s template and tokenizer."""
+    started = time.perf_counter()
+    source, out = Path(source), Path(os.path.abspath(out))
+    run_dir = resolve_run_dir(run)
+    template = load_chat_template(run_dir)
+    tokenizer = read_run_tokenizer(run_dir, read_run_config(run_dir))
+    conversations = read_conversations(source)
+    options = {"format": FORMAT, "chat_template_from": str(run_dir), "val_fraction": val_fraction, "seed": seed}
+    checksum = _sha256(source)
+    existing = existing_dataset(out, checksum, options, overwrite)
+    if existing is not None:
+        return existing
+    encoded = []
+    for number, messages in enumerate(conversations, start=1):
+        try:
+            ids, mask = encode_for_training(template, tokenizer, messages)
+        except AigcError as exc:
+            raise AigcError(f"{source} conversation {number}: {exc}") from exc
+        encoded.append((ids + [tokenizer.eot_id], mask + [False]))
+    splits = _split(encoded, val_fraction, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        info = {"format_version": 1, "source": str(source), "source_sha256": checksum, "options": options}
+        info["splits"] = {name: _write(tmp, name, docs, tokenizer.vocab_size) for name, docs in splits.items()}
+        info.update(
+            labels=[],
+            vocab_size=tokenizer.vocab_size,
+            token_dtype=token_dtype(tokenizer.vocab_size).name,
+            tokenizer_fingerprint=tokenizer.vocab_fingerprint(),
+            elapsed_s=round(time.perf_counter() - started, 3),
+        )
+        tokenizer.save(tmp / "tokenizer.json")
+        write_json(tmp / DATASET_JSON, info)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _split(encoded: list, val_fraction: float, seed: int) -> dict[str, list]:
+    """Shuffle conversations (seeded) and hold out `val_fraction` of them (at least one) for validation."""
+    if len(encoded) < 2:
+        raise AigcError("instruction data needs at least 2 conversations (one is held out for validation)")
+    order = list(range(len(encoded)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(encoded) - 1, max(1, round(len(encoded) * val_fraction)))
+    return {"train": [encoded[i] for i in order[n_val:]], "val": [encoded[i] for i in order[:n_val]]}
+
+
+def _write(folder: Path, split: str, docs: list, vocab_size: int) -> dict:
+    counts = write_split(folder, split, (ids for ids, _ in docs), (-1 for _ in docs), vocab_size)
+    write_mask(folder, split, (mask for _, mask in docs))
+    counts["assistant_tokens"] = int(sum(sum(mask) for _, mask in docs))
+    return counts
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
