@@ -109,14 +109,15 @@ def open_split(folder: str | os.PathLike, split: str, vocab_size: int | None = N
     if size % dtype.itemsize:
         raise AigcError(f"{bin_path} is truncated (not a whole number of {dtype} tokens); prepare the data again")
     tokens = np.zeros(0, dtype=dtype) if size == 0 else np.memmap(bin_path, dtype=dtype, mode="r")
-    docs = _read_docs(docs_path, bin_path, len(tokens), len(info.get("labels") or ()))
+    labels = info.get("labels")  # None in hand-made folders: then label indices are not checked
+    docs = _read_docs(docs_path, bin_path, len(tokens), len(labels) if isinstance(labels, list) else None)
     limit = vocab_size if vocab_size is not None else info.get("vocab_size")
     if isinstance(limit, int) and len(tokens) and int(_max_token(tokens)) >= limit:
         raise AigcError(f"{bin_path} holds token ids beyond the vocabulary ({limit}); it is damaged, prepare it again")
     return Split(tokens=tokens, docs=docs)
 
 
-def _read_docs(path: Path, bin_path: Path, num_tokens: int, num_labels: int) -> np.ndarray:
+def _read_docs(path: Path, bin_path: Path, num_tokens: int, num_labels: int | None) -> np.ndarray:
     """The (N, 3) document table, checked: contiguous offsets covering all `num_tokens`, labels known."""
     damaged = f"{path} is damaged or does not match {bin_path.name} (truncated?); prepare the data again"
     try:
@@ -134,7 +135,7 @@ def _read_docs(path: Path, bin_path: Path, num_tokens: int, num_labels: int) -> 
         or (not len(docs) and num_tokens)
     ):
         raise AigcError(damaged)
-    if ((labels < -1) | (labels >= num_labels)).any():  # -1 = unlabelled document
+    if num_labels is not None and ((labels < -1) | (labels >= num_labels)).any():  # -1 = unlabelled document
         raise AigcError(damaged)
     return docs
 
