@@ -5,9 +5,11 @@ A crash or `kill -9` at any moment leaves either the old file or the new one, ne
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,25 +20,69 @@ from aigc.errors import AigcError
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed.
+
+    The file is fsync'ed before the rename and its folder after it, so a power loss too leaves the old
+    file or the new one. The temp file is created with mode 0o666 for the kernel to apply the umask:
+    the result has the permissions of any new file, and the process-wide umask is never touched
+    (reading it means setting it, which races with other threads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp_file(path)
+    mode = tmp.stat().st_mode & 0o777  # what the umask allows a new file
     try:
-        yield Path(tmp)
-        # mkstemp makes owner-only files; the result should have the permissions of any new file.
-        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that replaced the file (safetensors does) made it 0600
+            os.chmod(tmp, mode)
+        _fsync_path(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
-    os.umask(mask)
-    return mask
+def _new_temp_file(path: Path) -> Path:
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise AigcError(f"cannot create a temporary file beside {path}; remove the stale .{path.name}.*.tmp files")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows syncs writable handles only
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable. Windows cannot open a folder for this; some file systems
+    (network, FUSE) refuse it with EINVAL: the rename is then as durable as they make it."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """BLAKE2b of a file's bytes, read in chunks (bounded memory for large weights)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
@@ -55,11 +101,26 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and flush it to disk (metrics logs grow line by line)."""
-    with open(path, "a", encoding="utf-8") as f:
+    """Append one JSON line and flush it to disk (metrics logs grow line by line). A symbolic link at
+    `path` is refused, never followed: the log must not grow a file outside its folder."""
+    path = Path(path)
+    try:
+        # O_NOFOLLOW: the check and the open are one step (no window for a link to appear in between).
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as exc:
+        if path.is_symlink():
+            raise AigcError(f"{path} is a symbolic link; aigc appends only to its own files, remove the link") from None
+        raise AigcError(f"cannot append to {path} ({exc.strerror})") from exc
+    if _NOFOLLOW == 0 and path.is_symlink():  # no O_NOFOLLOW (Windows): check after the open instead
+        os.close(fd)
+        raise AigcError(f"{path} is a symbolic link; aigc appends only to its own files, remove the link")
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def parse_jsonl_objects(text: str, source: str | os.PathLike) -> Iterator[tuple[int, dict]]:

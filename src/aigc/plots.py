@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from aigc.artifacts.run import PLOTS, read_metrics
+from aigc.artifacts.run import METRICS, PLOTS, read_metrics
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
 
@@ -40,7 +40,10 @@ def _load(run_dir: Path) -> list[dict]:
         raise AigcError(f"run folder not found: {run_dir}; pass a folder made by `aigc train`")
     records = [r for r in read_metrics(run_dir) if "step" in r]
     if not records:
-        raise AigcError(f"{run_dir} has no metrics yet; train it past its first evaluation (--eval-every)")
+        raise AigcError(
+            f"{run_dir} has no metrics yet ({METRICS} is missing, empty or damaged); train it past its first "
+            "evaluation (--eval-every)"
+        )
     return records
 
 

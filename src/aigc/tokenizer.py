@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -22,6 +22,32 @@ from aigc.fsutil import write_with
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 BYTE_ALPHABET = 256
+# Long texts are trained on and encoded in pieces of about this many characters: the Rust side keeps
+# ~250 bytes per token of a text it is given (offsets, strings), so one 50 MB document took GBs.
+PIECE_CHARS = 1 << 16
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` cut into pieces of about `size` characters, only before a single space between two
+    non-space characters. The byte-level pre-tokenizer (GPT-2 regex) never joins across such a
+    point (" word" starts a new pre-token), so pieces give the same tokens as the whole text."""
+    start = 0
+    while len(text) - start > size:
+        cut = _safe_cut(text, start + size)
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _safe_cut(text: str, at: int) -> int:
+    """First index >= `at` of a space with a non-space on each side, or -1."""
+    while (at := text.find(" ", at)) > 0:
+        if at + 1 < len(text) and not text[at - 1].isspace() and not text[at + 1].isspace():
+            return at
+        at += 1
+    return -1
 
 
 def label_token(label: str) -> str:
@@ -74,7 +100,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(texts, trainer=trainer)
+        hf.train_from_iterator((piece for text in texts for piece in text_pieces(text)), trainer=trainer)
         return cls(hf)
 
     @classmethod
@@ -110,6 +136,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    @property
+    def splits_safely(self) -> bool:
+        """True when encoding `text_pieces(text)` gives the ids of `text` (aigc's own byte-level BPE;
+        imported tokenizers may normalise or mark word starts differently)."""
+        pre = self.hf.pre_tokenizer
+        return self.hf.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and bool(pre.use_regex)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]

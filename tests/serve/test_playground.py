@@ -117,7 +117,9 @@ def set_slider(page, selector: str, value: float) -> None:
 
 
 def test_playground_chat_tab_streams_keeps_history_and_resets(make_chat_run, live_server, browser):
-    server = live_server(app=create_app(load_run(make_chat_run()), ServeConfig(model_name="tiny-chat")))
+    # Two turns of the tiny byte-level tokenizer need more than the tiny preset's 64 positions.
+    run = load_run(make_chat_run(block_size=256))
+    server = live_server(app=create_app(run, ServeConfig(model_name="tiny-chat")))
     page = browser.new_page(viewport={"width": 1280, "height": 860})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

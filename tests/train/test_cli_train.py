@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from aigc.cli import main
 
@@ -143,3 +144,43 @@ def test_cli_train_killed_with_sigkill_leaves_a_loadable_resumable_run(tiny_data
     load_run(run)
     assert main(["train", "--resume", str(run), "--max-steps", "8", "--quiet"]) in (0,)
     assert load_run(run).metrics()[-1]["step"] >= 3
+
+
+KILL_RUN = [*TINY, "--max-steps", "12", "--eval-every", "3", "--save-every", "1", "--quiet", "--threads", "1"]
+KILL_POINTS = 3  # random moments per test run; docs/reliability.md has the counts of the last run
+
+
+@pytest.mark.slow
+def test_cli_train_killed_at_random_moments_resumes_to_bit_identical_weights(tiny_data, tmp_path):
+    """fp32 CPU: SIGKILL at random moments (mid-step, mid-checkpoint, between state.pt and the weights),
+    then --resume, gives the same model.safetensors, tensor for tensor, as a run never interrupted."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    reference = tmp_path / "reference"
+    assert main(["train", "--data", str(tiny_data), "--out", str(reference), *KILL_RUN]) == 0
+    expected = load_file(reference / "model.safetensors")
+    rng = random.Random(1234)
+    for point in range(KILL_POINTS):
+        run = tmp_path / f"killed{point}"
+        argv = [sys.executable, "-m", "aigc", "train", "--data", str(tiny_data), "--out", str(run), *KILL_RUN]
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while not (run / "state.pt").exists() and process.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.15))  # the tiny run checkpoints every few milliseconds
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert process.returncode in (0, -signal.SIGKILL), process.stderr.read().decode()[-1000:]
+        assert main(["train", "--resume", str(run), "--max-steps", "12", "--quiet", "--threads", "1"]) == 0
+        got = load_file(run / "model.safetensors")
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[name], expected[name]) for name in expected), f"kill point {point} diverged"

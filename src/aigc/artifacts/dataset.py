@@ -93,21 +93,30 @@ def read_dataset_info(folder: str | os.PathLike) -> dict:
     return info
 
 
-def open_split(folder: str | os.PathLike, split: str) -> Split:
-    """Memory-map one split of a prepared dataset folder."""
+def open_split(folder: str | os.PathLike, split: str, vocab_size: int | None = None) -> Split:
+    """Memory-map one split of a prepared dataset folder, checked so that damaged shards are an
+    AigcError naming the file, never an IndexError deep in training (`vocab_size`: the largest
+    token id + 1 allowed; default: the one dataset.json records)."""
     folder = Path(folder)
     info = read_dataset_info(folder)
     bin_path, docs_path = folder / f"{split}.bin", folder / f"{split}.docs.npy"
     if not bin_path.is_file() or not docs_path.is_file():
         raise AigcError(f"{folder} has no {split} split; prepare it with a --{split}-fraction > 0")
-    dtype = np.dtype(info.get("token_dtype", "uint16"))
-    if bin_path.stat().st_size == 0:
-        tokens = np.zeros(0, dtype=dtype)
-    else:
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    docs = np.load(docs_path)
-    if len(docs) and docs[-1, 1] != len(tokens):
-        raise AigcError(f"{bin_path} does not match {docs_path.name} (truncated?); prepare the data again")
+    try:
+        dtype = np.dtype(info.get("token_dtype", "uint16"))
+    except TypeError:
+        raise AigcError(f"{folder / DATASET_JSON} names an unknown token_dtype; prepare the data again") from None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise AigcError(f"{folder / DATASET_JSON} names token_dtype {dtype}, not uint16/uint32; prepare the data again")
+    size = bin_path.stat().st_size
+    if size % dtype.itemsize:
+        raise AigcError(f"{bin_path} is truncated (not a whole number of {dtype} tokens); prepare the data again")
+    tokens = np.zeros(0, dtype=dtype) if size == 0 else np.memmap(bin_path, dtype=dtype, mode="r")
+    labels = info.get("labels")  # None in hand-made folders: then label indices are not checked
+    docs = _read_docs(docs_path, bin_path, len(tokens), len(labels) if isinstance(labels, list) else None)
+    limit = vocab_size if vocab_size is not None else info.get("vocab_size")
+    if isinstance(limit, int) and len(tokens) and int(_max_token(tokens)) >= limit:
+        raise AigcError(f"{bin_path} holds token ids beyond the vocabulary ({limit}); it is damaged, prepare it again")
     return Split(tokens=tokens, docs=docs, mask=_open_mask(folder / f"{split}.mask.bin", len(tokens)))
 
 
@@ -127,6 +136,34 @@ def _open_mask(path: Path, num_tokens: int) -> np.ndarray | None:
     if path.stat().st_size != num_tokens:
         raise AigcError(f"{path} does not match its token shard (truncated?); prepare the data again")
     return np.memmap(path, dtype=np.uint8, mode="r") if num_tokens else np.zeros(0, dtype=np.uint8)
+
+
+def _read_docs(path: Path, bin_path: Path, num_tokens: int, num_labels: int | None) -> np.ndarray:
+    """The (N, 3) document table, checked: contiguous offsets covering all `num_tokens`, labels known."""
+    damaged = f"{path} is damaged or does not match {bin_path.name} (truncated?); prepare the data again"
+    try:
+        docs = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:  # numpy's header parser raises SyntaxError
+        raise AigcError(f"{path} is damaged ({type(exc).__name__}); prepare the data again") from None
+    if docs.dtype != np.int64 or docs.ndim != 2 or docs.shape[1] != 3:
+        raise AigcError(damaged)
+    starts, ends, labels = docs[:, 0], docs[:, 1], docs[:, 2]
+    contiguous = len(docs) == 0 or (starts[0] == 0 and np.array_equal(starts[1:], ends[:-1]))
+    if (
+        not contiguous
+        or (starts > ends).any()
+        or (len(docs) and ends[-1] != num_tokens)
+        or (not len(docs) and num_tokens)
+    ):
+        raise AigcError(damaged)
+    if num_labels is not None and ((labels < -1) | (labels >= num_labels)).any():  # -1 = unlabelled document
+        raise AigcError(damaged)
+    return docs
+
+
+def _max_token(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """Largest id in a memory-mapped split, read a chunk at a time (bounded memory)."""
+    return max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
 
 
 @dataclass(frozen=True)
@@ -159,7 +196,8 @@ def open_dataset(folder: str | os.PathLike) -> Dataset:
     path = Path(folder).resolve()
     info = read_dataset_info(path)
     tokenizer = Tokenizer.load(path / TOKENIZER, info.get("labels"))
-    return Dataset(path, info, tokenizer, open_split(path, "train"), open_split(path, "val"))
+    splits = (open_split(path, name, tokenizer.vocab_size) for name in ("train", "val"))
+    return Dataset(path, info, tokenizer, *splits)
 
 
 def check_same_tokenizer(

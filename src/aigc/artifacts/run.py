@@ -49,6 +49,12 @@ TENSORBOARD = "tensorboard"
 REPORTS = ("report.md", "report.html")
 # Files and folders a run owns; `aigc train --overwrite` removes these and nothing else.
 RUN_ARTEFACTS = (CONFIG, TOKENIZER, WEIGHTS, BEST, STATE, METRICS, CHAT_TEMPLATE, PLOTS, EVAL, TENSORBOARD, *REPORTS)
+# What aigc writes inside the run's folders (glob patterns); anything else a user put there is kept.
+RUN_FOLDER_FILES = {
+    PLOTS: ("loss.png", "accuracy.png"),
+    EVAL: ("metrics.json", "compare.png"),
+    TENSORBOARD: ("events.out.tfevents.*",),
+}
 
 WEIGHT_FORMATS = ("full", "lora", "int8")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,37 @@ from aigc.fsutil import write_with
 
 def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write `state.pt` atomically. `state` holds only tensors, numbers, strings, lists and dicts,
-    so that `load_state` can read it back with `weights_only=True` (no pickled code)."""
+    so that `load_state` can read it back with `weights_only=True` (no pickled code). A checksum of
+    the content goes in too: a flipped bit in a tensor would otherwise load without complaint."""
+    state = {**state, "checksum": state_checksum(state)}
     write_with(Path(run_dir) / STATE, lambda tmp: torch.save(state, tmp))
+
+
+def state_checksum(state: Any) -> str:
+    """BLAKE2b of everything in `state` (the `checksum` entry itself left out), keys in sorted order."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _feed(digest, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{flat.dtype}{tuple(value.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:  # numbers, strings, None, booleans
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def load_state(run_dir: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -32,4 +62,7 @@ def load_state(run_dir: str | os.PathLike, *, map_location: str | torch.device =
         ) from exc
     if not isinstance(state, dict) or "step" not in state:
         raise AigcError(f"{path} is not an aigc training state; start again with --overwrite")
+    # States written before the checksum have none; they are read as they are.
+    if "checksum" in state and state.pop("checksum") != state_checksum(state):
+        raise AigcError(f"{path} is corrupted (checksum mismatch); resume is impossible, start again with --overwrite")
     return state

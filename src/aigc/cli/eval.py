@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chart", metavar="PNG", help="comparison bar chart for several runs (default: FIRST_RUN/eval/compare.png)"
     )
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files --out and --chart name if they exist"
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="reuse a run's existing eval/metrics.json instead of evaluating it again"
     )
     add_dataclass_args(parser, EvalConfig)
@@ -60,12 +63,23 @@ def handle(args: argparse.Namespace) -> int:
         raise AigcError(
             "--out names one metrics file but several runs were given; drop --out (each run gets RUN/eval/metrics.json)"
         )
+    _refuse_existing(args)
     results = [_evaluate_one(Path(run), args, config, sampling) for run in args.runs]
     if len(results) == 1:
         _print_single(results[0])
     else:
         _compare(args, results)
     return 0
+
+
+def _refuse_existing(args: argparse.Namespace) -> None:
+    """Files the user named are replaced only with --overwrite (a run's own eval/ files are refreshed)."""
+    if args.overwrite:
+        return
+    if args.out and Path(args.out).exists() and not args.reuse:
+        raise AigcError(f"--out {args.out} exists; pass --overwrite to replace it (or --reuse to read it)")
+    if args.chart and len(args.runs) > 1 and Path(args.chart).exists():
+        raise AigcError(f"--chart {args.chart} exists; pass --overwrite to replace it")
 
 
 def _evaluate_one(run: Path, args: argparse.Namespace, config: EvalConfig, sampling: SampleConfig) -> dict:

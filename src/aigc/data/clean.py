@@ -38,9 +38,33 @@ def clean_text(text: str) -> str:
     if _CONTROLS.search(text):
         text = _CONTROLS.sub("", text)
     if "\n" not in text:
-        return " ".join(text.split())  # str.split/join is several times faster than a regex here
-    text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+        return collapse_spaces(text)
+    text = "\n".join(collapse_spaces(line) for line in text.split("\n"))
     return _PARAGRAPHS.sub("\n\n", text).strip()
+
+
+LONG_TEXT = 1 << 16
+
+
+def collapse_spaces(text: str) -> str:
+    """Runs of whitespace to one space, none at either end (`" ".join(text.split())`). That idiom is
+    fast but holds a list of every word (~10x the text), so a long text goes through it a slice at
+    a time, with a space between slices wherever whitespace was at the seam."""
+    if len(text) <= LONG_TEXT:
+        return " ".join(text.split())
+    out: list[str] = []
+    space_before = False  # whitespace seen since the last word written
+    for start in range(0, len(text), LONG_TEXT):
+        chunk = text[start : start + LONG_TEXT]
+        words = " ".join(chunk.split())
+        if not words:  # a slice of whitespace only
+            space_before = True
+            continue
+        if out and (space_before or chunk[0].isspace()):
+            out.append(" ")
+        out.append(words)
+        space_before = chunk[-1].isspace()
+    return "".join(out)
 
 
 class Cleaner:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from aigc.data.clean import collapse_spaces
 
 NUM_PERM = 64
 SHINGLE_TOKENS = 3  # fixed: the shingle formula below combines exactly three token hashes
@@ -49,7 +51,7 @@ _BYTE_CLASS = _byte_classes()
 
 def normalised_key(text: str) -> bytes:
     """A 16-byte digest of the case-folded text with whitespace collapsed (the exact-duplicate key)."""
-    return hashlib.blake2b(" ".join(text.casefold().split()).encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(collapse_spaces(text.casefold()).encode("utf-8"), digest_size=16).digest()
 
 
 class ExactDedup:
@@ -81,9 +83,50 @@ def _powers(base: int, n: int) -> np.ndarray:
     return cached[:n]
 
 
-def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Position-independent 64-bit hashes of every token, and the index of the text each belongs to."""
-    parts = [text.casefold().encode("utf-8") for text in texts]
+# Bytes hashed per numpy pass: the pass keeps ~60 bytes of temporaries per input byte, so a long
+# document is hashed in pieces of this size (cut where no token spans the cut: hashes are the same).
+PIECE_BYTES = 1 << 18
+# Shingles per pass of the NUM_PERM hash functions: that pass keeps NUM_PERM * 4 bytes per shingle.
+SHINGLE_CHUNK = 1 << 16
+
+
+def _token_hashes(texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Position-independent 64-bit hashes of every token, and the index of the text each belongs to,
+    in order, one group of at most about PIECE_BYTES of text at a time."""
+    pieces, owners = [], []
+    for i, text in enumerate(texts):
+        for piece in _byte_pieces(text.casefold().encode("utf-8")):
+            pieces.append(piece)
+            owners.append(i)
+    start, size = 0, 0
+    for end in range(1, len(pieces) + 1):
+        size += len(pieces[end - 1]) + 1
+        if end == len(pieces) or size + len(pieces[end]) > PIECE_BYTES:
+            hashes, piece_index = _hash_tokens(pieces[start:end])
+            yield hashes, np.asarray(owners[start:end], dtype=np.int64)[piece_index]
+            start, size = end, 0
+
+
+def _byte_pieces(data: bytes) -> list[bytes]:
+    """`data` cut into pieces of about PIECE_BYTES, each cut before a separator byte (ASCII, not a
+    letter or digit) so that no token spans two pieces."""
+    pieces, start = [], 0
+    while len(data) - start > PIECE_BYTES:
+        view = np.frombuffer(
+            data, dtype=np.uint8, offset=start + PIECE_BYTES, count=min(PIECE_BYTES, len(data) - start - PIECE_BYTES)
+        )
+        separators = np.flatnonzero(_BYTE_CLASS[view] == 0)
+        if not len(separators):
+            break  # a token longer than a piece: keep the rest whole
+        cut = start + PIECE_BYTES + int(separators[0])
+        pieces.append(data[start:cut])
+        start = cut
+    pieces.append(data[start:])
+    return pieces
+
+
+def _hash_tokens(parts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Token hashes of `parts` joined by a separator, and the index of the part each belongs to."""
     data = np.frombuffer(b" ".join(parts), dtype=np.uint8)  # (N,) bytes, texts joined by a separator
     text_starts = np.cumsum([0] + [len(p) + 1 for p in parts[:-1]])
     classes = _BYTE_CLASS[data]
@@ -121,21 +164,29 @@ class MinHasher:
         signatures = np.full((len(texts), self.num_perm), _NO_SHINGLE, dtype=np.uint32)
         if not texts:
             return signatures
-        hashes, owners = _token_hashes(texts)
-        if len(hashes) < SHINGLE_TOKENS:
-            return signatures
+        # Token hashes come in groups; the last two tokens of a group are carried into the next, so
+        # shingles spanning two groups are counted as in one pass over all the text.
+        carry_hashes, carry_owners = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+        for hashes, owners in _token_hashes(texts):
+            hashes, owners = np.concatenate((carry_hashes, hashes)), np.concatenate((carry_owners, owners))
+            if len(hashes) >= SHINGLE_TOKENS:
+                self._update(signatures, hashes, owners)
+            carry_hashes, carry_owners = hashes[-(SHINGLE_TOKENS - 1) :], owners[-(SHINGLE_TOKENS - 1) :]
+        return signatures
+
+    def _update(self, signatures: np.ndarray, hashes: np.ndarray, owners: np.ndarray) -> None:
+        """Fold the shingles of consecutive tokens `hashes` (owned by text `owners`) into `signatures`."""
         same_text = owners[:-2] == owners[2:]  # the three tokens belong to one text
         shingles = hashes[:-2] * _MIX + hashes[1:-1] * np.uint64(_PRIME) + hashes[2:]
         shingles, shingle_owner = _mix(shingles[same_text]), owners[:-2][same_text]
-        if not len(shingles):
-            return signatures
-        present, first = np.unique(shingle_owner, return_index=True)
-        # (P, S) layout: each hash function runs along a contiguous row, and reduceat along rows is
-        # far faster than along columns.
-        values = self._a[:, None] * (shingles >> np.uint64(32)).astype(np.uint32)[None, :]  # wraps mod 2**32
-        values += self._b[:, None]
-        signatures[present] = np.minimum.reduceat(values, first, axis=1).T
-        return signatures
+        for start in range(0, len(shingles), SHINGLE_CHUNK):  # min is associative: chunks merge exactly
+            chunk, owner = shingles[start : start + SHINGLE_CHUNK], shingle_owner[start : start + SHINGLE_CHUNK]
+            present, first = np.unique(owner, return_index=True)
+            # (P, S) layout: each hash function runs along a contiguous row, and reduceat along rows is
+            # far faster than along columns.
+            values = self._a[:, None] * (chunk >> np.uint64(32)).astype(np.uint32)[None, :]  # wraps mod 2**32
+            values += self._b[:, None]
+            signatures[present] = np.minimum(signatures[present], np.minimum.reduceat(values, first, axis=1).T)
 
 
 def _shares_a_band(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:

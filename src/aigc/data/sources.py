@@ -110,6 +110,9 @@ def source_sha256(source: Source) -> str:
 
 def read_source(source: Source, config: PrepareConfig, stats: ReadStats) -> Iterator[Record]:
     """Stream `(text, label)` records from `source`, counting into `stats`."""
+    if source.kind in ("txt", "folder", "csv", "tsv", "jsonl"):
+        for path in source.paths:
+            _check_is_text(path)
     if source.kind in BUILTIN:
         records = _read_builtin(source, stats)
     elif source.kind in ("txt", "folder"):
@@ -127,6 +130,26 @@ def read_source(source: Source, config: PrepareConfig, stats: ReadStats) -> Iter
 
 
 # -- decoding ---------------------------------------------------------------------------------
+
+
+SNIFF_BYTES = 1 << 16
+# Invalid UTF-8 bytes tolerated in the first SNIFF_BYTES of a text file (then counted and replaced);
+# more than this and the file is not text at all (an image, an archive, UTF-16, a damaged file).
+MAX_INVALID_SHARE = 0.1
+
+
+def _check_is_text(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    invalid = len(head) - len(head.decode("utf-8", "ignore").encode("utf-8"))
+    # NUL bytes: a stray one is tolerated, many mean a binary file or UTF-16 (every other byte of ASCII).
+    nul = head.count(b"\x00") > MAX_INVALID_SHARE * len(head)
+    if nul or invalid > MAX_INVALID_SHARE * len(head) + 3:  # + 3: a character cut at the end of `head`
+        what = "NUL bytes" if nul else f"{invalid:,} bytes that are not UTF-8"
+        raise AigcError(
+            f"{path} is not UTF-8 text ({what} in its first {len(head):,} bytes); convert it to UTF-8 text, "
+            "or check that it is the file you meant"
+        )
 
 
 def _decode(raw: bytes, stats: ReadStats) -> str:
@@ -202,7 +225,10 @@ def _column(names: list[str], wanted: str, path: Path, flag: str) -> int:
 def _read_csv(path: Path, delimiter: str, config: PrepareConfig, stats: ReadStats) -> Iterator[Record]:
     csv.field_size_limit(2**31 - 1)  # reviews can be long; the default 128 KiB limit is arbitrary
     reader = csv.reader(_lines(path, stats), delimiter=delimiter)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise AigcError(f"{path}: malformed CSV header at line {reader.line_num} ({exc}); fix the first row") from None
     if header is None:
         raise AigcError(f"{path} is empty; give a CSV with a header row and a {config.text_column!r} column")
     header = [name.strip() for name in header]

@@ -32,6 +32,7 @@ from aigc.artifacts.run import (
 from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
+from aigc.fsutil import file_digest
 from aigc.models import adapted, build_model, lora, vocab
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
@@ -113,8 +114,11 @@ class Trainer:
         self.step, self.tokens, self.elapsed_before, self.best_val = 0, 0, 0.0, math.inf
         self.last_eval_step, self.last_metrics, self.last_lr = -1, None, 0.0
         self._reset_running()
+        self.notes: list[str] = []
         if plan.resume:
             self._load_state(load_state(self.run_dir))
+            if runtime.is_main:
+                self._check_weights_file()
         with rt.rank_zero_first(runtime):
             if runtime.is_main:
                 self._write_run_files(overwrite)
@@ -256,6 +260,17 @@ class Trainer:
         self.run_acc.fill_(running["acc"])
         self.run_steps, self.run_tokens, self.run_time = running["steps"], running["tokens"], running["time"]
         self.run_acc_steps = running.get("acc_steps", running["steps"])
+
+    def _check_weights_file(self) -> None:
+        """model.safetensors must hold the weights of state.pt; rewrite it from them (atomically) and
+        say so when it does not: damaged, missing, or left from an earlier step by a crash between the
+        two writes of a checkpoint."""
+        path = self.run_dir / WEIGHTS
+        before = file_digest(path) if path.is_file() else None
+        save_weights(self.model, path)
+        if before != file_digest(path):
+            what = "was missing" if before is None else "did not match state.pt (damaged or from an earlier step)"
+            self.notes.append(f"{path} {what}; rewritten from {STATE} (step {self.step})")
 
     def _save(self) -> None:
         """Checkpoint: state.pt first (it holds the weights too, so it is complete on its own), then
@@ -468,7 +483,7 @@ class Trainer:
             world_size=self.runtime.world_size,
             resumed=self.plan.resume,
             init_from=self.plan.init_from,
-            notes=(warning,) if warning else (),
+            notes=(*self.notes, *((warning,) if warning else ())),
         )
 
     def _emit(self, event) -> None:

@@ -48,5 +48,14 @@ class MetricsLog:
         """Drop records after `step` (written after the checkpoint a resume starts from)."""
         records = read_metrics(run_dir)
         kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) != len(records):
+        path = Path(run_dir) / METRICS
+        # A torn last line (a crash mid-append) must go too, or the next record would be glued to it.
+        torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
+        if len(kept) != len(records) or torn:
             write_text(Path(run_dir) / METRICS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"

@@ -6,7 +6,6 @@ All checks run before anything is written, so a refused run leaves existing file
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from aigc.artifacts.dataset import Dataset, check_same_tokenizer, open_dataset
 from aigc.artifacts.run import (
     CONFIG,
     RUN_ARTEFACTS,
+    RUN_FOLDER_FILES,
     STATE,
     TOKENIZER,
     RunConfig,
@@ -154,10 +154,13 @@ def check_world_size(plan: SessionPlan, world_size: int) -> None:
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber: an existing run needs --resume or --overwrite; a foreign folder is never touched."""
+    """Refuse to clobber: an existing run needs --resume or --overwrite; a foreign folder is never touched.
+    Everything --overwrite would delete is checked here, before anything is written."""
     if resume:
         if not (run_dir / STATE).is_file():
             raise AigcError(f"cannot resume {run_dir}: {STATE} is missing; start a new run with --overwrite instead")
+        for name in RUN_ARTEFACTS:
+            _refuse_link(run_dir / name, "resume would write through it")
         return
     if not run_dir.exists():
         return
@@ -168,17 +171,51 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             raise AigcError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite"
             )
+        files_to_clear(run_dir)
     elif any(run_dir.iterdir()):
         raise AigcError(f"{run_dir} exists and is not an aigc run; choose another --out (nothing was changed)")
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove the artefacts of a previous run (only after every check has passed)."""
+def _refuse_link(path: Path, why: str) -> None:
+    if path.is_symlink():
+        raise AigcError(
+            f"{path} is a symbolic link, which aigc did not make ({why}); remove the link or choose another "
+            "run folder (nothing was changed)"
+        )
+
+
+def files_to_clear(run_dir: Path) -> list[Path]:
+    """What `--overwrite` deletes, deepest first: the files aigc writes into a run and its own folders
+    (removed only if nothing else is left in them). A symbolic link or an odd file type among them is
+    an AigcError: nothing is deleted through a link, and nothing is deleted until all is checked."""
+    doomed: list[Path] = []
     for name in RUN_ARTEFACTS:
         path = run_dir / name
+        _refuse_link(path, "--overwrite never deletes through links")
+        if not path.exists():
+            continue
+        is_folder = name in RUN_FOLDER_FILES
+        if path.is_dir() != is_folder:
+            kind = "folder" if is_folder else "file"
+            raise AigcError(f"{path} is not a {kind} as aigc writes it; move it away first (nothing was changed)")
+        if is_folder:
+            for pattern in RUN_FOLDER_FILES[name]:
+                for inner in sorted(path.glob(pattern)):
+                    _refuse_link(inner, "--overwrite never deletes through links")
+                    if inner.is_file():
+                        doomed.append(inner)
+        doomed.append(path)
+    return doomed
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove the artefacts of a previous run (only after every check has passed); files a user added
+    to plots/, eval/ or tensorboard/ are kept, and so is the folder that holds them."""
+    for path in files_to_clear(run_dir):
         if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
             path.unlink()
 
 
