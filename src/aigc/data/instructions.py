@@ -10,7 +10,6 @@ change would break the template's markup. Each document is the rendered conversa
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ from aigc.artifacts.run import read_run_config, read_run_tokenizer, resolve_run_
 from aigc.chat import encode_for_training, load_chat_template, parse_messages
 from aigc.data.publish import existing_dataset, publish
 from aigc.errors import AigcError
-from aigc.fsutil import write_json
+from aigc.fsutil import parse_jsonl_objects, write_json
 
 FORMAT = "openai-chat-jsonl"
 
@@ -33,14 +32,12 @@ def read_conversations(path: Path) -> list[list]:
     if not path.is_file():
         raise AigcError(f'instruction file not found: {path}; give a JSONL file of {{"messages": [...]}} lines')
     conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AigcError(f"{path} line {number} is not JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or "messages" not in record:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AigcError(f"{path} is not UTF-8 text; save it as UTF-8 JSONL") from None
+    for number, record in parse_jsonl_objects(text, path):
+        if "messages" not in record:
             raise AigcError(f'{path} line {number} needs a "messages" list (OpenAI fine-tuning format)')
         conversations.append(parse_messages(record["messages"], where=f"{path.name} line {number}: messages"))
     if not conversations:
