@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from aigc.config import SampleConfig, ServeConfig
@@ -217,3 +217,35 @@ def chunk(meta: dict, index: int, text: str, logprobs: dict | None, finish_reaso
     """One streamed choice fragment, in OpenAI's completions chunk format."""
     choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
     return sse({**meta, "object": "text_completion", "choices": [choice]})
+
+
+async def stream_events(
+    job,
+    *,
+    token_chunk: Callable[[int, TokenEvent], str | None],
+    closing_chunks: Callable[[list[Completion]], Iterable[str]],
+    failure: Callable[[BaseException], ApiError],
+    opening: Iterable[str] = (),
+) -> AsyncIterator[str]:
+    """Server-sent events of one scheduler job, shared by completions and chat: the `opening` chunks,
+    a chunk per token event (when `token_chunk` makes one), the closing chunks of the completions, then
+    `[DONE]`; a failed decode ends the stream with its error. The job is cancelled however it ends."""
+    try:
+        for opening_chunk in opening:
+            yield opening_chunk
+        while True:
+            kind, row, payload = await job.next()
+            if kind == "event":
+                token = token_chunk(row, payload)
+                if token is not None:
+                    yield token
+            elif kind == "done":
+                for closing in closing_chunks(payload):
+                    yield closing
+                break
+            else:
+                yield sse(failure(payload).body())
+                break
+        yield sse("[DONE]")
+    finally:
+        job.cancel()  # finished, or the client went away: the worker stops sending to this job

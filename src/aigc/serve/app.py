@@ -271,28 +271,26 @@ async def _collect(job: Job, n_rows: int) -> tuple[list, list[list]]:
             raise _decode_failure(payload)
 
 
-async def _stream(job: Job, plan: api.Plan, n: int, meta: dict, include_usage: bool) -> AsyncIterator[str]:
+def _stream(job: Job, plan: api.Plan, n: int, meta: dict, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per token, one closing chunk per choice, then `[DONE]`."""
     offsets = [len(plan.prompts[row // n]) for row in range(len(plan.rows))]  # text_offset per choice
-    try:
-        while True:
-            kind, row, payload = await job.next()
-            if kind == "event":
-                logprobs = api.logprobs_block([payload], offsets[row]) if plan.want_logprobs else None
-                offsets[row] += len(payload.text)
-                yield api.chunk(meta, row, payload.text, logprobs, None)
-            elif kind == "done":
-                for completion in sorted(payload, key=lambda c: c.index):
-                    yield api.chunk(meta, completion.index, "", None, completion.finish_reason)
-                if include_usage:
-                    yield api.sse({**meta, "object": "text_completion", "choices": [], "usage": api.usage(payload, n)})
-                break
-            else:
-                yield api.sse(_decode_failure(payload).body())
-                break
-        yield api.sse("[DONE]")
-    finally:
-        job.cancel()  # finished, or the client went away: the worker stops sending to this job
+
+    def token_chunk(row: int, event) -> str:
+        logprobs = api.logprobs_block([event], offsets[row]) if plan.want_logprobs else None
+        offsets[row] += len(event.text)
+        return api.chunk(meta, row, event.text, logprobs, None)
+
+    def closing_chunks(completions) -> list[str]:
+        chunks = [
+            api.chunk(meta, c.index, "", None, c.finish_reason) for c in sorted(completions, key=lambda c: c.index)
+        ]
+        if include_usage:
+            chunks.append(
+                api.sse({**meta, "object": "text_completion", "choices": [], "usage": api.usage(completions, n)})
+            )
+        return chunks
+
+    return api.stream_events(job, token_chunk=token_chunk, closing_chunks=closing_chunks, failure=_decode_failure)
 
 
 # ---------------------------------------------------------------------------------------------

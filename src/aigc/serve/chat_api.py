@@ -162,7 +162,7 @@ def chat_chunk(meta: dict, index: int, delta: dict, logprobs: dict | None, finis
     return api.sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
 
-async def stream_chat(
+def stream_chat(
     job,
     plan: ChatPlan,
     meta: dict,
@@ -174,25 +174,22 @@ async def stream_chat(
 ) -> AsyncIterator[str]:
     """Server-sent events: the assistant role per choice, one content delta per token, one closing chunk
     per choice with its finish_reason, the usage when asked, then `[DONE]`."""
-    try:
-        for index in range(len(plan.rows)):
-            yield chat_chunk(meta, index, {"role": "assistant", "content": ""}, None, None)
-        while True:
-            kind, row, payload = await job.next()
-            if kind == "event":
-                logprobs = logprobs_content([payload], top, token_text) if plan.want_logprobs else None
-                if payload.text or logprobs:
-                    yield chat_chunk(meta, row, {"content": payload.text}, logprobs, None)
-            elif kind == "done":
-                for completion in sorted(payload, key=lambda c: c.index):
-                    yield chat_chunk(meta, completion.index, {}, None, completion.finish_reason)
-                if include_usage:
-                    usage = api.usage(payload, len(plan.rows))
-                    yield api.sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-                break
-            else:
-                yield api.sse(failure(payload).body())
-                break
-        yield api.sse("[DONE]")
-    finally:
-        job.cancel()  # finished, or the client went away: the worker stops sending to this job
+
+    def token_chunk(row: int, event) -> str | None:
+        logprobs = logprobs_content([event], top, token_text) if plan.want_logprobs else None
+        return chat_chunk(meta, row, {"content": event.text}, logprobs, None) if event.text or logprobs else None
+
+    def closing_chunks(completions) -> list[str]:
+        ordered = sorted(completions, key=lambda c: c.index)
+        chunks = [chat_chunk(meta, c.index, {}, None, c.finish_reason) for c in ordered]
+        if include_usage:
+            usage = api.usage(completions, len(plan.rows))
+            chunks.append(api.sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+        return chunks
+
+    opening = [
+        chat_chunk(meta, index, {"role": "assistant", "content": ""}, None, None) for index in range(len(plan.rows))
+    ]
+    return api.stream_events(
+        job, token_chunk=token_chunk, closing_chunks=closing_chunks, failure=failure, opening=opening
+    )
