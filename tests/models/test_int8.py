@@ -87,6 +87,33 @@ def test_int8_fallback_gives_the_outputs_of_the_int_mm_path(monkeypatch, tie):
     assert torch.allclose(fallback, fast, rtol=1e-5, atol=1e-5 * fast.abs().max().item())
 
 
+@pytest.mark.skipif(not Int8Linear.one_token_kernel, reason="no fbgemm in this torch build")
+def test_int8_one_token_kernel_agrees_with_the_per_token_path():
+    """A single token goes through fbgemm's kernel (its per-call scale is per-token there): close to _int_mm's."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(64, 96, bias=True)
+    fbgemm, int_mm = Int8Linear.from_linear(linear), Int8Linear.from_linear(linear)
+    int_mm._packed = None  # this one takes the _int_mm path even for one token
+    x = torch.randn(1, 1, 64)
+    x[..., 3] = 40.0  # an outlier channel within the token: both paths scale by it alike
+    with torch.no_grad():
+        a, b, exact = fbgemm(x), int_mm(x), linear(x)
+    assert a.shape == b.shape == (1, 1, 96)
+    # Both round the token on a grid of ~40 / 127; each lands within 5 % of fp32, and so of the other.
+    assert (a - exact).abs().max() < 0.05 * exact.abs().max() and (b - exact).abs().max() < 0.05 * exact.abs().max()
+    assert 0 < (a - b).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_int8_set_weight_repacks_the_one_token_kernel():
+    torch.manual_seed(5)
+    first, second = torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 16, bias=False)
+    layer, target = Int8Linear.from_linear(first), Int8Linear.from_linear(second)
+    layer.set_weight(target.weight, target.weight_scale)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), target(x))
+
+
 def test_int8_linear_rounds_each_token_on_its_own_scale():
     torch.manual_seed(2)
     linear = torch.nn.Linear(16, 8, bias=True)

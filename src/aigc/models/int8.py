@@ -12,8 +12,12 @@ for the whole (batch x time, in) input, which rounded every other token of the p
 greedy tokens matched fp32 at 0.8 % of positions. One scale per token confines an outlier to its token
 (docs/benchmarks.md, "int8 on the pretrained base").
 
-Where `torch._int_mm` is missing, the same integers go through a float matmul (`Int8Linear.fast = False`
-forces that path; the tests check both agree). Embeddings, norms and the LSTM's recurrent weights stay fp32.
+One token at a time (batch-1 decoding), a per-call scale IS a per-token scale, and fbgemm's dynamic
+int8 kernel (`quantized::linear_dynamic`, asymmetric 7-bit activations) decoded SmolLM2 1.65x faster
+than `torch._int_mm`, so a layer fed one token uses it. A row's result therefore depends on whether it
+is decoded alone or in a batch (by int8 rounding only). Where `torch._int_mm` is missing, the same
+integers go through a float matmul (`Int8Linear.fast = False` forces that path for every input; the
+tests check the three paths agree). Embeddings, norms and the LSTM's recurrent weights stay fp32.
 
 The GPT's output head is tied to the token embedding: the head is quantized, and the embedding is
 replaced by the dequantized head weight, so the one int8 matrix serves both and is stored once.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -60,6 +65,7 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 (out, in) x per-row scales and x quantized to int8 per token."""
 
     fast = hasattr(torch, "_int_mm")  # class-wide switch; False = the float fallback
+    one_token_kernel = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds have it
 
     def __init__(self, int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -67,6 +73,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", int8.contiguous())  # (out, in) int8
         self.register_buffer("weight_scale", scale.float().contiguous())  # (out,)
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
+        self._packed = self._pack()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -78,18 +85,33 @@ class Int8Linear(nn.Module):
             raise RuntimeError(f"expected int8 {tuple(self.weight.shape)}, got {int8.dtype} {tuple(int8.shape)}")
         self.weight.copy_(int8)
         self.weight_scale.copy_(scale.float())
+        self._packed = self._pack()
+
+    def _pack(self):
+        """fbgemm's prepacked copy of the weight for single-token inputs, or None. Filled from the buffers
+        here and in `set_weight` only: write the weight through `set_weight`, never in place."""
+        if not self.one_token_kernel:
+            return None
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; the packed kernel is what we use
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zero, 0)
+            return torch.ops.quantized.linear_prepack(qweight, None)  # bias added in forward: it may be reloaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()  # (M, in), M = batch x time
-        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # (M, 1)
-        q = torch.round(rows / x_scale).to(torch.int8)  # |rows / x_scale| <= 127 by construction
-        if self.fast:
-            # (M, out) exact int32 sums; the transposed view (column-major (in, out)) ran 2.5x faster at M = 1
-            # than a contiguous (in, out) copy on AVX-512 (docs/benchmarks.md)
-            acc = torch._int_mm(q, self.weight.t()).float()
+        if self.fast and rows.shape[0] == 1 and self._packed is not None:
+            y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)  # (1, out); True: 7-bit range
         else:
-            acc = F.linear(q.float(), self.weight.float())  # the same integer sums, in float
-        y = acc * x_scale * self.weight_scale  # (M, out)
+            x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # (M, 1)
+            q = torch.round(rows / x_scale).to(torch.int8)  # |rows / x_scale| <= 127 by construction
+            if self.fast:
+                # (M, out) exact int32 sums; the transposed view (column-major (in, out)) ran 2.5x faster at
+                # M = 1 than a contiguous (in, out) copy on AVX-512
+                acc = torch._int_mm(q, self.weight.t()).float()
+            else:
+                acc = F.linear(q.float(), self.weight.float())  # the same integer sums, in float
+            y = acc * x_scale * self.weight_scale  # (M, out)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
