@@ -12,10 +12,8 @@ from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
 from aigc.models import load_run
-from aigc.models.int8 import int8_state, quantize_int8
+from aigc.models.int8 import Int8Linear, int8_state, quantize_int8
 from aigc.models.lora import LoRASpec, apply_lora
-
-DYNAMIC_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 
 
 def _logits(model, tokenizer, text: str = "<|pos|>Review 4: one of the best movies of the year") -> torch.Tensor:
@@ -27,8 +25,8 @@ def _logits(model, tokenizer, text: str = "<|pos|>Review 4: one of the best movi
 def test_quantize_int8_stays_close_to_fp32(make_run, kind):
     run = load_run(make_run(kind, seed=2))
     quantized = quantize_int8(run.model)
-    assert any(isinstance(m, DYNAMIC_LINEAR) for m in quantized.modules())
-    assert not any(isinstance(m, DYNAMIC_LINEAR) for m in run.model.modules())  # original untouched
+    assert any(isinstance(m, Int8Linear) for m in quantized.modules())
+    assert not any(isinstance(m, Int8Linear) for m in run.model.modules())  # original untouched
     fp32, int8 = _logits(run.model, run.tokenizer), _logits(quantized, run.tokenizer)
     scale = fp32.abs().max().item()
     assert (fp32 - int8).abs().max().item() < 0.05 * scale
@@ -53,7 +51,7 @@ def test_export_int8_reloads_exactly_and_is_smaller(make_run, tmp_path, kind):
     expected = _logits(quantize_int8(run.model), run.tokenizer)
     assert torch.equal(_logits(loaded.model, loaded.tokenizer), expected)
     assert loaded.config.weights.format == "int8"
-    assert loaded.config.weights.quantization["method"] == "dynamic-int8"
+    assert loaded.config.weights.quantization["method"] == "int8-per-token"
     size_fp32, size_int8 = (run_dir / "model.safetensors").stat().st_size, (out / "model.safetensors").stat().st_size
     # The GPT is almost all linear weights (4 bytes -> 1); the LSTM keeps its recurrent weights in fp32.
     assert size_int8 < (0.35 if kind == "gpt" else 0.9) * size_fp32
