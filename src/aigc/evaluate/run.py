@@ -56,10 +56,25 @@ def dataset_folder(run: Run, data: str | os.PathLike | None) -> tuple[Path, dict
         raise AigcError(f"no prepared dataset at {folder} ({where}; moved or deleted?); pass --data DIR")
     info = read_dataset_info(folder)
     tokenizer_file = folder / TOKENIZER
-    if tokenizer_file.is_file():
+    if tokenizer_file.is_file() and not is_base_tokenizer(info, run.tokenizer):
         fix = "pass --data with the dataset this run was trained on"
         check_same_tokenizer(folder, Tokenizer.load(tokenizer_file), run.tokenizer, run.path, fix=fix)
     return folder, info
+
+
+def is_base_tokenizer(info: dict, tokenizer: Tokenizer) -> bool:
+    """True when `tokenizer` is the one the dataset's was grown from (control tokens appended after
+    its last id, as `aigc prepare --tokenizer BASE` does): every id it has means the same in the
+    dataset, so the dataset can be read with the control tokens left out."""
+    return info.get("base_tokenizer_fingerprint") == tokenizer.vocab_fingerprint()
+
+
+def reading_tokenizer(run: Run, folder: Path, info: dict) -> Tokenizer:
+    """The tokenizer that decodes the dataset's ids: the run's, or the dataset's own when the run is
+    its base (the run's lacks the appended control-token ids)."""
+    if is_base_tokenizer(info, run.tokenizer) and (folder / TOKENIZER).is_file():
+        return Tokenizer.load(folder / TOKENIZER)
+    return run.tokenizer
 
 
 def generate_all(run: Run, requests: Sequence, batch_size: int) -> list:
@@ -136,6 +151,11 @@ def language_modelling(run: Run, folder: Path, config: EvalConfig, text: str | o
     """Loss, perplexity, bits per byte and accuracy on whole held-out documents (and a text file)."""
     split = open_split(folder, config.split)
     sequences = lm.document_sequences(split, run.tokenizer.eot_id, config.lm_docs)
+    # A base model scored on data prepared for its fine-tuning: drop the control tokens it has no id
+    # for. They stand for no bytes, so bits per byte still compare over the same text.
+    known = run.tokenizer.vocab_size
+    stripped = sum(t >= known for seq in sequences for t in seq)
+    sequences = [[t for t in seq if t < known] for seq in sequences]
     block = run.config.model.block_size
     token_bytes = lm.byte_lengths(run.tokenizer)
     scores = lm.score_sequences(
@@ -149,6 +169,8 @@ def language_modelling(run: Run, folder: Path, config: EvalConfig, text: str | o
         "tokens": summary["tokens"],
         "window_and_stride": f"{block} / {max(1, block // 2)} tokens",
     }
+    if stripped:
+        summary["computed_on"]["control_tokens_stripped"] = stripped
     result = {"split": summary}
     if text is not None:
         path = Path(text)
@@ -263,7 +285,7 @@ def evaluate_run(
     if pairs is None:
         pairs = reference.held_out_pairs(
             open_split(folder, config.split),
-            run.tokenizer,
+            reading_tokenizer(run, folder, info),
             info.get("labels") or run.tokenizer.labels,
             count=config.prompts,
             prompt_tokens=config.prompt_tokens,
