@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", type=Path, default=Path("data/imdb-smol"), help="dataset prepared with the base's tokenizer"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="fine-tuned run folder")
-    parser.add_argument("--minutes", type=float, default=4.0, help="fine-tuning budget in wall-clock minutes")
+    parser.add_argument("--minutes", type=float, default=3.5, help="fine-tuning budget in wall-clock minutes")
     parser.add_argument("--seed", type=int, default=1337, help="seed for the split, training and sampling")
     parser.add_argument(
         "--eval-samples", type=int, default=8, help="evaluation samples per label (the base draws twice as many)"

@@ -18,12 +18,16 @@ from aigc.fsutil import write_json
 
 CONTINUATION_PROMPTS = ("This is an example of artificial intelligence", "这是一个关于人工智能的例子")
 REVIEWS_PER_LABEL = 3
+# Each label's reviews start with a sentiment sentence after its control token: a few minutes of LoRA
+# teach the new <|pos|>/<|neg|> rows too little to steer a whole review alone (README has the figures).
+# The base draws from the same sentences, so their samples compare; judges see only what follows them.
+LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
 BASE_EVAL = "base.json"  # RUN/eval/base.json: the base's evaluation on the same documents
 SCRATCH_EVAL = "scratch.json"  # RUN/eval/scratch.json: the from-scratch run's, with --compare-scratch
 # The same sampling for every evaluation, so the base, the fine-tuned and the scratch run compare.
-EVAL_SAMPLING = SampleConfig(temperature=0.8, top_k=50, top_p=0.95)
-REVIEW_SAMPLING = SampleConfig(max_new_tokens=160, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
-CONTINUATION_SAMPLING = SampleConfig(max_new_tokens=80, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
+EVAL_SAMPLING = SampleConfig(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
+REVIEW_SAMPLING = SampleConfig(max_new_tokens=120, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
+CONTINUATION_SAMPLING = SampleConfig(max_new_tokens=60, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
 
 
 class Clock:
@@ -91,7 +95,7 @@ def prepare(source: str, data: Path, base: Path, seed: int, fresh: bool) -> None
 def eval_config(args: argparse.Namespace, samples: int) -> EvalConfig:
     """Small enough for a CPU: a 135M model decodes ~100 tokens/s at batch 16 on a shared 2-core CPU."""
     return EvalConfig(
-        lm_docs=24, prompts=8, samples=samples, max_new_tokens=96, classifier_docs=6000, batch_size=16, seed=args.seed
+        lm_docs=12, prompts=8, samples=samples, max_new_tokens=96, classifier_docs=6000, batch_size=16, seed=args.seed
     )
 
 
@@ -102,8 +106,9 @@ def evaluate_base(base: Path, args: argparse.Namespace) -> dict:
     if saved.is_file() and not args.fresh:
         say(f"  reusing {saved}")
         return read_json(saved)
-    labels = len(_dataset_labels(args.data)) or 1
-    return _evaluate(base, eval_config(args, args.eval_samples * labels), data=args.data, judge=None)
+    prompts = _label_prompts(args.data)
+    samples = args.eval_samples if prompts else args.eval_samples * max(1, len(_dataset_labels(args.data)))
+    return _evaluate(base, eval_config(args, samples), data=args.data, judge=None, prompts=prompts)
 
 
 def finetune(base: Path, args: argparse.Namespace) -> None:
@@ -144,16 +149,17 @@ def generate_demo_samples(run_dir: Path, seed: int) -> list[dict]:
     """Three reviews per label and a continuation of each fixed prompt, decoded as one batch."""
     # Deferred: a slow import that only this path needs.
     from aigc.artifacts.device import pick_device
-    from aigc.evaluate.run import generate_all
+    from aigc.evaluate.run import for_inference, generate_all
     from aigc.generate import Request
     from aigc.models import load_run
 
-    run = load_run(run_dir, device=pick_device("auto"))
+    run = for_inference(load_run(run_dir, device=pick_device("auto")))
     requests = []
     for label in run.labels:
         for _ in range(REVIEWS_PER_LABEL):
             # A distinct seed per sample: with shared seeds the labels' samples start alike.
-            requests.append(Request(label=label, config=_seeded(REVIEW_SAMPLING, seed + len(requests))))
+            prompt = LABEL_PROMPTS.get(label, "")
+            requests.append(Request(prompt=prompt, label=label, config=_seeded(REVIEW_SAMPLING, seed + len(requests))))
     for prompt in CONTINUATION_PROMPTS:
         requests.append(Request(prompt=prompt, config=_seeded(CONTINUATION_SAMPLING, seed + len(requests))))
     completions = generate_all(run, requests, batch_size=len(requests))
@@ -172,7 +178,8 @@ def evaluate_finetuned(base: Path, args: argparse.Namespace) -> dict:
     if saved.is_file() and not args.fresh and saved.stat().st_mtime > trained:
         say(f"  reusing {saved} (newer than the weights)")
         return read_json(saved)
-    return _evaluate(args.out, eval_config(args, args.eval_samples), data=None, judge=base)
+    prompts = _label_prompts(args.data)
+    return _evaluate(args.out, eval_config(args, args.eval_samples), data=None, judge=base, prompts=prompts)
 
 
 def scratch_run(base: Path, args: argparse.Namespace) -> dict | None:
@@ -192,19 +199,29 @@ def scratch_run(base: Path, args: argparse.Namespace) -> dict | None:
     _train(data, out, config, init_from=None, resume=resume, fresh=args.fresh, preset=args.scratch_preset)
     if not args.evaluate:
         return None
-    result = _evaluate(out, eval_config(args, args.eval_samples), data=None, judge=base)
+    result = _evaluate(out, eval_config(args, args.eval_samples), data=None, judge=base, prompts=_label_prompts(data))
     write_json(out / EVAL / "metrics.json", result)
     return result
 
 
-def _evaluate(run_dir: Path, config: EvalConfig, *, data: Path | None, judge: Path | None) -> dict:
+def _evaluate(run_dir: Path, config: EvalConfig, *, data: Path | None, judge: Path | None, prompts) -> dict:
     # Deferred: a slow import that only this path needs.
     from aigc.evaluate.run import evaluate_run
 
-    sampling = EVAL_SAMPLING
     return evaluate_run(
-        run_dir, config=config, sampling=sampling, data=data, judge=judge, progress=lambda m: say(f"  {m}")
+        run_dir,
+        config=config,
+        sampling=EVAL_SAMPLING,
+        data=data,
+        judge=judge,
+        progress=lambda m: say(f"  {m}"),
+        sample_prompts=prompts,
     )
+
+
+def _label_prompts(data: Path) -> dict[str, str]:
+    """The sentiment sentence of each of the dataset's labels that has one."""
+    return {label: LABEL_PROMPTS[label] for label in _dataset_labels(data) if label in LABEL_PROMPTS}
 
 
 def _dataset_labels(data: Path) -> list[str]:
