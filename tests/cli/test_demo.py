@@ -79,11 +79,18 @@ def test_demo_fine_tunes_the_base_compares_both_then_reuses_results(tmp_path, re
     for step in ("pull", "prepare", "evaluate base", "fine-tune", "generate", "evaluate fine-tuned", "report"):
         assert f"({step}: " in err, step
 
+    # Again, now with the from-scratch GPT (the previous demo): everything else is reused.
     weights_before = (run / "model.safetensors").read_bytes()
-    assert main(argv) == 0
+    scratch = ["--scratch-data", str(tmp_path / "sdata"), "--scratch-out", str(tmp_path / "scratch")]
+    scratch += ["--scratch-preset", "tiny", "--scratch-minutes", "0.05"]
+    assert main([*argv, "--compare-scratch", *scratch]) == 0
     err = capsys.readouterr().err
     assert "reusing" in err and "continuing it if unfinished" in err and "newer than the weights" in err
     assert (run / "model.safetensors").read_bytes() == weights_before
+    assert json.loads((run / "eval" / "scratch.json").read_text())["run"] == str(tmp_path / "scratch")
+    side_by_side = (run / "report.md").read_text(encoding="utf-8").split("## Base and fine-tuned side by side")[1]
+    header = next(line for line in side_by_side.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "base", "fine-tuned", "scratch"]
 
 
 def test_demo_without_the_base_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
