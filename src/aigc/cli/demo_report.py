@@ -1,0 +1,117 @@
+"""The demo's own report sections: its samples, the base and the fine-tuned run side by side (and the
+from-scratch run), the demo's targets checked against the evaluations, and how long each step took."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from aigc.artifacts.run import EVAL
+from aigc.evaluate.compare import comparison_rows, comparison_table
+from aigc.evaluate.describe import fmt, lookup
+
+Section = tuple[str, str]
+BPB = ("language_modelling", "split", "bits_per_byte")
+PPL = ("language_modelling", "split", "perplexity")
+JUDGE_PPL = ("fluency", "judge", "perplexity")
+SELF_PPL = ("fluency", "self", "perplexity")
+MIN_CONTROL = 0.85
+
+
+def report_sections(
+    out: Path, samples: Sequence[dict], evaluations: dict[str, dict], seconds: dict[str, float]
+) -> list[Section]:
+    sections = [("Demo samples", samples_markdown(samples))]
+    if "base" in evaluations and "fine-tuned" in evaluations:
+        sections.append(("Base and fine-tuned side by side", side_by_side(out, evaluations)))
+        rows = targets(evaluations["base"], evaluations["fine-tuned"])
+        sections.append(("Targets", targets_markdown(rows)))
+    sections.append(("Timings", timings_markdown(seconds)))
+    return sections
+
+
+def samples_markdown(samples: Sequence[dict]) -> str:
+    parts = []
+    for s in samples:
+        title = f"**{s['label']}** review" if s["label"] else f"**continuation** of “{s['prompt']}”"
+        body = f"{s['prompt']} {s['text']}" if s["prompt"] else s["text"]
+        parts.append(f"{title}\n\n> {' '.join(body.split())}")
+    return "\n\n".join(parts)
+
+
+def side_by_side(out: Path, evaluations: dict[str, dict]) -> str:
+    """The headline metrics as a table, plus RUN/eval/compare.png (the eval section shows the chart)."""
+    # Deferred: matplotlib is slow to import and only the chart needs it.
+    from aigc.plots import comparison_chart
+
+    names, results = list(evaluations), list(evaluations.values())
+    rows = comparison_rows(results)
+    comparison_chart(names, rows, out / EVAL / "compare.png")
+    lines = [
+        "Every model scored on the same held-out documents (the base without the `<|pos|>`/`<|neg|>` tokens, "
+        "which it has no id for; bits per byte count the same text) and sampled with the same settings. "
+        "`*` marks the best.",
+        "",
+        "```text",
+        comparison_table(names, rows),
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def targets(base: dict, tuned: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for each of the demo's targets; met is None where a figure is missing."""
+    rows = []
+    b_bpb, t_bpb = lookup(base, BPB), lookup(tuned, BPB)
+    rows.append(
+        (
+            "fine-tuned val bits/byte below the base's (same documents)",
+            f"{fmt(t_bpb)} vs {fmt(b_bpb)}" + (f" ({(b_bpb - t_bpb) / b_bpb:.1%} lower)" if _all(b_bpb, t_bpb) else ""),
+            _all(b_bpb, t_bpb) and t_bpb < b_bpb,
+        )
+    )
+    control = lookup(tuned, ("control", "accuracy"))
+    rows.append((f"control accuracy ≥ {MIN_CONTROL:.0%}", _pct(control), _all(control) and control >= MIN_CONTROL))
+    judge, human = lookup(tuned, JUDGE_PPL), lookup(base, PPL)
+    rows.append(
+        (
+            "samples' perplexity under the base ≤ held-out human reviews'",
+            f"{fmt(judge)} vs {fmt(human)} (base's own samples: {fmt(lookup(base, SELF_PPL))})",
+            _all(judge, human) and judge <= human,
+        )
+    )
+    for key, name, higher in (("repeated_4gram_share", "repeated 4-grams", False), ("distinct_2", "distinct-2", True)):
+        b, t = lookup(base, ("diversity", key)), lookup(tuned, ("diversity", key))
+        met = _all(b, t) and (t >= b if higher else t <= b)
+        rows.append((f"{name} no worse than the base's", f"{fmt(t)} vs {fmt(b)}", met))
+    span, min_span = lookup(tuned, ("memorisation", "max_longest_span")), lookup(tuned, ("memorisation", "min_span"))
+    rows.append(
+        (
+            f"no sample copies ≥ {min_span} tokens of the training data",
+            f"longest copied span {span} tokens",
+            _all(span, min_span) and span < min_span,
+        )
+    )
+    return [(name, value, None if met is None else bool(met)) for name, value, met in rows]
+
+
+def targets_markdown(rows: Sequence[tuple[str, str, bool | None]]) -> str:
+    mark = {True: "met", False: "**not met**", None: "not measured"}
+    lines = ["| target | fine-tuned vs base | |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {mark[met]} |" for name, value, met in rows]
+    return "\n".join(lines)
+
+
+def timings_markdown(seconds: dict[str, float]) -> str:
+    lines = ["| step | wall-clock |", "|---|---|"]
+    lines += [f"| {name} | {s:.0f} s |" for name, s in seconds.items()]
+    lines.append(f"| **total** | **{sum(seconds.values()) / 60:.1f} min** |")
+    return "\n".join(lines)
+
+
+def _all(*values) -> bool:
+    return all(isinstance(v, (int, float)) for v in values)
+
+
+def _pct(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "n/a"
