@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -265,12 +266,15 @@ class Trainer:
         """model.safetensors must hold the weights of state.pt; rewrite it from them (atomically) and
         say so when it does not: damaged, missing, or left from an earlier step by a crash between the
         two writes of a checkpoint."""
-        path = self.run_dir / WEIGHTS
+        path, fresh = self.run_dir / WEIGHTS, self.run_dir / f".{WEIGHTS}.from-state"
+        self._save_weights(fresh.name)  # the same writer as a checkpoint (a LoRA run stores its adapters only)
         before = file_digest(path) if path.is_file() else None
-        save_weights(self.model, path)
-        if before != file_digest(path):
-            what = "was missing" if before is None else "did not match state.pt (damaged or from an earlier step)"
-            self.notes.append(f"{path} {what}; rewritten from {STATE} (step {self.step})")
+        if before == file_digest(fresh):
+            fresh.unlink()  # intact: leave the file (and its time stamp, which the demo's reuse reads) alone
+            return
+        os.replace(fresh, path)
+        what = "was missing" if before is None else "did not match state.pt (damaged or from an earlier step)"
+        self.notes.append(f"{path} {what}; rewritten from {STATE} (step {self.step})")
 
     def _save(self) -> None:
         """Checkpoint: state.pt first (it holds the weights too, so it is complete on its own), then
