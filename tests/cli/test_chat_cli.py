@@ -63,7 +63,16 @@ class Terminal:
         os.write(self.master, text.encode())
 
     def close(self) -> int:
-        code = self.proc.wait(30)
+        """Wait for the child to exit, reading what it still writes so it never blocks on a full terminal."""
+        deadline = time.monotonic() + 30
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 4096).decode("utf-8", "replace")
+                except OSError:  # the child closed the terminal
+                    break
+        code = self.proc.wait(max(1.0, deadline - time.monotonic()))
         os.close(self.master)
         return code
 
@@ -104,6 +113,7 @@ def test_interactive_chat_keeps_history_and_obeys_commands(terminal, make_chat_r
     term.send(f"/save {tmp_path / 'two.jsonl'}\n")
     term.expect("(saved 1 messages")
     assert json.loads((tmp_path / "two.jsonl").read_text())["messages"] == [{"role": "system", "content": "be brief"}]
+    term.expect("you> ")  # Ctrl-D only means "quit" once the prompt is reading
     term.send("\x04")  # Ctrl-D at the prompt quits
     assert term.close() == 0
 
