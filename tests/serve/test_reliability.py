@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from test_cli import wait_until_up  # the same start-up wait as the serve CLI tests
 
 from aigc.config import SampleConfig
 from aigc.generate import Request
@@ -33,18 +34,6 @@ def patch_forward(model, before) -> None:
         return forward(*args, **kwargs)
 
     model.forward = patched  # nn.Module.__call__ looks the instance attribute up first
-
-
-def wait_until_up(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "server exited early"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError("server did not come up")
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
