@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve a run over an OpenAI-compatible HTTP API, with a web playground",
         description=(
             "Load RUN once and serve POST /v1/completions and POST /v1/chat/completions (OpenAI's schemas, "
-            "streaming included; chat needs a run with a chat template), GET /v1/models, GET /v1/run, GET /health, and a playground page at /. "
+            "streaming included; chat needs a run with a chat template), GET /v1/models, GET /v1/run, "
+            "GET /health, and a playground page at /. "
             "Concurrent requests are decoded together in batches. Ctrl+C stops it after the "
             "requests in flight have finished."
         ),
