@@ -24,9 +24,6 @@ from aigc.artifacts.run import (
     WEIGHTS,
     RunConfig,
     Weights,
-    load_weights,
-    read_run_config,
-    resolve_run_dir,
     save_config,
     save_weights,
 )
@@ -34,11 +31,12 @@ from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import file_digest
-from aigc.models import adapted, build_model, lora, vocab
+from aigc.models import adapted, lora
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
 from aigc.train.batches import BatchSampler, eval_batches, fixed_windows
+from aigc.train.build import build_training_model
 from aigc.train.events import EventCallback, TrainEnd, TrainEval, TrainingInterrupted, TrainStart, TrainStep
 from aigc.train.metrics import MetricsLog, check_tensorboard
 from aigc.train.optim import build_optimizer, learning_rate, set_learning_rate
@@ -95,7 +93,10 @@ class Trainer:
         self.plan, self.runtime, self.cfg = plan, runtime, plan.train_config
         self.on_event = on_event
         self.run_dir = plan.run_dir
-        self.model = self._build_model()
+        torch.manual_seed(self.cfg.seed)
+        built = build_training_model(plan, self.cfg)
+        self.model = built.model.to(runtime.device).train()
+        self.lora, self.base_ref, self.base_sha = built.lora, built.base_ref, built.base_sha
         self.optimizer = build_optimizer(self.model, self.cfg, runtime.device)
         block = plan.seq_len
         self.sampler = BatchSampler(
@@ -130,46 +131,6 @@ class Trainer:
         self.interrupt_requested = False
 
     # -- setup ------------------------------------------------------------------------------
-
-    def _build_model(self) -> nn.Module:
-        torch.manual_seed(self.cfg.seed)
-        self.lora = lora.spec_from_config(self.cfg)
-        if self.lora is not None:  # before the optimizer is built: it takes only trainable parameters
-            return self._build_lora_model().to(self.runtime.device).train()
-        fresh_finetune = self.plan.init_from and not self.plan.resume
-        model = self._base_model() if fresh_finetune else build_model(self.plan.model_config)
-        if self.cfg.freeze_embeddings:
-            setup.freeze_embeddings(model)
-        return model.to(self.runtime.device).train()
-
-    def _base_model(self) -> nn.Module:
-        """The --init-from run's model, its vocabulary grown to the dataset's (new label tokens)."""
-        base_dir = resolve_run_dir(self.plan.init_from)
-        model = build_model(read_run_config(base_dir).model)
-        load_weights(model, base_dir / WEIGHTS)
-        return self._grow(model, vocab.grow)
-
-    def _grow(self, model: nn.Module, how) -> nn.Module:
-        old, new = model.wte.num_embeddings, self.plan.model_config.vocab_size
-        if new > old:
-            how(model, vocab.initial_rows(model.wte.weight, self.plan.data.tokenizer, range(old, new)))
-        return model
-
-    def _build_lora_model(self) -> nn.Module:
-        """Base (frozen, hash-checked) + new vocabulary rows + adapters: only the last two train."""
-        if not self.plan.init_from:
-            raise AigcError("--lora-rank needs --init-from RUN: adapters fine-tune a trained model")
-        if self.plan.resume:
-            saved = read_run_config(self.run_dir).weights
-            self.base_ref, self.base_sha = saved.base, saved.base_sha256
-        else:
-            self.base_ref = adapted.base_reference(self.plan.init_from)
-            self.base_sha = adapted.weights_sha256(resolve_run_dir(self.plan.init_from))
-        if self.base_ref is None:
-            raise AigcError(f"{self.run_dir} is a LoRA run from an older aigc (no base named); start it again")
-        _, model = adapted.load_base(self.base_ref, self.base_sha)
-        lora.apply_lora(model, self.lora)
-        return self._grow(model, vocab.grow_frozen)
 
     def _wrap(self, model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None]:
         ddp = None
