@@ -40,6 +40,7 @@ from aigc.evaluate.lm import byte_lengths, score_sequences, summarize
 from aigc.generate import Request, generate
 from aigc.models import load_run
 from aigc.models.int8 import quantize_int8
+from aigc.models.packed import to_plain_linears
 
 PROMPTS = (
     "The history of artificial intelligence began in antiquity, with myths and stories of",
@@ -53,7 +54,8 @@ def old_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
     """The previous int8 path: torch.ao dynamic quantization, one activation scale per call."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic  # only this contender needs it
 
-    quantized = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    plain = to_plain_linears(copy.deepcopy(model))  # torch.ao matches nn.Linear by exact type
+    quantized = quantize_dynamic(plain, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     head = quantized.lm_head.weight()
     with torch.no_grad():  # tied head: the embedding reads the dequantized int8 head, as before
         quantized.wte.weight.copy_(head.dequantize())

@@ -39,11 +39,9 @@ IDX = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
 
 def test_apply_lora_starts_from_the_base_model_and_freezes_it():
     model = _gpt()
-    with torch.no_grad():
-        before, _ = model(IDX)
+    before, _ = model(IDX)  # autograd on: every layer takes the plain F.linear path, as LoRA's do
     apply_lora(model, LoRASpec(rank=4, alpha=8.0, targets=("c_attn", "c_proj")))
-    with torch.no_grad():
-        after, _ = model(IDX)
+    after, _ = model(IDX)
     assert torch.equal(before, after)  # B starts at zero
     wrapped = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     # `c_proj` names both the attention and the MLP output projection: 3 layers per block, 2 blocks.

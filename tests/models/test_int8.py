@@ -2,6 +2,7 @@
 activation (which a single per-call scale, the old torch.ao path, cannot survive), the float fallback
 agrees with the int8 kernel, and folders of the old "dynamic-int8" method still load."""
 
+import copy
 import json
 import warnings
 
@@ -13,6 +14,7 @@ from aigc.cli import main
 from aigc.config import model_preset
 from aigc.models import GPT, build_model, load_run
 from aigc.models.int8 import Int8Linear, int8_state, quantize_int8
+from aigc.models.packed import to_plain_linears
 
 VOCAB = 50
 OUTLIER_TOKEN = 0
@@ -51,7 +53,8 @@ def _old_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        plain = to_plain_linears(copy.deepcopy(model))  # torch.ao matches nn.Linear by exact type
+        return quantize_dynamic(plain, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 def _idx() -> torch.Tensor:

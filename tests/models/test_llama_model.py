@@ -150,8 +150,8 @@ def test_llama_batched_greedy_generation_equals_one_by_one(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-def test_packed_head_fallback_gives_the_same_tokens(tiny_tokenizer, monkeypatch, preset):
-    """With the oneDNN packed head forced off, the plain nn.Linear path decodes the same tokens."""
+def test_packed_layers_fallback_gives_the_same_tokens(tiny_tokenizer, monkeypatch, preset):
+    """With the oneDNN packed layers forced off, the plain nn.Linear path decodes the same tokens."""
     torch.manual_seed(0)
     model = build_model(model_preset(preset, vocab_size=tiny_tokenizer.vocab_size)).eval()
     requests = [Request(p, config=SampleConfig(temperature=0, max_new_tokens=16)) for p in ("a film", "")]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aigc.config import model_preset
-from aigc.models import build_model, packed
+from aigc.models import build_model
 
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
@@ -53,42 +53,3 @@ def test_gpt_refuses_sequence_longer_than_context():
     model = build_model(model_preset("tiny", vocab_size=50, block_size=8))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
-
-
-def test_gpt_decoding_head_matches_the_plain_layer_and_is_packed_per_cache():
-    """While decoding, the CPU head runs from the cache's packed copy of the weight
-    (aigc.models.packed): same logits as the plain layer; a new cache sees new weights."""
-    torch.manual_seed(0)
-    model = build_model(model_preset("tiny", vocab_size=50)).eval()
-    idx = torch.randint(0, 50, (3, 5))
-
-    def cached_and_plain():
-        with torch.inference_mode():
-            cached, _ = model(idx, cache=model.new_cache(3))
-            plain, _ = model(idx)
-        return cached, plain
-
-    torch.testing.assert_close(*cached_and_plain())
-    with torch.no_grad():
-        cache = model.new_cache(3)
-        first, _ = model(idx[:, :1], cache=cache)
-        assert cache.head.packed is not None or not packed.onednn_linear_available()
-        model.wte.weight.mul_(1.5)  # tied to the head
-    after, expected = cached_and_plain()
-    assert not torch.allclose(first, after[:, :1])
-    torch.testing.assert_close(after, expected)
-
-
-def test_packed_head_falls_back_to_the_plain_layer(monkeypatch):
-    torch.manual_seed(0)
-    model = build_model(model_preset("tiny", vocab_size=50)).eval()
-    idx = torch.randint(0, 50, (2, 4))
-    with torch.no_grad():
-        reference, _ = model(idx)
-        monkeypatch.setattr(packed, "onednn_linear_available", lambda: False)
-        cache = model.new_cache(2)
-        torch.testing.assert_close(model(idx, cache=cache)[0], reference)
-        assert cache.head.packed is None
-    cache = model.new_cache(2)
-    model(idx, cache=cache)  # autograd on: never packed
-    assert cache.head.packed is None

@@ -10,6 +10,8 @@ weights map with no permutation), SwiGLU (Shazeer 2020), grouped-query attention
 
 Module names are GPT-2's for both, and q/k/v stay fused in `attn.c_attn` (output
 (n_head + 2 * n_kv_head) * head_dim), gate/up in `mlp.c_fc`, so LoRA and int8 treat both alike.
+Every linear layer is `aigc.models.packed.Linear`, an nn.Linear that runs from a oneDNN-packed copy
+of its weight in CPU inference (1.6-1.9x faster products).
 
 Contract: `forward(idx, targets=None) -> (logits, loss | None)`. For decoding, pass a `KVCache`
 (from `new_cache`) and optionally per-token `positions` and a `pad_mask` so that left-padded
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.config import ModelConfig
-from aigc.models.packed import PackedLinear
+from aigc.models.packed import Linear
 
 # Positions a fresh cache holds before it first grows (it doubles as needed, up to block_size).
 FIRST_CAPACITY = 256
@@ -48,7 +50,6 @@ class KVCache:
         self.kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # True where a cached position holds a real (non-padding) token.   # (B, block_size)
         self.valid = torch.ones(batch_size, config.block_size, device=device, dtype=torch.bool)
-        self.head = PackedLinear()  # the output layer packed for this session's fixed weights
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (block_size, hs), see `rope_for`
         # Whether any cached position is padding: tracked in Python so a decode step needs no device sync.
         self.padded = False
@@ -119,8 +120,8 @@ class CausalSelfAttention(nn.Module):
             config.head_dim,
         )
         width = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, k, v at once
-        self.c_attn = nn.Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None, rope):
@@ -162,8 +163,8 @@ class MLP(nn.Module):
         self.gated = config.mlp == "swiglu"
         hidden = config.ffn_size
         # SwiGLU: gate and up projections fused, (C) -> (2 * hidden), gate first.
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -201,7 +202,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.apply(self._init_weights)
@@ -264,20 +265,11 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = start + T
         x = self.ln_f(x[:, -1:] if last_only else x)
-        logits = self._project(x, cache)  # (B, T | 1, V)
+        logits = self.lm_head(x)  # (B, T | 1, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def _project(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Hidden states (B, T, C) -> logits (B, T, V). While decoding on the CPU, the head runs from
-        the cache's packed copy of its weight (aigc.models.packed: the biggest product of a step)."""
-        if cache is not None and type(self.lm_head) is nn.Linear:
-            logits = cache.head(self.lm_head, x)
-            if logits is not None:
-                return logits
-        return self.lm_head(x)
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from aigc.config import LORA_TARGETS, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
+from aigc.models.packed import Linear
 
 DEFAULT_TARGETS = LORA_TARGETS
 
@@ -100,9 +101,9 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear whose weight already contains the update."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+    def merged(self) -> Linear:
+        """A plain linear layer (`aigc.models.packed.Linear`) whose weight already contains the update."""
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(self.weight + self.delta_weight())

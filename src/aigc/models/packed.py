@@ -1,13 +1,20 @@
-"""A oneDNN-packed copy of a Linear layer's weight, for inference on the CPU.
+"""`Linear`: an `nn.Linear` that, for inference on the CPU, multiplies by a oneDNN-packed copy of its weight.
 
-Why: in a decode step the vocabulary projection is the largest matrix product (rows = batch,
-weight V x C). PyTorch's `F.linear` hands it to MKL, whose GEMM copies the weight into its blocked
-layout inside every call; oneDNN packs it once, and picks its kernels from the CPU's features
-(AVX-512 where there is one). Measured on the `small` model: the whole decode loop 1.5x faster at
-batch 16 and 1.6-2x at batch 4, the same at batch 1, and a 2048-row product no slower
-(docs/benchmarks.md); packing takes 0.25 ms. The results equal `F.linear` up to float32 rounding.
-Anything unsupported (no oneDNN, not float32, not on the CPU, autograd on) returns None and the
-caller uses the plain layer.
+Why: PyTorch's `F.linear` hands a float32 product to MKL, whose GEMM copies the weight into its
+blocked layout inside every call; oneDNN packs it once and picks kernels for the CPU's features
+(AVX-512 where there is one). Measured on SmolLM2-135M's layer shapes (docs/benchmarks.md), the
+products of a decode step run 1.6x faster at one row and 1.9x at sixteen; the whole decode loop and
+prefill gain with them. The results equal `F.linear` up to float32 rounding.
+
+When: only in eval mode with autograd off, for a float32 input on the CPU, and when this PyTorch
+build has the ops (`onednn_linear_available`). Anything else is the plain `nn.Linear` path: training
+and every GPU never see a packed copy.
+
+Keeping the copy right: the copy is made on first use and kept while the weight is the same tensor
+with the same version and storage. A fused optimizer step changes a weight without bumping its
+version, so switching mode (`model.train()` / `model.eval()`, which every training loop does around
+its steps) drops the copy too. Cost: a second copy of the weights in memory while packed (the
+packing itself takes ~0.3 s for SmolLM2's 540 MB).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-# oneDNN tunes the packed layout for this many input rows; any row count gives the same result.
+# oneDNN tunes the packed layout for this many input rows; any row count gives the same result, and
+# 16 was the fastest hint at 1, 4, 16 and 64 rows (docs/benchmarks.md).
 TUNED_ROWS = 16
 
 
@@ -35,27 +44,75 @@ def onednn_linear_available() -> bool:
     return bool(torch.equal(out, torch.full((1, 2), 3.0)))
 
 
-class PackedLinear:
-    """Computes `layer(x)` from a copy of `layer.weight` packed on first use.
-
-    The copy is not refreshed when the weight changes (a fused optimizer step does not even bump the
-    tensor's version counter), so keep one only as long as the weights are fixed: `KVCache` holds
-    one per decode session.
-    """
+class PackedCopy:
+    """The packed weight and what it was packed from. A copy of a model gets an empty one: packed
+    tensors have no storage that `copy.deepcopy` or pickling could copy."""
 
     def __init__(self) -> None:
-        self.source: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
+        self.key: tuple | None = None
 
-    def __call__(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
-        weight = layer.weight
-        if torch.is_grad_enabled() or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32:
-            return None
-        if not onednn_linear_available():
-            return None
-        if weight is not self.source:
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        state = (weight._version, weight.data_ptr())
+        if self.key is None or self.key[0] is not weight or self.key[1] != state:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), TUNED_ROWS)
-            self.source = weight
-        rows = x.reshape(-1, x.shape[-1])  # (N, C)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, layer.bias, "none", [], "")  # (N, V)
-        return out.view(*x.shape[:-1], out.shape[-1])
+            self.key = (weight, state)
+        return self.packed
+
+    def clear(self) -> None:
+        self.packed = self.key = None
+
+    def __deepcopy__(self, memo) -> PackedCopy:
+        return PackedCopy()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def can_pack(module: nn.Module, x: torch.Tensor) -> bool:
+    weight = module.weight
+    return (
+        not module.training
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and onednn_linear_available()
+    )
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with the same parameters and state-dict keys; see the module docstring for when
+    its forward uses the packed copy."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed_copy = PackedCopy()
+
+    def train(self, mode: bool = True) -> Linear:
+        self.packed_copy.clear()  # the weights may change from here on (or have changed until now)
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not can_pack(self, x):
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])  # (N, C_in)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_copy.get(self.weight), self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., C_out)
+
+
+def to_plain_linears(model: nn.Module) -> nn.Module:
+    """Swap every `Linear` for an `nn.Linear` holding the same parameters, in place: for tools that
+    match layers by exact type (torch.ao's `quantize_dynamic`)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is Linear:
+            plain = nn.Linear(1, 1, bias=False, device="meta")
+            plain.in_features, plain.out_features = module.in_features, module.out_features
+            plain.weight, plain.bias = module.weight, module.bias
+            plain.train(module.training)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return model

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.errors import AigcError
+from aigc.models.packed import Linear
 from aigc.tokenizer import Tokenizer
 
 NEW_ROWS = "new_rows"  # parameter name of the added rows: `wte.new_rows`, `lm_head.new_rows` if untied
@@ -88,7 +89,7 @@ def grow(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | Non
     head_rows = wte_rows if head_rows is None else head_rows
     embedding = torch.cat((model.wte.weight.detach(), wte_rows.to(model.wte.weight)))  # (V + n, C)
     model.wte = nn.Embedding.from_pretrained(embedding, freeze=False)
-    head = nn.Linear(embedding.size(1), embedding.size(0), bias=False).to(embedding)
+    head = Linear(embedding.size(1), embedding.size(0), bias=False).to(embedding)
     if tied:
         head.weight = model.wte.weight
     else:
