@@ -297,6 +297,7 @@ MAX_NEW_TOKENS_LIMIT = 8192
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MIN_TOP_P = 1e-6
 MAX_REPETITION_PENALTY = 100.0
+MAX_GUIDANCE_SCALE = 20.0
 MAX_STOPS, MAX_STOP_CHARS = 16, 4096
 
 
@@ -322,6 +323,11 @@ class SampleConfig:
     )
     seed: int | None = opt(None, "random seed; the same seed gives the same text")
     logprobs: int = opt(0, "return the top-K alternatives and log-probabilities of each token (0..20)")
+    guidance_scale: float = opt(
+        1.0,
+        f"classifier-free guidance against the negative prompt/label, in [1, {MAX_GUIDANCE_SCALE:g}]; 1 = off "
+        "(each guided sample decodes a second row)",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -348,6 +354,10 @@ class SampleConfig:
             f"--repetition-penalty must be in [1, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}",
         )
         _check(0 <= self.logprobs <= 20, f"--logprobs must be in [0, 20], got {self.logprobs}")
+        _check(
+            1.0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE,
+            f"--guidance-scale must be in [1, {MAX_GUIDANCE_SCALE:g}] (1 = off), got {self.guidance_scale}",
+        )
         _check(all(self.stop), "--stop strings must not be empty")
         _check(len(self.stop) <= MAX_STOPS, f"--stop may be given at most {MAX_STOPS} times, got {len(self.stop)}")
         stop_chars = sum(len(s) for s in self.stop)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 
 from aigc.config import SampleConfig
+from aigc.errors import AigcError
+from aigc.guidance import GuidedBackend, NegativeRow
 from aigc.textstream import TextStream
 from aigc.tokenizer import Tokenizer
 
@@ -42,6 +44,10 @@ class Request:
     # added, `prompt` and `label` are ignored); the caller keeps it within the context (never slid off).
     prompt_ids: tuple[int, ...] | None = None
     stop_ids: tuple[int, ...] = ()  # tokens that end the text like <|endoftext|> (e.g. <|im_end|>)
+    # Classifier-free guidance (config.guidance_scale > 1, see aigc.guidance): the context to steer
+    # away from is <|endoftext|>, this label's control token, then this prompt (each may be left out).
+    negative_prompt: str = ""
+    negative_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,7 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
+    negative: NegativeRow | None = None  # guided rows: the negative context (aigc.guidance)
 
     def window(self, limit: int) -> list[int]:
         """The prefix plus as many of the latest tokens as fit in `limit`."""
@@ -393,6 +400,9 @@ def _decode_rows(
     device = next(model.parameters()).device
     limit = context_limit(model)
     backend = _GPTBackend(model, tokenizer.pad_id, device) if limit else _LSTMBackend(model, device)
+    if any(row.negative for row in rows):
+        scales = [row.request.config.guidance_scale for row in rows]
+        backend = GuidedBackend(backend, [row.negative for row in rows], scales, limit)
     token_bytes = functools.lru_cache(maxsize=None)(tokenizer.token_bytes)  # bytes of each token id
     with torch.inference_mode():
         logits = backend.prefill(contexts)  # (B, V)
@@ -422,7 +432,18 @@ def _decode_rows(
 
 def _start_row(index: int, request: Request, tokenizer: Tokenizer) -> _Row:
     prefix = prompt_prefix(tokenizer, request)
-    return _Row(index, request, prefix, _prompt_body(tokenizer, request), TextStream(request.config.stop))
+    row = _Row(index, request, prefix, _prompt_body(tokenizer, request), TextStream(request.config.stop))
+    guided = request.config.guidance_scale != 1.0
+    if not guided and (request.negative_prompt or request.negative_label is not None):
+        raise AigcError("a negative prompt or label only acts with guidance: set --guidance-scale above 1 (e.g. 3)")
+    if guided:
+        if request.prompt_ids is not None:
+            raise AigcError("guidance needs a text prompt; it is not available for chat requests")
+        negative = [tokenizer.eot_id]
+        if request.negative_label is not None:
+            negative.append(tokenizer.label_id(request.negative_label))
+        row.negative = NegativeRow(negative, tokenizer.encode(request.negative_prompt), row.generated)
+    return row
 
 
 def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) -> TokenEvent:

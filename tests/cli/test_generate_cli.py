@@ -115,3 +115,16 @@ def test_generate_console_script_output_pipes(make_run):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0
     assert json.loads(result.stdout)["completion_tokens"] == 3 and "tokens/s" in result.stderr
+
+
+def test_generate_cli_guidance_matches_the_library_and_refuses_a_lone_negative(make_run, capsys):
+    run_dir = make_run()
+    flags = ("--label", "pos", "--negative-label", "neg", "--negative-prompt", "a dull film", "--seed", 2)
+    code, out, _ = run_cli(capsys, run_dir, "--prompt", "a film", *flags, "--guidance-scale", 3, "--max-new-tokens", 8)
+    assert code == 0
+    run = load_run(run_dir)
+    config = SampleConfig(seed=2, max_new_tokens=8, guidance_scale=3.0)
+    request = Request("a film", "pos", config, negative_prompt="a dull film", negative_label="neg")
+    assert out == generate(run.model, run.tokenizer, [request])[0].text + "\n"
+    code, out, err = run_cli(capsys, run_dir, "--negative-prompt", "a dull film")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--guidance-scale" in err

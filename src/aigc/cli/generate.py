@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help=f"samples to generate (1..{MAX_SAMPLES})")
     parser.add_argument("--label", help="condition on this label's control token (e.g. pos)")
+    parser.add_argument(
+        "--negative-prompt",
+        default="",
+        help="with --guidance-scale: text to steer away from (e.g. the opposite opinion)",
+    )
+    parser.add_argument("--negative-label", help="with --guidance-scale: a label to steer away from (e.g. neg)")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample (JSON lines)")
     add_dataclass_args(parser, SampleConfig)
@@ -82,7 +88,16 @@ def handle(args: argparse.Namespace) -> int:
 
     run = load(args)
     warn_if_truncated(run, prompt, args.label, "generate")
-    requests = [Request(prompt, args.label, _nth_seed(config, i)) for i in range(args.num_samples)]
+    requests = [
+        Request(
+            prompt,
+            args.label,
+            _nth_seed(config, i),
+            negative_prompt=args.negative_prompt,
+            negative_label=args.negative_label,
+        )
+        for i in range(args.num_samples)
+    ]
     started = time.perf_counter()
     if args.stream:
         completions = _print_stream(decode_stream(run.model, run.tokenizer, requests), args)
