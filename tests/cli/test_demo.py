@@ -71,6 +71,9 @@ def test_demo_fine_tunes_the_base_compares_both_then_reuses_results(tmp_path, re
     assert base_lm["computed_on"]["control_tokens_stripped"] == base_lm["computed_on"]["documents"]
     assert tuned_lm["tokens"] == base_lm["tokens"] + base_lm["computed_on"]["control_tokens_stripped"]
     assert tuned["fluency"]["judge"]["scored_by"] == str(tiny_base)
+    # Both sampled alike, guided away from the other label's sentence; the base is judged on those sentences.
+    assert base["sampling"]["guidance_scale"] == tuned["sampling"]["guidance_scale"] > 1
+    assert set(base["control"]["per_label"]) == set(tuned["control"]["per_label"]) == {"pos", "neg"}
     report = (run / "report.md").read_text(encoding="utf-8")
     for heading in ("Demo samples", "Base and fine-tuned side by side", "Targets", "Timings"):
         assert f"## {heading}" in report

@@ -48,9 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="fine-tuned run folder")
     parser.add_argument("--minutes", type=float, default=3.5, help="fine-tuning budget in wall-clock minutes")
     parser.add_argument("--seed", type=int, default=1337, help="seed for the split, training and sampling")
-    parser.add_argument(
-        "--eval-samples", type=int, default=8, help="evaluation samples per label (the base draws twice as many)"
-    )
+    parser.add_argument("--eval-samples", type=int, default=16, help="evaluation samples per label")
     parser.add_argument("--fresh", action="store_true", help="prepare, train and evaluate again even if done")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip both evaluations")
     scratch = parser.add_argument_group("from-scratch comparison (the previous demo)")

@@ -49,8 +49,9 @@ def side_by_side(out: Path, evaluations: dict[str, dict]) -> str:
     comparison_chart(names, rows, out / EVAL / "compare.png")
     lines = [
         "Every model scored on the same held-out documents (the base without the `<|pos|>`/`<|neg|>` tokens, "
-        "which it has no id for; bits per byte count the same text) and sampled with the same settings. "
-        "`*` marks the best.",
+        "which it has no id for; bits per byte count the same text) and sampled with the same settings: each "
+        "label's samples start from its sentence and are guided away from the other label's "
+        f"(`guidance_scale` {lookup(results[0], ('sampling', 'guidance_scale'))}). `*` marks the best.",
         "",
         "```text",
         comparison_table(names, rows),
@@ -70,8 +71,14 @@ def targets(base: dict, tuned: dict) -> list[tuple[str, str, bool | None]]:
             _all(b_bpb, t_bpb) and t_bpb < b_bpb,
         )
     )
-    control = lookup(tuned, ("control", "accuracy"))
-    rows.append((f"control accuracy ≥ {MIN_CONTROL:.0%}", _pct(control), _all(control) and control >= MIN_CONTROL))
+    control, base_control = lookup(tuned, ("control", "accuracy")), lookup(base, ("control", "accuracy"))
+    rows.append(
+        (
+            f"control accuracy ≥ {MIN_CONTROL:.0%}",
+            f"{_pct(control)} vs {_pct(base_control)} (the base: the label's sentence alone, no control token)",
+            _all(control) and control >= MIN_CONTROL,
+        )
+    )
     judge, human = lookup(tuned, JUDGE_PPL), lookup(base, PPL)
     rows.append(
         (

@@ -4,6 +4,7 @@ when its result already exists, unless --fresh."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,11 +23,19 @@ REVIEWS_PER_LABEL = 3
 # teach the new <|pos|>/<|neg|> rows too little to steer a whole review alone (README has the figures).
 # The base draws from the same sentences, so their samples compare; judges see only what follows them.
 LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
+# Classifier-free guidance (aigc.guidance) away from the other label and its sentence, for the base and
+# the fine-tuned run alike: the sentence alone leaves about a third of the reviews drifting to the
+# other sentiment (docs/generate.md has the figures for scales 1-5).
+GUIDANCE_SCALE = 3.0
 BASE_EVAL = "base.json"  # RUN/eval/base.json: the base's evaluation on the same documents
 SCRATCH_EVAL = "scratch.json"  # RUN/eval/scratch.json: the from-scratch run's, with --compare-scratch
 # The same sampling for every evaluation, so the base, the fine-tuned and the scratch run compare.
-EVAL_SAMPLING = SampleConfig(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
-REVIEW_SAMPLING = SampleConfig(max_new_tokens=120, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
+EVAL_SAMPLING = SampleConfig(
+    temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, guidance_scale=GUIDANCE_SCALE
+)
+REVIEW_SAMPLING = SampleConfig(
+    max_new_tokens=120, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, guidance_scale=GUIDANCE_SCALE
+)
 CONTINUATION_SAMPLING = SampleConfig(max_new_tokens=60, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
 
 
@@ -156,10 +165,13 @@ def generate_demo_samples(run_dir: Path, seed: int) -> list[dict]:
     run = for_inference(load_run(run_dir, device=pick_device("auto")))
     requests = []
     for label in run.labels:
+        others = [other for other in run.labels if other != label]
+        negative = others[0] if len(others) == 1 else None  # guided away from the other label (aigc.guidance)
         for _ in range(REVIEWS_PER_LABEL):
             # A distinct seed per sample: with shared seeds the labels' samples start alike.
-            prompt = LABEL_PROMPTS.get(label, "")
-            requests.append(Request(prompt=prompt, label=label, config=_seeded(REVIEW_SAMPLING, seed + len(requests))))
+            config = _seeded(REVIEW_SAMPLING, seed + len(requests))
+            request = Request(LABEL_PROMPTS.get(label, ""), label, config, negative_label=negative)
+            requests.append(dataclasses.replace(request, negative_prompt=LABEL_PROMPTS.get(negative, "")))
     for prompt in CONTINUATION_PROMPTS:
         requests.append(Request(prompt=prompt, config=_seeded(CONTINUATION_SAMPLING, seed + len(requests))))
     completions = generate_all(run, requests, batch_size=len(requests))
@@ -232,9 +244,6 @@ def _dataset_labels(data: Path) -> list[str]:
 
 
 def _seeded(config: SampleConfig, seed: int) -> SampleConfig:
-    # Deferred: a slow import that only this path needs.
-    import dataclasses
-
     return dataclasses.replace(config, seed=seed)
 
 

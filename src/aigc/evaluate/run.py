@@ -122,25 +122,38 @@ def draw(
     """Continue every pair's prompt, then draw `config.samples` samples per label (or in total).
 
     `sample_prompts` (label -> text) starts each label's samples with that text after the control
-    token; a run without labels then draws `config.samples` from each text alone (a plain prefix)."""
+    token; a run without labels then draws `config.samples` from each text alone (a plain prefix), and
+    its samples are filed under that label. With `sampling.guidance_scale` > 1 (aigc.guidance) each
+    of two groups' samples is guided away from the other group (its label and text); with more groups,
+    away from an empty context. Continuations of held-out prompts are never guided."""
     known = set(run.tokenizer.labels)
     prompts = dict(sample_prompts or {})
-    if known:
-        groups = [(label, prompts.get(label, "")) for label in run.tokenizer.labels]
+    if known:  # (label of the request, label the sample is filed under, prompt)
+        groups = [(label, label, prompts.get(label, "")) for label in run.tokenizer.labels]
     else:
-        groups = [(None, prompt) for prompt in prompts.values()] or [(None, "")]
-    jobs = [("continuation", p.label if p.label in known else None, p.prompt, p.reference) for p in pairs]
-    jobs += [("sample", label, prompt, None) for label, prompt in groups for _ in range(config.samples)]
-    requests = [
-        Request(prompt=prompt, label=label, config=_replace(sampling, seed=config.seed + i))
-        for i, (_, label, prompt, _) in enumerate(jobs)
-    ]
+        groups = [(None, name, prompt) for name, prompt in prompts.items()] or [(None, None, "")]
+    unguided = _replace(sampling, guidance_scale=1.0)
+    jobs = [("continuation", *[p.label if p.label in known else None] * 2, p.prompt, p.reference) for p in pairs]
+    jobs += [("sample", *group, None) for group in groups for _ in range(config.samples)]
+    requests = []
+    for i, (kind, label, _, prompt, _) in enumerate(jobs):
+        guided = kind == "sample" and sampling.guidance_scale != 1.0
+        negative = _negative_of((label, prompt), [(g[0], g[2]) for g in groups]) if guided else (None, "")
+        config_i = _replace(sampling if guided else unguided, seed=config.seed + i)
+        requests.append(Request(prompt, label, config_i, negative_label=negative[0], negative_prompt=negative[1]))
     completions = generate_all(run, requests, config.batch_size)
     eot = run.tokenizer.eot_id
     return [
-        Generated(kind, label, prompt, c.text, len(c.token_ids), bool(c.token_ids) and c.token_ids[-1] == eot, ref)
-        for (kind, label, prompt, ref), c in zip(jobs, completions)
+        Generated(kind, filed, prompt, c.text, len(c.token_ids), bool(c.token_ids) and c.token_ids[-1] == eot, ref)
+        for (kind, _, filed, prompt, ref), c in zip(jobs, completions)
     ]
+
+
+def _negative_of(group: tuple, groups: list[tuple]) -> tuple[str | None, str]:
+    """(label, prompt) to guide a group's samples away from: the other group of two, else nothing."""
+    if len(groups) != 2:
+        return None, ""
+    return groups[1 - groups.index(group)]
 
 
 def _replace(sampling: SampleConfig, **changes) -> SampleConfig:
@@ -207,8 +220,11 @@ def language_modelling(run: Run, folder: Path, config: EvalConfig, text: str | o
 
 def control_section(run: Run, folder: Path, info: dict, config: EvalConfig, items: Sequence[Generated]) -> dict:
     """Classifier trained on the train split, its held-out accuracy, then control accuracy of samples."""
-    labels = list(run.tokenizer.labels)
-    if not labels:
+    # A run without control tokens (a base) has samples filed under a label only when they were drawn
+    # from that label's text prompt (`sample_prompts`): then the dataset's labels are the classes.
+    labels = list(run.tokenizer.labels) or list(info.get("labels") or [])
+    samples = [item for item in items if item.kind == "sample" and item.label in labels]
+    if not labels or not samples:
         return {
             "skipped": "the run was trained without labels, so no sample was generated for a requested label; "
             "prepare the data with --label-column to train a labelled run"
@@ -216,15 +232,15 @@ def control_section(run: Run, folder: Path, info: dict, config: EvalConfig, item
     # Document label indices follow dataset.json's label list; map them onto the run's order by name.
     names = list(info.get("labels") or labels)
     remap = np.array([labels.index(n) if n in labels else -1 for n in names] + [-1], dtype=np.int64)
+    tokenizer = reading_tokenizer(run, folder, info)
     train_texts, train_ids = control.labelled_texts(
-        open_split(folder, "train"), run.tokenizer, max_docs=config.classifier_docs, seed=config.seed
+        open_split(folder, "train"), tokenizer, max_docs=config.classifier_docs, seed=config.seed
     )
-    held_texts, held_ids = control.labelled_texts(open_split(folder, config.split), run.tokenizer)
+    held_texts, held_ids = control.labelled_texts(open_split(folder, config.split), tokenizer)
     train_ids, held_ids = remap[train_ids], remap[held_ids]
     classifier = control.train_classifier(
         [t for t, i in zip(train_texts, train_ids) if i >= 0], train_ids[train_ids >= 0], labels, seed=config.seed
     )
-    samples = [item for item in items if item.kind == "sample"]
     scores = control.control_accuracy(classifier, [s.text for s in samples], [s.label for s in samples])
     return {
         **scores,
@@ -374,7 +390,7 @@ def _sample_rows(items: Sequence[Generated], perplexities: Sequence[float | None
     rows = []
     for item, ppl, span in zip(items, perplexities, spans):
         row = {**asdict(item), "perplexity": ppl, "longest_span": span}
-        if item.kind == "sample" and "sample_probabilities" in result["control"]:
+        if item.kind == "sample" and item.label in result["control"].get("per_label", {}):
             row["label_probability"] = next(probabilities)
         rows.append(row)
     return rows
