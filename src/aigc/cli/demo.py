@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aigc.artifacts.run import BUILT_IN_MODELS
 from aigc.cli import demo_steps as steps
-from aigc.config import MODEL_PRESETS
+from aigc.config import MODEL_PRESETS, SampleConfig
 from aigc.errors import AigcError
 
 
@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--minutes", type=float, default=3.5, help="fine-tuning budget in wall-clock minutes")
     parser.add_argument("--seed", type=int, default=1337, help="seed for the split, training and sampling")
     parser.add_argument("--eval-samples", type=int, default=16, help="evaluation samples per label")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=steps.GUIDANCE_SCALE,
+        help="guidance of the label reviews away from the other label's sentence, base and fine-tuned alike; 1 = off",
+    )
     parser.add_argument("--fresh", action="store_true", help="prepare, train and evaluate again even if done")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip both evaluations")
     scratch = parser.add_argument_group("from-scratch comparison (the previous demo)")
@@ -68,6 +74,7 @@ def handle(args: argparse.Namespace) -> int:
             raise AigcError(f"{flag} must be > 0, got {value}")
     if args.eval_samples < 1:
         raise AigcError(f"--eval-samples must be >= 1, got {args.eval_samples}")
+    SampleConfig(guidance_scale=args.guidance_scale)  # its range check: one clear error before any work
     clock = steps.Clock()
     total = (7 if args.evaluate else 5) + (1 if args.compare_scratch else 0)
     step = iter(range(1, total + 1))
@@ -83,7 +90,7 @@ def handle(args: argparse.Namespace) -> int:
     _step(next(step), total, f"LoRA fine-tune for {args.minutes:g} minutes -> {args.out}")
     clock.time("fine-tune", steps.finetune, base, args)
     _step(next(step), total, "generate reviews and continuations")
-    samples = clock.time("generate", steps.generate_demo_samples, args.out, args.seed)
+    samples = clock.time("generate", steps.generate_demo_samples, args.out, args.seed, args.guidance_scale)
     if args.evaluate:
         _step(next(step), total, f"evaluate the fine-tuned run {args.out} (the base judges its samples)")
         evaluations["fine-tuned"] = clock.time("evaluate fine-tuned", steps.evaluate_finetuned, base, args)

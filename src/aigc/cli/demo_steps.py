@@ -112,12 +112,12 @@ def evaluate_base(base: Path, args: argparse.Namespace) -> dict:
     """The base on the same held-out documents (its tokenizer lacks the control tokens: they are
     left out) and as many free samples as the fine-tuned run draws in all."""
     saved = args.out / EVAL / BASE_EVAL
-    if saved.is_file() and not args.fresh:
+    if saved.is_file() and not args.fresh and _same_sampling(saved, args):
         say(f"  reusing {saved}")
         return read_json(saved)
     prompts = _label_prompts(args.data)
     samples = args.eval_samples if prompts else args.eval_samples * max(1, len(_dataset_labels(args.data)))
-    return _evaluate(base, eval_config(args, samples), data=args.data, judge=None, prompts=prompts)
+    return _evaluate(base, eval_config(args, samples), args, data=args.data, judge=None, prompts=prompts)
 
 
 def finetune(base: Path, args: argparse.Namespace) -> None:
@@ -154,7 +154,7 @@ def _train(data: Path, out: Path, config, *, init_from: Path | None, resume: boo
         progress.close()
 
 
-def generate_demo_samples(run_dir: Path, seed: int) -> list[dict]:
+def generate_demo_samples(run_dir: Path, seed: int, guidance_scale: float) -> list[dict]:
     """Three reviews per label and a continuation of each fixed prompt, decoded as one batch."""
     # Deferred: a slow import that only this path needs.
     from aigc.artifacts.device import pick_device
@@ -169,7 +169,7 @@ def generate_demo_samples(run_dir: Path, seed: int) -> list[dict]:
         negative = others[0] if len(others) == 1 else None  # guided away from the other label (aigc.guidance)
         for _ in range(REVIEWS_PER_LABEL):
             # A distinct seed per sample: with shared seeds the labels' samples start alike.
-            config = _seeded(REVIEW_SAMPLING, seed + len(requests))
+            config = dataclasses.replace(REVIEW_SAMPLING, seed=seed + len(requests), guidance_scale=guidance_scale)
             request = Request(LABEL_PROMPTS.get(label, ""), label, config, negative_label=negative)
             requests.append(dataclasses.replace(request, negative_prompt=LABEL_PROMPTS.get(negative, "")))
     for prompt in CONTINUATION_PROMPTS:
@@ -187,11 +187,11 @@ def evaluate_finetuned(base: Path, args: argparse.Namespace) -> dict:
     """The fine-tuned run with the demo's evaluation sizes; the base judges the fluency of its samples."""
     saved = args.out / EVAL / "metrics.json"
     trained = max((p.stat().st_mtime for p in args.out.glob("*.safetensors")), default=0.0)
-    if saved.is_file() and not args.fresh and saved.stat().st_mtime > trained:
+    if saved.is_file() and not args.fresh and saved.stat().st_mtime > trained and _same_sampling(saved, args):
         say(f"  reusing {saved} (newer than the weights)")
         return read_json(saved)
     prompts = _label_prompts(args.data)
-    return _evaluate(args.out, eval_config(args, args.eval_samples), data=None, judge=base, prompts=prompts)
+    return _evaluate(args.out, eval_config(args, args.eval_samples), args, data=None, judge=base, prompts=prompts)
 
 
 def scratch_run(base: Path, args: argparse.Namespace) -> dict | None:
@@ -211,24 +211,30 @@ def scratch_run(base: Path, args: argparse.Namespace) -> dict | None:
     _train(data, out, config, init_from=None, resume=resume, fresh=args.fresh, preset=args.scratch_preset)
     if not args.evaluate:
         return None
-    result = _evaluate(out, eval_config(args, args.eval_samples), data=None, judge=base, prompts=_label_prompts(data))
+    config = eval_config(args, args.eval_samples)
+    result = _evaluate(out, config, args, data=None, judge=base, prompts=_label_prompts(data))
     write_json(out / EVAL / "metrics.json", result)
     return result
 
 
-def _evaluate(run_dir: Path, config: EvalConfig, *, data: Path | None, judge: Path | None, prompts) -> dict:
+def _evaluate(run_dir: Path, config: EvalConfig, args, *, data: Path | None, judge: Path | None, prompts) -> dict:
     # Deferred: a slow import that only this path needs.
     from aigc.evaluate.run import evaluate_run
 
     return evaluate_run(
         run_dir,
         config=config,
-        sampling=EVAL_SAMPLING,
+        sampling=dataclasses.replace(EVAL_SAMPLING, guidance_scale=args.guidance_scale),
         data=data,
         judge=judge,
         progress=lambda m: say(f"  {m}"),
         sample_prompts=prompts,
     )
+
+
+def _same_sampling(saved: Path, args: argparse.Namespace) -> bool:
+    """Whether a saved evaluation was sampled with this demo's --guidance-scale (else it is redone)."""
+    return read_json(saved).get("sampling", {}).get("guidance_scale", 1.0) == args.guidance_scale
 
 
 def _label_prompts(data: Path) -> dict[str, str]:
