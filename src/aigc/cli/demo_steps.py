@@ -33,8 +33,15 @@ SCRATCH_EVAL = "scratch.json"  # RUN/eval/scratch.json: the from-scratch run's, 
 EVAL_SAMPLING = SampleConfig(
     temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, guidance_scale=GUIDANCE_SCALE
 )
+# At least 32 tokens: guided reviews sometimes end right after their sentence.
 REVIEW_SAMPLING = SampleConfig(
-    max_new_tokens=120, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, guidance_scale=GUIDANCE_SCALE
+    max_new_tokens=120,
+    min_new_tokens=32,
+    temperature=0.8,
+    top_k=50,
+    top_p=0.95,
+    repetition_penalty=1.1,
+    guidance_scale=GUIDANCE_SCALE,
 )
 CONTINUATION_SAMPLING = SampleConfig(max_new_tokens=60, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
 
