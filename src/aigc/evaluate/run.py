@@ -133,19 +133,32 @@ def draw(
     else:
         groups = [(None, name, prompt) for name, prompt in prompts.items()] or [(None, None, "")]
     unguided = _replace(sampling, guidance_scale=1.0)
-    jobs = [("continuation", *[p.label if p.label in known else None] * 2, p.prompt, p.reference) for p in pairs]
-    jobs += [("sample", *group, None) for group in groups for _ in range(config.samples)]
-    requests = []
-    for i, (kind, label, _, prompt, _) in enumerate(jobs):
-        guided = kind == "sample" and sampling.guidance_scale != 1.0
-        negative = _negative_of((label, prompt), [(g[0], g[2]) for g in groups]) if guided else (None, "")
-        config_i = _replace(sampling if guided else unguided, seed=config.seed + i)
-        requests.append(Request(prompt, label, config_i, negative_label=negative[0], negative_prompt=negative[1]))
+    contexts = [(label, prompt) for label, _, prompt in groups]
+    # (kind, request label, filed label, prompt, reference, (negative label, negative prompt) or None)
+    jobs = [
+        ("continuation", known_label, known_label, p.prompt, p.reference, None)
+        for p in pairs
+        for known_label in [p.label if p.label in known else None]
+    ]
+    guided = sampling.guidance_scale != 1.0
+    for label, filed, prompt in groups:
+        negative = _negative_of((label, prompt), contexts) if guided else None
+        jobs += [("sample", label, filed, prompt, None, negative)] * config.samples
+    requests = [
+        Request(
+            prompt,
+            label,
+            _replace(sampling if negative else unguided, seed=config.seed + i),
+            negative_label=negative[0] if negative else None,
+            negative_prompt=negative[1] if negative else "",
+        )
+        for i, (_, label, _, prompt, _, negative) in enumerate(jobs)
+    ]
     completions = generate_all(run, requests, config.batch_size)
     eot = run.tokenizer.eot_id
     return [
         Generated(kind, filed, prompt, c.text, len(c.token_ids), bool(c.token_ids) and c.token_ids[-1] == eot, ref)
-        for (kind, _, filed, prompt, ref), c in zip(jobs, completions)
+        for (kind, _, filed, prompt, ref, _), c in zip(jobs, completions)
     ]
 
 
