@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 
 import pytest
@@ -46,6 +47,18 @@ def write_csv(path, rows, header=("text", "label")) -> str:
         writer.writerow(header)
         writer.writerows(rows)
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_aigc_home(tmp_path_factory):
+    """Tests leave the user's ~/.cache/aigc alone: pulled models and compiled kernels go to a temp folder."""
+    before = os.environ.get("AIGC_HOME")
+    os.environ["AIGC_HOME"] = str(tmp_path_factory.mktemp("aigc_home"))
+    yield
+    if before is None:
+        del os.environ["AIGC_HOME"]
+    else:
+        os.environ["AIGC_HOME"] = before
 
 
 @pytest.fixture(scope="module")

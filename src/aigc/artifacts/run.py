@@ -208,9 +208,14 @@ def save_run(run_dir: str | os.PathLike, config: RunConfig, tokenizer: Tokenizer
 BUILT_IN_MODELS = ("smollm2-135m",)
 
 
+def aigc_home() -> Path:
+    """aigc's own files outside any run (pulled models, compiled kernels): $AIGC_HOME, by default ~/.cache/aigc."""
+    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".cache" / "aigc")
+
+
 def models_home() -> Path:
     """Where pulled models live: $AIGC_HOME/models, by default ~/.cache/aigc/models."""
-    return Path(os.environ.get("AIGC_HOME") or Path.home() / ".cache" / "aigc") / "models"
+    return aigc_home() / "models"
 
 
 def resolve_run_dir(run_dir: str | os.PathLike) -> Path:
