@@ -63,6 +63,12 @@ def test_packed_copy_follows_in_place_edits_replaced_data_and_mode_switches():
     optimizer.step()
     model.eval()
     torch.testing.assert_close(*reversed(plain_and_packed()), atol=1e-5, rtol=1e-4)
+    # eval() on a model already in eval mode (generate calls one per batch) keeps the copies.
+    kept = [m.packed_copy.packed for m in packed_layers(model)]
+    assert len(kept) == 4 * model.config.n_layer + 1
+    model.eval()
+    assert all(m.packed_copy.packed is copy for m, copy in zip(packed_layers(model), kept))
+    assert len(packed_layers(model)) == len(kept)
 
 
 def test_a_packed_model_can_be_deep_copied_and_copies_compute_the_same():
