@@ -3,17 +3,9 @@ import torch
 
 from aigc.config import SampleConfig, model_preset
 from aigc.errors import AigcError
-from aigc.generate import (
-    Request,
-    apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
-    decode_stream,
-    encode_request,
-    generate,
-    sample_tokens,
-)
+from aigc.generate import Request, decode_stream, encode_request, generate
 from aigc.models import build_model
+from aigc.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, sample_tokens
 from aigc.textstream import TextStream
 
 GREEDY = SampleConfig(temperature=0, max_new_tokens=24)

@@ -20,7 +20,7 @@ from aigc.config import (
     SampleConfig,
 )
 from aigc.errors import AigcError
-from aigc.generate import apply_repetition_penalty, apply_top_k, apply_top_p, sample_tokens
+from aigc.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, sample_tokens
 from aigc.textstream import StopScanner, TextStream
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

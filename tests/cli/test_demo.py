@@ -1,6 +1,7 @@
 """`aigc demo` end to end at toy scale: a tiny Llama-shaped "imported" base instead of SmolLM2, a small CSV
 instead of IMDb, seconds of LoRA fine-tuning."""
 
+import argparse
 import json
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 from tests.conftest import make_reviews, write_csv
 
 from aigc.artifacts.run import RunConfig, save_run
-from aigc.cli import main
-from aigc.config import model_preset
+from aigc.cli import demo_steps, main
+from aigc.config import model_preset, to_dict
 from aigc.models import build_model
 from aigc.tokenizer import Tokenizer
 
@@ -123,7 +124,20 @@ def test_demo_refuses_data_prepared_with_another_tokenizer(tmp_path, review_csv,
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--minutes", "0"), ("--scratch-minutes", "-1"), ("--eval-samples", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--minutes", "0"), ("--steps", "0"), ("--scratch-minutes", "-1"), ("--eval-samples", "0")]
+)
 def test_demo_rejects_bad_budgets(flag, value, capsys):
     assert main(["demo", flag, value]) == 2
     assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_a_saved_evaluation_is_reused_only_when_it_was_sampled_as_the_demo_samples(tmp_path):
+    args = argparse.Namespace(guidance_scale=3.0)
+    saved = tmp_path / "base.json"
+    sampling = {**to_dict(demo_steps._eval_sampling(args)), "max_new_tokens": 96, "seed": "1337 + sample index"}
+    saved.write_text(json.dumps({"sampling": sampling}))
+    assert demo_steps._same_sampling(saved, args)
+    assert not demo_steps._same_sampling(saved, argparse.Namespace(guidance_scale=2.0))
+    saved.write_text(json.dumps({"sampling": {**sampling, "min_new_tokens": 0}}))  # an older demo's evaluation
+    assert not demo_steps._same_sampling(saved, args)

@@ -1,7 +1,7 @@
 """`aigc demo`: fine-tune the built-in pretrained base on IMDb, end to end, in about 10 minutes on a CPU.
 
 pull the base (SmolLM2-135M) → prepare IMDb with its tokenizer and <|pos|>/<|neg|> → evaluate the base →
-LoRA fine-tune for --minutes → three positive and three negative reviews plus two fixed continuations →
+LoRA fine-tune for --steps (or --minutes) → three positive and three negative reviews plus two fixed continuations →
 evaluate the fine-tuned run (the base judging its samples) → RUN/report.md and .html with the base and
 the fine-tuned model side by side and the demo's targets checked. `--compare-scratch` also trains the
 `small` GPT from scratch (the previous demo) and adds it to the comparison.
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune the built-in base on IMDb reviews and compare, in about 10 minutes on a CPU",
         description=(
             "Pull the pretrained base, prepare the IMDb reviews with its tokenizer and pos/neg labels, "
-            "evaluate the base, LoRA fine-tune it for --minutes, generate positive and negative reviews, "
+            "evaluate the base, LoRA fine-tune it for --steps, generate positive and negative reviews, "
             "evaluate the fine-tuned run and write RUN/report.md and RUN/report.html with both side by "
             "side. Re-running reuses the data, a finished run and finished evaluations."
         ),
@@ -46,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", type=Path, default=Path("data/imdb-smol"), help="dataset prepared with the base's tokenizer"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="fine-tuned run folder")
-    parser.add_argument("--minutes", type=float, default=3.5, help="fine-tuning budget in wall-clock minutes")
+    parser.add_argument(
+        "--steps", type=int, default=90, help="fine-tuning budget in optimizer steps (of 4 x 128 tokens)"
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=6.0, help="and at most this many wall-clock minutes (whichever comes first)"
+    )
     parser.add_argument("--seed", type=int, default=1337, help="seed for the split, training and sampling")
     parser.add_argument("--eval-samples", type=int, default=16, help="evaluation samples per label")
     parser.add_argument(
@@ -72,6 +77,8 @@ def handle(args: argparse.Namespace) -> int:
     for flag, value in (("--minutes", args.minutes), ("--scratch-minutes", args.scratch_minutes)):
         if value <= 0:
             raise AigcError(f"{flag} must be > 0, got {value}")
+    if args.steps < 1:
+        raise AigcError(f"--steps must be >= 1, got {args.steps}")
     if args.eval_samples < 1:
         raise AigcError(f"--eval-samples must be >= 1, got {args.eval_samples}")
     SampleConfig(guidance_scale=args.guidance_scale)  # its range check: one clear error before any work
@@ -87,7 +94,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.evaluate:
         _step(next(step), total, f"evaluate the base {base}")
         evaluations["base"] = clock.time("evaluate base", steps.evaluate_base, base, args)
-    _step(next(step), total, f"LoRA fine-tune for {args.minutes:g} minutes -> {args.out}")
+    _step(next(step), total, f"LoRA fine-tune for {args.steps} steps (at most {args.minutes:g} minutes) -> {args.out}")
     clock.time("fine-tune", steps.finetune, base, args)
     _step(next(step), total, "generate reviews and continuations")
     samples = clock.time("generate", steps.generate_demo_samples, args.out, args.seed, args.guidance_scale)

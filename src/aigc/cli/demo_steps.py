@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from aigc.artifacts.run import BUILT_IN_MODELS, CONFIG, EVAL, read_run_config
-from aigc.config import FINETUNE_DEFAULTS, EvalConfig, PrepareConfig, SampleConfig, finetune_train_config, train_preset
+from aigc.config import (
+    FINETUNE_DEFAULTS,
+    EvalConfig,
+    PrepareConfig,
+    SampleConfig,
+    finetune_train_config,
+    to_dict,
+    train_preset,
+)
 from aigc.errors import AigcError
 from aigc.fsutil import write_json
 
@@ -29,9 +37,11 @@ LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
 GUIDANCE_SCALE = 3.0
 BASE_EVAL = "base.json"  # RUN/eval/base.json: the base's evaluation on the same documents
 SCRATCH_EVAL = "scratch.json"  # RUN/eval/scratch.json: the from-scratch run's, with --compare-scratch
-# The same sampling for every evaluation, so the base, the fine-tuned and the scratch run compare.
+# The same sampling for every evaluation, so the base, the fine-tuned and the scratch run compare. At
+# least 32 tokens, as for the printed reviews: a guided sample that ends right after its sentence is
+# no review, and the sentiment judge, which never sees the sentence, can only guess at it.
 EVAL_SAMPLING = SampleConfig(
-    temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, guidance_scale=GUIDANCE_SCALE
+    temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, guidance_scale=GUIDANCE_SCALE, min_new_tokens=32
 )
 # At least 32 tokens: guided reviews sometimes end right after their sentence.
 REVIEW_SAMPLING = SampleConfig(
@@ -128,13 +138,16 @@ def evaluate_base(base: Path, args: argparse.Namespace) -> dict:
 
 
 def finetune(base: Path, args: argparse.Namespace) -> None:
-    """LoRA (the defaults for an imported base) for a wall-clock budget; an unfinished run continues."""
+    """LoRA (the defaults for an imported base) for --steps, or --minutes if that comes first; an
+    unfinished run continues. A step budget, not a time budget alone: the same steps give the same run
+    on a busy or an idle machine (on the development CPU, 73 steps in 3.5 busy minutes gave the fine-tuned
+    run 84-88 % control accuracy, 81 steps 91-94 %)."""
     resume = (args.out / CONFIG).is_file() and not args.fresh
     if resume:
         say(f"  {args.out} exists: continuing it if unfinished (pass --fresh to train again)")
     seq_len = min(FINETUNE_DEFAULTS["seq_len"], read_run_config(base).model.block_size)
     config = finetune_train_config(
-        minutes=args.minutes, seed=args.seed, seq_len=seq_len, eval_every=40, sample_tokens=24
+        max_steps=args.steps, minutes=args.minutes, seed=args.seed, seq_len=seq_len, eval_every=40, sample_tokens=24
     )
     _train(args.data, args.out, config, init_from=None if resume else base, resume=resume, fresh=args.fresh)
 
@@ -231,7 +244,7 @@ def _evaluate(run_dir: Path, config: EvalConfig, args, *, data: Path | None, jud
     return evaluate_run(
         run_dir,
         config=config,
-        sampling=dataclasses.replace(EVAL_SAMPLING, guidance_scale=args.guidance_scale),
+        sampling=_eval_sampling(args),
         data=data,
         judge=judge,
         progress=lambda m: say(f"  {m}"),
@@ -239,9 +252,16 @@ def _evaluate(run_dir: Path, config: EvalConfig, args, *, data: Path | None, jud
     )
 
 
+def _eval_sampling(args: argparse.Namespace) -> SampleConfig:
+    return dataclasses.replace(EVAL_SAMPLING, guidance_scale=args.guidance_scale)
+
+
 def _same_sampling(saved: Path, args: argparse.Namespace) -> bool:
-    """Whether a saved evaluation was sampled with this demo's --guidance-scale (else it is redone)."""
-    return read_json(saved).get("sampling", {}).get("guidance_scale", 1.0) == args.guidance_scale
+    """Whether a saved evaluation was sampled as this demo samples (else it is redone): the same
+    --guidance-scale and the same settings, bar the length and seed that each evaluation sets."""
+    stored = read_json(saved).get("sampling", {})
+    wanted = to_dict(_eval_sampling(args))
+    return all(stored.get(key) == value for key, value in wanted.items() if key not in ("max_new_tokens", "seed"))
 
 
 def _label_prompts(data: Path) -> dict[str, str]:
