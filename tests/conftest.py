@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 
 import pytest
 import torch
@@ -47,6 +48,12 @@ def write_csv(path, rows, header=("text", "label")) -> str:
         writer.writerow(header)
         writer.writerows(rows)
     return str(path)
+
+
+# A shell starts background jobs (`make test &`) with SIGINT ignored, and Python then keeps it ignored:
+# the Ctrl-C tests (here and in the servers they start) need the ordinary handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
