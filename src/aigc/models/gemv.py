@@ -2,17 +2,17 @@
 
 Why hand-write what oneDNN and MKL do: decoding one row reads every weight once per token, so its
 speed is the speed at which the weights stream from memory. On SmolLM2-135M's 121 products of one
-decode step (2-core AVX-512 EPYC, 2 threads; docs/benchmarks.md, "Native matrix-vector product"),
-oneDNN's packed kernels stream 20 GB/s and MKL's 12 GB/s; the plain loop in `gemv.c`, vectorised by
-the compiler for this CPU, streams 30 GB/s, near the 32 GB/s of a `torch.sum` over the same bytes.
-At 4 rows the two tie and from 8 rows oneDNN's blocked kernels win, so `packed.Linear` calls this
-for at most `MAX_ROWS` rows.
+decode step (2-core AVX-512 EPYC, 2 threads; `benchmarks/bench_gemv.py`, figures in
+docs/benchmarks.md), oneDNN's packed kernels stream 20 GB/s and MKL's 11 GB/s; the plain loop in
+`gemv.c`, vectorised by the compiler for this CPU, streams 26-31 GB/s, near the 30 GB/s of a
+`torch.sum` over the same bytes. At 4 rows the two are close and from 8 rows oneDNN's blocked kernels
+win, so `packed.Linear` calls this for at most `MAX_ROWS` rows.
 
 How: `gemv.c` (beside this file) is compiled by the C compiler (`$CC`, else `cc`) with
 `-O3 -march=native -fopenmp` into `$AIGC_HOME/kernels` (by default `~/.cache/aigc/kernels`) under
 a name hashed from the source, the compiler, its flags and this CPU, so a home folder shared by
-different machines never hands one the other's build. The library is written to a
-temp file and renamed (two processes may build at once), loaded with ctypes (which releases the GIL
+different machines never hands one the other's build. The library is written to a temp file and
+renamed (two processes may build at once), loaded with ctypes (which releases the GIL
 during the call) and checked against `F.linear` before first use. Each call passes PyTorch's thread
 count, so `torch.set_num_threads` governs it as it governs PyTorch's own kernels.
 
@@ -40,7 +40,7 @@ from aigc.fsutil import atomic_path
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# Input rows up to which this beats oneDNN's packed kernels (1 and 2 rows: 1.4x; 4: a tie).
+# Input rows up to which this clearly beats oneDNN's packed kernels (1 and 2 rows: 1.3-1.5x; 4: 1.1x).
 MAX_ROWS = 2
 # Below this many weights a product is too small for threads to pay for waking up.
 THREADED_WEIGHTS = 1 << 16
