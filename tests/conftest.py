@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import random
 import signal
 
@@ -59,13 +58,9 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 @pytest.fixture(scope="session", autouse=True)
 def private_aigc_home(tmp_path_factory):
     """Tests leave the user's ~/.cache/aigc alone: pulled models and compiled kernels go to a temp folder."""
-    before = os.environ.get("AIGC_HOME")
-    os.environ["AIGC_HOME"] = str(tmp_path_factory.mktemp("aigc_home"))
-    yield
-    if before is None:
-        del os.environ["AIGC_HOME"]
-    else:
-        os.environ["AIGC_HOME"] = before
+    with pytest.MonkeyPatch.context() as patch:  # the session-wide `monkeypatch`
+        patch.setenv("AIGC_HOME", str(tmp_path_factory.mktemp("aigc_home")))
+        yield
 
 
 @pytest.fixture(scope="module")
