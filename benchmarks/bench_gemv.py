@@ -1,8 +1,8 @@
-"""Why `aigc/models/gemv.c` exists: the products of one SmolLM2-135M decode step, kernel against kernel.
+"""Why `aigc/models/native.c` has its own product: one SmolLM2-135M decode step's products, kernel against kernel.
 
 The 121 products of one step (30 layers x q/k/v, attention output, gate/up, down; then the 49,152-row
 output head) with random float32 weights, at 1 to 16 input rows, through:
-  native  - `aigc.models.gemv` (the loop in gemv.c, compiled here with -O3 -march=native -fopenmp);
+  native  - `aigc.models.native` `linear` (the loop in native.c, compiled here with -O3 -march=native -fopenmp);
   oneDNN  - `torch.ops.mkldnn._linear_pointwise` on weights packed once (what `packed.Linear` uses);
   MKL     - plain `F.linear` (PyTorch's default for float32 on the CPU).
 Also the memory's streaming speed: `torch.sum` over as many bytes as the weights. Best of `--repeats`,
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aigc.models import gemv
+from aigc.models import native
 from aigc.models.packed import TUNED_ROWS
 
 # (out, in) of one SmolLM2-135M decode step: fused q/k/v, attention output, fused gate/up, down; then the head.
@@ -44,9 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    native = gemv.kernel()
-    if native is None:
-        raise SystemExit(f"the native kernel is unavailable here: {gemv.unavailable_reason()}")
+    library = native.kernels()
+    if library is None:
+        raise SystemExit(f"the native kernels are unavailable here: {native.unavailable_reason()}")
     torch.manual_seed(0)
     weights = [torch.randn(n_out, n_in) for n_out, n_in in SHAPES]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, TUNED_ROWS) for w in weights]
@@ -57,7 +57,7 @@ def main() -> None:
     for rows in args.rows:
         inputs = [torch.randn(rows, n_in) for _, n_in in SHAPES]
         kernels = {
-            "native": lambda inputs=inputs: [native(x, w, None) for x, w in zip(inputs, weights)],
+            "native": lambda inputs=inputs: [library.linear(x, w, None) for x, w in zip(inputs, weights)],
             "oneDNN": lambda inputs=inputs: [
                 torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for x, p in zip(inputs, packed)
             ],

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.config import ModelConfig
+from aigc.models import native
 from aigc.models.packed import Linear
 
 # Positions a fresh cache holds before it first grows (it doubles as needed, up to block_size).
@@ -105,9 +106,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameters and keys) that runs as one native call in CPU inference: 4.7 us
+    against `F.rms_norm`'s 12.6 at SmolLM2's batch-16 decode shape (benchmarks/bench_native.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = native.for_inference(x)
+        if kernels is None or self.weight is None or self.eps is None:
+            return super().forward(x)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
@@ -126,6 +138,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None, rope):
         B, T, C = x.shape
+        if cache is not None and T == 1 and not self.training and self._native_cache(cache, layer):
+            kernels = native.for_inference(x)
+            if kernels is not None:
+                return self._decode_natively(kernels, x, cache, layer, rope)
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs)
         q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         kv = qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
@@ -156,6 +172,22 @@ class CausalSelfAttention(nn.Module):
         )  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
+    @staticmethod
+    def _native_cache(cache: KVCache, layer: int) -> bool:
+        kv = cache.kv[layer]
+        return kv.dtype == torch.float32 and kv.is_contiguous() and cache.valid.is_contiguous()
+
+    def _decode_natively(self, kernels: native.Kernels, x, cache: KVCache, layer: int, rope) -> torch.Tensor:
+        """The path above for one new token per row, in two native calls: rotary positions and cache
+        append, then attention over the cache. The same maths, mask included: `GPT._attention_mask`
+        has written this step's padding into `cache.valid`, and a token always sees itself."""
+        B, _, C = x.shape
+        qkv = self.c_attn(x).reshape(B, -1).contiguous()  # (B, (nh + 2 nkv) hs), a fresh tensor
+        kv = cache.kv[layer]  # (2, B, nkv, capacity, hs)
+        kernels.rope_append(qkv, rope, kv, cache.length)
+        y = kernels.decode_attention(qkv, kv, cache.valid if cache.padded else None, cache.length + 1)  # (B, C)
+        return self.c_proj(y.view(B, 1, C))
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -169,11 +201,13 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.gated:
+        if not self.gated:
+            h = F.gelu(h, approximate="tanh")
+        elif (kernels := native.for_inference(h)) is not None:
+            h = kernels.silu_mul(h)  # one call, not chunk, silu and mul
+        else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
         h = self.c_proj(h)
         return self.dropout(h) if self.training else h  # Dropout is the identity in eval: skip the call
 

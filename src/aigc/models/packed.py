@@ -5,7 +5,7 @@ blocked layout inside every call; oneDNN packs it once and picks kernels for the
 (AVX-512 where there is one). Measured on SmolLM2-135M's layer shapes (docs/benchmarks.md), the
 products of a decode step run 1.6x faster at one row and 1.9x at sixteen; the whole decode loop and
 prefill gain with them. The results equal `F.linear` up to float32 rounding. For one or two rows a
-plain loop compiled on this machine is faster still (`gemv.py`): it is used when it could be built.
+plain loop compiled on this machine is faster still (`native.py`): it is used when it could be built.
 
 When: only in eval mode with autograd off, for a float32 input on the CPU, and when this PyTorch
 build has the ops (`onednn_linear_available`). Anything else is the plain `nn.Linear` path: training
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aigc.models import gemv
+from aigc.models import native
 
 # oneDNN tunes the packed layout for this many input rows; any row count gives the same result, and
 # 16 was the fastest hint at 1, 4, 16 and 64 rows (docs/benchmarks.md).
@@ -105,9 +105,9 @@ class Linear(nn.Linear):
         if not can_pack(self, x):
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])  # (N, C_in)
-        native = gemv.kernel() if rows.shape[0] <= gemv.MAX_ROWS and self.weight.is_contiguous() else None
-        if native is not None:  # one or two rows (a decode step): stream the plain weight, no packed copy
-            out = native(rows.contiguous(), self.weight, self.bias)
+        kernels = native.kernels() if rows.shape[0] <= native.MAX_ROWS and self.weight.is_contiguous() else None
+        if kernels is not None:  # one or two rows (a decode step): stream the plain weight, no packed copy
+            out = kernels.linear(rows.contiguous(), self.weight, self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_copy.get(self.weight), self.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])  # (..., C_out)

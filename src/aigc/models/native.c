@@ -1,0 +1,159 @@
+/* Float32 kernels for inference on the CPU: small products and the elementwise work of a decode step.
+ *
+ * Compiled on the user's machine by aigc/models/native.py (-O3 -march=native -fopenmp), so the
+ * compiler vectorises the loops for whatever this CPU has (AVX2, AVX-512, NEON). Plain C with
+ * `omp simd` hints and no -ffast-math: results differ from PyTorch's only by float32 rounding.
+ * Every array is contiguous and row-major; shapes are given next to each function.
+ */
+#include <math.h>
+
+/* y = x W^T + b for a few input rows. Decoding one row is bound by how fast the weights stream from
+ * memory: each weight row is read once, in order, while the (tiny) input rows stay in L1. The output
+ * rows are split across `threads` OpenMP threads.
+ * w: (n_out, n_in), x: (n_rows, n_in), b: (n_out) or NULL, y: (n_rows, n_out). */
+void aigc_gemv_f32(const float *restrict w, const float *restrict x, const float *restrict b,
+                   float *restrict y, long n_rows, long n_out, long n_in, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long o = 0; o < n_out; o++) {
+        const float *w_row = w + o * n_in;
+        for (long r = 0; r < n_rows; r++) {
+            const float *x_row = x + r * n_in;
+            float sum = 0.0f;
+            /* simd reduction: lets the compiler keep several vector partial sums (no -ffast-math needed) */
+#pragma omp simd reduction(+ : sum)
+            for (long i = 0; i < n_in; i++) sum += w_row[i] * x_row[i];
+            y[r * n_out + o] = b ? sum + b[o] : sum;
+        }
+    }
+}
+
+/* exp(x) in plain arithmetic, so that loops calling it vectorise (libm's expf does not without
+ * -ffast-math): x = k ln2 + r with |r| <= ln2/2; exp(r) by its degree-7 Taylor polynomial (truncation
+ * below 1e-8 relative); 2^k written into the exponent bits. Below -87.3 it gives 0, above 88.7 +inf. */
+static inline float exp_f32(float x) {
+    if (x < -87.3f) return 0.0f;
+    if (x > 88.7f) return INFINITY;
+    /* round to nearest by adding and subtracting 1.5 * 2^23: exact in float32, and it vectorises */
+    float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693145752f; /* ln2 in two parts: k times the first is exact */
+    r = r - k * 1.42860677e-6f;
+    float p = 1.0f / 5040;
+    p = 1.0f / 720 + r * p;
+    p = 1.0f / 120 + r * p;
+    p = 1.0f / 24 + r * p;
+    p = 1.0f / 6 + r * p;
+    p = 0.5f + r * p;
+    p = 1.0f + r * p;
+    p = 1.0f + r * p;
+    int bits = ((int)k + 127) << 23;
+    float two_to_k;
+    __builtin_memcpy(&two_to_k, &bits, sizeof two_to_k);
+    return p * two_to_k;
+}
+
+/* RMSNorm of each row: y = x / sqrt(mean(x^2) + eps) * w.   x, y: (rows, n); w: (n). */
+void aigc_rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict y, long rows, long n,
+                       float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        const float *x_row = x + r * n;
+        float *y_row = y + r * n;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (long i = 0; i < n; i++) sum += x_row[i] * x_row[i];
+        float scale = 1.0f / sqrtf(sum / (float)n + eps);
+#pragma omp simd
+        for (long i = 0; i < n; i++) y_row[i] = x_row[i] * scale * w[i];
+    }
+}
+
+/* SwiGLU's gate: each row of h holds the gate then the up projection; y = silu(gate) * up.
+ * h: (rows, 2 hidden), y: (rows, hidden). */
+void aigc_silu_mul_f32(const float *restrict h, float *restrict y, long rows, long hidden, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        const float *gate = h + r * 2 * hidden;
+        float *y_row = y + r * hidden;
+#pragma omp simd
+        for (long i = 0; i < hidden; i++) y_row[i] = gate[i] / (1.0f + exp_f32(-gate[i])) * gate[hidden + i];
+    }
+}
+
+/* One decode step's new token per row: rotate its queries in place and its keys into the cache, copy
+ * its values into the cache (Hugging Face Llama's rotary layout: pair (i, i + hs/2) turns by angle i).
+ * qkv: (B, (nh + 2 nkv) hs), queries then keys then values; cache: (2, B, nkv, capacity, hs), keys
+ * then values, written at position `at`; cos, sin: row b at b * rope_stride (stride 0: one row for
+ * all), (hs) each, or NULL for no rotation (learned positions). */
+void aigc_rope_append_f32(float *restrict qkv, const float *restrict cos, const float *restrict sin,
+                          long rope_stride, float *restrict cache, long B, long nh, long nkv, long hs,
+                          long capacity, long at) {
+    long half = hs / 2, width = (nh + 2 * nkv) * hs;
+    for (long b = 0; b < B; b++) {
+        float *row = qkv + b * width;
+        for (long h = 0; h < nh + nkv; h++) {
+            float *x = row + h * hs;
+            float *out = h < nh ? x : cache + ((b * nkv + (h - nh)) * capacity + at) * hs;
+            if (!cos) {
+                for (long i = 0; i < hs; i++) out[i] = x[i];
+                continue;
+            }
+            const float *c = cos + b * rope_stride, *s = sin + b * rope_stride;
+#pragma omp simd
+            for (long i = 0; i < half; i++) {
+                float first = x[i], second = x[i + half];
+                out[i] = first * c[i] - second * s[i];
+                out[i + half] = second * c[i + half] + first * s[i + half];
+            }
+        }
+        for (long h = 0; h < nkv; h++) {
+            const float *v = row + (nh + nkv + h) * hs;
+            float *out = cache + (((B + b) * nkv + h) * capacity + at) * hs;
+            for (long i = 0; i < hs; i++) out[i] = v[i];
+        }
+    }
+}
+
+/* Attention of one new query token per row over the `length` cached positions, the last of which is
+ * the token itself. Grouped-query: each of the nkv cached heads serves nh / nkv query heads and is
+ * read once for all of them. Scores are scaled by 1/sqrt(hs); softmax subtracts the row's maximum.
+ * q: row b's head h at q + b * q_stride + h * hs; cache: (2, B, nkv, capacity, hs);
+ * valid: (B, valid_stride) bytes, nonzero where a position may be attended (the last always may),
+ * or NULL for all; work: (B, nh, length) scratch; y: (B, nh * hs). */
+void aigc_decode_attention_f32(const float *restrict q, long q_stride, const float *restrict cache,
+                               const unsigned char *restrict valid, long valid_stride, float *restrict work,
+                               float *restrict y, long B, long nh, long nkv, long hs, long capacity, long length,
+                               int threads) {
+    long group = nh / nkv;
+    float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long task = 0; task < B * nkv; task++) {
+        long b = task / nkv, g = task % nkv;
+        const float *keys = cache + (b * nkv + g) * capacity * hs;
+        const float *values = cache + ((B + b) * nkv + g) * capacity * hs;
+        const unsigned char *ok = valid ? valid + b * valid_stride : 0;
+        for (long h = g * group; h < (g + 1) * group; h++) {
+            const float *q_head = q + b * q_stride + h * hs;
+            float *scores = work + (b * nh + h) * length, best = -INFINITY;
+            for (long s = 0; s < length; s++) {
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (long i = 0; i < hs; i++) dot += q_head[i] * keys[s * hs + i];
+                scores[s] = (ok && !ok[s] && s != length - 1) ? -INFINITY : dot * scale;
+                best = scores[s] > best ? scores[s] : best;
+            }
+            float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+            for (long s = 0; s < length; s++) {
+                scores[s] = exp_f32(scores[s] - best);
+                total += scores[s];
+            }
+            float *out = y + b * nh * hs + h * hs;
+            for (long i = 0; i < hs; i++) out[i] = 0.0f;
+            for (long s = 0; s < length; s++) {
+                float weight = scores[s] / total;
+#pragma omp simd
+                for (long i = 0; i < hs; i++) out[i] += weight * values[s * hs + i];
+            }
+        }
+    }
+}
