@@ -131,28 +131,40 @@ void aigc_decode_attention_f32(const float *restrict q, long q_stride, const flo
         const float *keys = cache + (b * nkv + g) * capacity * hs;
         const float *values = cache + ((B + b) * nkv + g) * capacity * hs;
         const unsigned char *ok = valid ? valid + b * valid_stride : 0;
-        for (long h = g * group; h < (g + 1) * group; h++) {
-            const float *q_head = q + b * q_stride + h * hs;
-            float *scores = work + (b * nh + h) * length, best = -INFINITY;
-            for (long s = 0; s < length; s++) {
+        const float *queries = q + b * q_stride + g * group * hs; /* the group's heads, adjacent: (group, hs) */
+        float *scores = work + (b * nh + g * group) * length;    /* (group, length) */
+        float *out = y + b * nh * hs + g * group * hs;             /* (group, hs) */
+        /* Scores, one pass over the keys: each key row is read once and serves the whole group. */
+        for (long s = 0; s < length; s++) {
+            const float *key = keys + s * hs;
+            int masked = ok && !ok[s] && s != length - 1;
+            for (long j = 0; j < group; j++) {
+                const float *query = queries + j * hs;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (long i = 0; i < hs; i++) dot += q_head[i] * keys[s * hs + i];
-                scores[s] = (ok && !ok[s] && s != length - 1) ? -INFINITY : dot * scale;
-                best = scores[s] > best ? scores[s] : best;
+                for (long i = 0; i < hs; i++) dot += query[i] * key[i];
+                scores[j * length + s] = masked ? -INFINITY : dot * scale;
             }
-            float total = 0.0f;
+        }
+        /* Softmax of each head's scores, normalised in place. */
+        for (long j = 0; j < group; j++) {
+            float *row = scores + j * length, best = -INFINITY, total = 0.0f;
+            for (long s = 0; s < length; s++) best = row[s] > best ? row[s] : best;
 #pragma omp simd reduction(+ : total)
             for (long s = 0; s < length; s++) {
-                scores[s] = exp_f32(scores[s] - best);
-                total += scores[s];
+                row[s] = exp_f32(row[s] - best);
+                total += row[s];
             }
-            float *out = y + b * nh * hs + h * hs;
-            for (long i = 0; i < hs; i++) out[i] = 0.0f;
-            for (long s = 0; s < length; s++) {
-                float weight = scores[s] / total;
+            for (long s = 0; s < length; s++) row[s] /= total;
+        }
+        /* Weighted values, one pass over them. */
+        for (long i = 0; i < group * hs; i++) out[i] = 0.0f;
+        for (long s = 0; s < length; s++) {
+            const float *value = values + s * hs;
+            for (long j = 0; j < group; j++) {
+                float weight = scores[j * length + s];
 #pragma omp simd
-                for (long i = 0; i < hs; i++) out[i] += weight * values[s * hs + i];
+                for (long i = 0; i < hs; i++) out[j * hs + i] += weight * value[i];
             }
         }
     }
