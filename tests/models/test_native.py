@@ -50,6 +50,25 @@ def test_non_contiguous_inputs_are_refused(kernels):
         kernels.decode_attention(torch.randn(18, 2).T, torch.zeros(2, 2, 1, 4, 6), None, 1)
 
 
+def test_arguments_the_c_code_would_overrun_are_refused(kernels):
+    qkv, kv = torch.zeros(2, 8 * 6), torch.zeros(2, 2, 2, 5, 6)  # 4 query heads, 2 cached, capacity 5
+    refused = {
+        "position 5 outside": lambda: kernels.rope_append(qkv, None, kv, 5),
+        "6 positions in a cache of 5": lambda: kernels.decode_attention(qkv, kv, None, 6),
+        "valid .B, >= length.": lambda: kernels.decode_attention(qkv, kv, torch.ones(2, 2, dtype=torch.bool), 3),
+        "valid needs contiguous bool": lambda: kernels.decode_attention(qkv, kv, torch.ones(2, 5), 3),
+        "does not fit the cache": lambda: kernels.decode_attention(torch.zeros(2, 4 * 6), kv, None, 1),
+        "contiguous float32": lambda: kernels.rope_append(qkv.double(), None, kv, 0),
+        "1 or B float32 rows": lambda: kernels.rope_append(qkv, (torch.ones(3, 6), torch.ones(3, 6)), kv, 0),
+        "rms_norm needs": lambda: kernels.rms_norm(torch.zeros(2, 6), torch.ones(5), 1e-5),
+        "silu_mul needs": lambda: kernels.silu_mul(torch.zeros(2, 5)),
+        "shapes do not match": lambda: kernels.linear(torch.zeros(1, 6), torch.zeros(3, 5), None),
+    }
+    for problem, call in refused.items():
+        with pytest.raises(ValueError, match=problem):
+            call()
+
+
 @needs_compiler
 def test_a_build_is_kept_and_reused_not_compiled_again(tmp_path, monkeypatch):
     first = native.build(tmp_path, COMPILER)

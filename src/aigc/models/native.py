@@ -86,8 +86,8 @@ class Kernels:
         """`F.linear`: x (N, C_in) -> (N, C_out); weight (C_out, C_in); all contiguous."""
         rows, n_in = x.shape
         n_out = weight.shape[0]
-        if not (x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())):
-            raise ValueError("the native linear needs contiguous x, weight and bias")
+        _require(_plain(x, weight, *([] if bias is None else [bias])), "linear needs contiguous float32 CPU tensors")
+        _require(weight.shape[1] == n_in and (bias is None or bias.numel() == n_out), "linear: shapes do not match")
         out = torch.empty(rows, n_out, dtype=torch.float32)
         threads = _threads(weight.numel())
         self._gemv(weight.data_ptr(), x.data_ptr(), _pointer(bias), out.data_ptr(), rows, n_out, n_in, threads)
@@ -95,16 +95,18 @@ class Kernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """`F.rms_norm` over the last dimension of x (..., C); weight (C)."""
-        x = x.contiguous()
-        out = torch.empty_like(x)
+        x, weight = x.contiguous(), weight.contiguous()
         width = x.shape[-1]
+        _require(_plain(x, weight) and weight.numel() == width, "rms_norm needs float32 CPU x (..., C) and weight (C)")
+        out = torch.empty_like(x)
         rows, threads = x.numel() // width, _threads(x.numel())
-        self._rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows, width, eps, threads)
+        self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, width, eps, threads)
         return out
 
     def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU's `F.silu(gate) * up` for h (..., 2 H) holding gate then up -> (..., H)."""
         h = h.contiguous()
+        _require(_plain(h) and h.shape[-1] % 2 == 0, "silu_mul needs float32 CPU h (..., 2 H)")
         hidden = h.shape[-1] // 2
         out = h.new_empty(*h.shape[:-1], hidden)
         self._silu_mul(h.data_ptr(), out.data_ptr(), h.numel() // h.shape[-1], hidden, _threads(h.numel()))
@@ -115,9 +117,12 @@ class Kernels:
         write its rotated keys and its values at position `at` of kv (2, B, nkv, capacity, hs).
         rope: cos, sin for this step, (B, hs) or (1, hs) up to extra unit dimensions, or None (no rotation)."""
         _, batch, n_kv_head, capacity, head_dim = kv.shape
-        n_head = qkv.shape[-1] // head_dim - 2 * n_kv_head
-        _require_contiguous(qkv, kv)
+        n_head = _query_heads(qkv, kv)
+        _require(0 <= at < capacity, f"rope_append: position {at} outside the cache's {capacity}")
         cos, sin = (None, None) if rope is None else (r.reshape(-1, head_dim).contiguous() for r in rope)
+        if cos is not None:
+            rows_fit = cos.shape == sin.shape and cos.shape[0] in (1, batch)
+            _require(_plain(cos, sin) and rows_fit, "rope_append: cos and sin need 1 or B float32 rows")
         stride = 0 if cos is None or cos.shape[0] == 1 else head_dim
         self._rope_append(
             qkv.data_ptr(), _pointer(cos), _pointer(sin), stride, kv.data_ptr(),
@@ -131,8 +136,12 @@ class Kernels:
         first `length` positions of kv (2, B, nkv, capacity, hs), the last being its own; valid (B, S)
         bool, True where a position may be attended, or None for all -> (B, nh * hs)."""
         _, batch, n_kv_head, capacity, head_dim = kv.shape
-        n_head = qkv.shape[-1] // head_dim - 2 * n_kv_head
-        _require_contiguous(qkv, kv, *([] if valid is None else [valid]))
+        n_head = _query_heads(qkv, kv)
+        _require(0 < length <= capacity, f"decode_attention: {length} positions in a cache of {capacity}")
+        if valid is not None:
+            is_mask = valid.dtype == torch.bool and valid.is_contiguous()
+            _require(is_mask, "decode_attention: valid needs contiguous bool")
+            _require(valid.shape[0] == batch and valid.shape[1] >= length, "decode_attention: valid (B, >= length)")
         out = qkv.new_empty(batch, n_head * head_dim)
         work = qkv.new_empty(batch, n_head, length)
         stride = 0 if valid is None else valid.shape[1]
@@ -149,9 +158,26 @@ def _threads(elements: int) -> int:
     return torch.get_num_threads() if elements >= THREADED_ELEMENTS else 1
 
 
-def _require_contiguous(*tensors: torch.Tensor) -> None:
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("the native kernels need contiguous tensors")
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Whether the C loops can read these: float32, contiguous, in CPU memory."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+
+
+def _require(condition: bool, problem: str) -> None:
+    """A wrong argument would make the C code read or write out of bounds: refuse it here instead."""
+    if not condition:
+        raise ValueError(f"native kernel: {problem}")
+
+
+def _query_heads(qkv: torch.Tensor, kv: torch.Tensor) -> int:
+    """nh for qkv (B, (nh + 2 nkv) hs) beside a cache kv (2, B, nkv, capacity, hs), after checking both."""
+    _, batch, n_kv_head, _, head_dim = kv.shape
+    shapes_fit = qkv.dim() == 2 and qkv.shape[0] == batch
+    _require(_plain(qkv, kv) and shapes_fit, "qkv (B, width) and kv need contiguous float32")
+    n_head = qkv.shape[1] // head_dim - 2 * n_kv_head
+    fits = qkv.shape[1] % head_dim == 0 and head_dim % 2 == 0 and n_head > 0 and n_head % n_kv_head == 0
+    _require(fits, "qkv's width does not fit the cache's heads")
+    return n_head
 
 
 def cpu_identity() -> str:
