@@ -9,11 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aigc.artifacts.dataset import open_dataset
 from aigc.cli import main
+from aigc.models import load_run
 from aigc.tokenizer import EOT
-from aigc.train.batches import BatchSampler, _gather, learnable_starts
+from aigc.train.batches import BatchSampler, _gather, fixed_windows, learnable_starts
 from aigc.train.loop import train
 from conftest import tiny_train_config
 
@@ -101,3 +103,23 @@ def test_bad_instruction_lines_name_the_line(make_chat_run, make_run, tmp_path, 
     good = write_jsonl(tmp_path / "g.jsonl", conversations(4))
     assert main(["prepare", good, "--out", str(tmp_path / "d"), "--chat-template-from", str(plain)]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_validation_counts_only_the_assistant_tokens(instruction_data, tmp_path):
+    run, out = instruction_data
+    config = tiny_train_config(max_steps=4, eval_every=4, batch_size=4, eval_batches=2)
+    tuned = train(out, tmp_path / "tuned", train_config=config, init_from=run)
+    logged = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()][-1]
+    model = load_run(tuned).model.eval()
+    val = open_dataset(out).val
+    block = model.config.block_size
+    starts = fixed_windows(val.tokens, block, 2 * 4, val.mask)
+    inputs, targets = _gather(val.tokens, starts, block, torch.device("cpu"), val.mask)
+    assert all(np.asarray(val.mask[s + 1 : s + block + 1]).any() for s in starts)  # every window has an answer
+    with torch.no_grad():
+        logits = model(inputs)[0]
+    answer_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1).item()
+    all_targets = _gather(val.tokens, starts, block, torch.device("cpu"))[1]
+    every_token = F.cross_entropy(logits.flatten(0, 1), all_targets.flatten()).item()
+    assert logged["val_loss"] == pytest.approx(answer_loss, rel=1e-4)
+    assert abs(every_token - answer_loss) > 0.01 * answer_loss  # the prompts would have moved it

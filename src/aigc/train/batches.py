@@ -127,13 +127,20 @@ def learnable_starts(mask: np.ndarray, block_size: int) -> np.ndarray:
     return found
 
 
-def fixed_windows(tokens: np.ndarray, block_size: int, count: int) -> np.ndarray:
-    """`count` start offsets spread evenly over a split: the same evaluation set every time."""
-    high = len(tokens) - block_size - 1
-    return np.linspace(0, high, num=count).round().astype(np.int64)
+def fixed_windows(tokens: np.ndarray, block_size: int, count: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """`count` start offsets spread evenly over a split: the same evaluation set every time. With a
+    loss `mask`, spread over the windows that have a target to learn (`learnable_starts`)."""
+    if mask is None:
+        high = len(tokens) - block_size - 1
+        return np.linspace(0, high, num=count).round().astype(np.int64)
+    candidates = learnable_starts(mask, block_size)
+    return candidates[np.linspace(0, len(candidates) - 1, num=count).round().astype(np.int64)]
 
 
-def eval_batches(tokens: np.ndarray, starts: np.ndarray, block_size: int, batch_size: int, device: torch.device):
-    """Yield (inputs, targets) over the given window starts, `batch_size` windows at a time."""
+def eval_batches(
+    tokens: np.ndarray, starts: np.ndarray, block_size: int, batch_size: int, device: torch.device, mask=None
+):
+    """Yield (inputs, targets) over the given window starts, `batch_size` windows at a time; with a
+    loss `mask`, unmarked targets are -1 as in training."""
     for i in range(0, len(starts), batch_size):
-        yield _gather(tokens, starts[i : i + batch_size], block_size, device)
+        yield _gather(tokens, starts[i : i + batch_size], block_size, device, mask)

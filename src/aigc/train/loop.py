@@ -110,7 +110,8 @@ class Trainer:
         )
         world_batch = self.cfg.batch_size * runtime.world_size
         self.tokens_per_step = world_batch * block * self.cfg.grad_accum
-        self.val_starts = fixed_windows(plan.data.val.tokens, block, self.cfg.eval_batches * world_batch)
+        val = plan.data.val  # instruction data: validate on the assistant's tokens too, as training learns them
+        self.val_starts = fixed_windows(val.tokens, block, self.cfg.eval_batches * world_batch, val.mask)
         lengths = setup.token_byte_lengths(plan.data.tokenizer, plan.model_config.vocab_size)
         self.byte_lengths = torch.from_numpy(lengths).to(runtime.device)  # (V,)
         self.step, self.tokens, self.elapsed_before, self.best_val = 0, 0, 0.0, math.inf
@@ -344,16 +345,18 @@ class Trainer:
     def _validate(self) -> tuple[float, float, float]:
         """Mean loss, next-token accuracy and bits per byte over the fixed validation windows."""
         self.model.eval()
-        block, data = self.plan.seq_len, self.plan.data.val.tokens
+        block, val = self.plan.seq_len, self.plan.data.val
         mine = self.val_starts[self.runtime.rank :: self.runtime.world_size]
         loss_sum = correct = count = num_bytes = 0.0
-        for inputs, targets in eval_batches(data, mine, block, self.cfg.batch_size, self.runtime.device):
+        batches = eval_batches(val.tokens, mine, block, self.cfg.batch_size, self.runtime.device, val.mask)
+        for inputs, targets in batches:
             with self.runtime.autocast():
                 logits, loss = self.model(inputs, targets)
-            loss_sum += loss.item() * targets.numel()
+            counted = targets != -1  # (B, T); all True without a loss mask
+            loss_sum += loss.item() * counted.sum().item()  # the loss is the mean over counted targets
             correct += (logits.argmax(-1) == targets).sum().item()
-            count += targets.numel()
-            num_bytes += self.byte_lengths[targets].sum().item()
+            count += counted.sum().item()
+            num_bytes += (self.byte_lengths[targets.clamp(min=0)] * counted).sum().item()
         self.model.train()
         loss_sum, correct, count, num_bytes = rt.all_sum([loss_sum, correct, count, num_bytes], self.runtime)
         return loss_sum / count, correct / count, loss_sum / math.log(2) / max(num_bytes, 1.0)
