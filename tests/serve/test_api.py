@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
 
+from aigc.config import SampleConfig, ServeConfig
 from aigc.fsutil import append_jsonl
+from aigc.generate import Request, generate
+from aigc.models import load_run
+from aigc.serve import create_app
 
 MODEL = "run"  # make_run's folder name, which the server uses as the model id
 
@@ -124,6 +129,22 @@ def test_completions_label_extension_conditions_on_a_label(client):
     assert with_label["choices"][0]["logprobs"] != without["choices"][0]["logprobs"]
 
 
+def test_completions_guidance_extension_matches_the_library(make_chat_run):
+    run = load_run(make_chat_run())
+    fields = dict(prompt="the film", label="pos", negative_label="neg", guidance_scale=3.0)
+    config = SampleConfig(temperature=0.0, max_new_tokens=8, min_new_tokens=8, guidance_scale=3.0)
+    request = Request(prompt="the film", label="pos", negative_label="neg", config=config)
+    (expected,) = generate(run.model, run.tokenizer, [request])
+    (unguided,) = generate(
+        run.model, run.tokenizer, [replace(request, negative_label=None, config=replace(config, guidance_scale=1.0))]
+    )
+    assert expected.text != unguided.text  # guidance moved this greedy text, so the comparison below means something
+    app = create_app(run, ServeConfig(allowed_hosts=("testserver",)))
+    with TestClient(app) as client:
+        body = complete(client, max_tokens=8, min_tokens=8, temperature=0, **fields)
+    assert body["choices"][0]["text"] == expected.text
+
+
 def test_completions_lstm_run_is_served(make_app):
     with TestClient(make_app(kind="lstm")) as client:
         body = complete(client, prompt="great", max_tokens=4, min_tokens=4, n=2, seed=0)
@@ -155,6 +176,11 @@ def test_completions_lstm_run_is_served(make_app):
         ({"seed": -1}, "seed", "seed must be in [0, 2**63 - 1]"),
         ({"seed": 2**64}, "seed", "seed must be in [0, 2**63 - 1]"),
         ({"label": "meh"}, "label", "label must be one of: pos, neg"),
+        ({"negative_label": "meh", "guidance_scale": 2}, "negative_label", "negative_label must be one of: pos, neg"),
+        ({"negative_prompt": "dull"}, "negative_prompt", "only acts with guidance: set guidance_scale above 1"),
+        ({"negative_label": "neg"}, "negative_label", "only acts with guidance"),
+        ({"guidance_scale": 0.5}, "guidance_scale", "guidance_scale must be in [1, 20]"),
+        ({"guidance_scale": 2, "negative_prompt": "\ud800"}, "negative_prompt", "lone surrogate"),
         ({"temperature": "hot"}, "temperature", "valid number"),
         ({"stream": "maybe"}, "stream", "valid boolean"),
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
@@ -271,6 +297,9 @@ def test_prompt_over_limit_is_413(make_app):
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "context_length_exceeded"
         assert "--max-prompt-tokens" in response.json()["error"]["message"]
+        guided = {"model": MODEL, "prompt": "ok", "guidance_scale": 2, "negative_prompt": "a dull film " * 10}
+        response = client.post("/v1/completions", json=guided)
+        assert response.status_code == 413 and response.json()["error"]["param"] == "negative_prompt"
 
 
 def test_run_summary_reports_size_labels_and_val_bpb(make_run):

@@ -29,6 +29,7 @@ _FIELD_OF_FLAG = {
     "--repetition-penalty": "repetition_penalty",
     "--stop": "stop",
     "--logprobs": "logprobs",
+    "--guidance-scale": "guidance_scale",
 }
 _FLAG = re.compile("|".join(re.escape(flag) for flag in _FIELD_OF_FLAG))
 
@@ -78,7 +79,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
     if not prompts:
         raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    for param, texts in (("prompt", prompts), ("stop", stops)):
+    for param, texts in (("prompt", prompts), ("stop", stops), ("negative_prompt", (body.negative_prompt,))):
         if not all(_is_unicode(text) for text in texts):
             raise ApiError(
                 400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)", param=param
@@ -90,24 +91,34 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
             f"n x prompts may not exceed the server's --max-batch ({limits.max_batch}), got n={body.n}",
             param="n",
         )
-    if body.label is not None and body.label not in tokenizer.labels:
-        known = ", ".join(tokenizer.labels) or "none (the run was trained without labels)"
-        raise ApiError(400, f"label must be one of: {known}; got {body.label!r}", param="label")
+    for param, label in (("label", body.label), ("negative_label", body.negative_label)):
+        if label is not None and label not in tokenizer.labels:
+            known = ", ".join(tokenizer.labels) or "none (the run was trained without labels)"
+            raise ApiError(400, f"{param} must be one of: {known}; got {label!r}", param=param)
     if body.seed is not None and not 0 <= body.seed < SEED_LIMIT:
         raise ApiError(400, f"seed must be in [0, 2**63 - 1], got {body.seed}", param="seed")
     config = sample_config(body, limits, vocab_size=tokenizer.vocab_size)
-    extra = 1 if body.label is not None else 0  # the label's control token
-    for prompt in prompts:
-        size = len(tokenizer.encode(prompt)) + extra
+    _check_guidance(body)
+    # (field, text, control tokens before it): each prompt, then the context guidance steers away from
+    contexts = [("prompt", prompt, int(body.label is not None)) for prompt in prompts]
+    contexts.append(("negative_prompt", body.negative_prompt, int(body.negative_label is not None)))
+    for param, text, control_tokens in contexts:
+        size = len(tokenizer.encode(text)) + control_tokens
         if size > limits.max_prompt_tokens:
             raise ApiError(
                 413,
-                f"prompt is {size} tokens; this server takes at most {limits.max_prompt_tokens} (--max-prompt-tokens)",
-                param="prompt",
+                f"{param} is {size} tokens; this server takes at most {limits.max_prompt_tokens} (--max-prompt-tokens)",
+                param=param,
                 code="context_length_exceeded",
             )
     rows = tuple(
-        Request(prompt=prompt, label=body.label, config=_choice_config(config, j))
+        Request(
+            prompt=prompt,
+            label=body.label,
+            config=_choice_config(config, j),
+            negative_prompt=body.negative_prompt,
+            negative_label=body.negative_label,
+        )
         for prompt in prompts
         for j in range(body.n)
     )
@@ -134,9 +145,18 @@ def sample_config(body: CompletionRequest, limits: ServeConfig, *, vocab_size: i
             stop=stop,
             seed=body.seed,
             logprobs=body.logprobs or 0,
+            guidance_scale=body.guidance_scale,
         )
     except AigcError as exc:
         raise config_error(exc) from exc
+
+
+def _check_guidance(body: CompletionRequest) -> None:
+    """A negative prompt or label does nothing without guidance: say so rather than ignore it."""
+    if body.guidance_scale == 1.0:
+        for param, given in (("negative_prompt", body.negative_prompt), ("negative_label", body.negative_label)):
+            if given:
+                raise ApiError(400, f"{param} only acts with guidance: set guidance_scale above 1, e.g. 3", param=param)
 
 
 def config_error(exc: AigcError) -> ApiError:

@@ -11,8 +11,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _NULL_MEANS_DEFAULT = frozenset(
-    ("prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "n", "stream")
-)
+    (
+        "prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "n", "stream",
+        "guidance_scale", "negative_prompt",
+    )
+)  # fmt: skip
 
 
 def _null_allowed(schema: dict[str, Any]) -> None:
@@ -52,6 +55,11 @@ class CompletionRequest(BaseModel):
     stream: bool = Field(False, description="send server-sent events, one per token, ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
     label: str | None = Field(None, description="extension: condition on a label of the run (its control token)")
+    guidance_scale: float = Field(
+        1.0, description="extension: classifier-free guidance away from the negative prompt/label, in [1, 20]; 1 = off"
+    )
+    negative_prompt: str = Field("", description="extension: with guidance, the text to steer away from")
+    negative_label: str | None = Field(None, description="extension: with guidance, the label to steer away from")
     user: str | None = Field(None, description="accepted and ignored")
 
     @model_validator(mode="before")
