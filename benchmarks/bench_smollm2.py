@@ -6,14 +6,16 @@ AIGC_HOME to where it was pulled) and a `LlamaForCausalLM` built from it with
 sides, so every row makes all `--new-tokens` tokens; every timed run checks that ours and theirs
 produced the same tokens (fp32), and how many of our int8 path's tokens agree with our fp32 ones.
 Ours is `aigc.generate.generate` (prefill, sampling, per-token text decoding and events included);
-theirs returns ids only. Each row's context is `<|endoftext|>` + the prompt, the same ids both sides.
+theirs returns ids only. Each row's context is `<|endoftext|>` + the prompt, the same ids both sides;
+the rows share one prompt, which ours prefills once for all of them (`--distinct-prompts` gives each
+row its own, left-padded on both sides, to time the batch without that).
 
 Contenders, run in interleaved rounds (a busy spell on a shared machine hits all alike), best of
 `--repeats` after one warm-up each: `aigc` fp32, `aigc` int8 (`quantize_int8`), `transformers` fp32.
 Prefill: one `--prefill`-token prompt through a fresh cache, logits of the last position only.
 
     AIGC_HOME=/tmp/aigc_home python benchmarks/bench_smollm2.py [--new-tokens 128] [--batches 1 16]
-        [--repeats 3] [--prefill 512] [--threads N]
+        [--repeats 3] [--prefill 512] [--threads N] [--distinct-prompts]
 """
 
 from __future__ import annotations
@@ -58,11 +60,15 @@ def to_transformers(model):
     return hf
 
 
-def contenders(batch: int, new_tokens: int, models: dict, hf, tokenizer) -> dict:
-    """name -> function returning the generated ids of every row (a list of tuples)."""
+def contenders(batch: int, new_tokens: int, models: dict, hf, tokenizer, distinct: bool = False) -> dict:
+    """name -> function returning the generated ids of every row (a list of tuples). `distinct`: row i's
+    prompt starts with "i." so that no two rows share a context (ours prefills identical ones once)."""
     config = SampleConfig(temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, repetition_penalty=1.0)
-    requests = [Request(PROMPT, config=config)] * batch
-    ids = torch.tensor([encode_request(tokenizer, requests[0])] * batch)  # (B, T), no padding
+    requests = [Request(f"{row}. {PROMPT}" if distinct else PROMPT, config=config) for row in range(batch)]
+    contexts = [encode_request(tokenizer, request) for request in requests]
+    width = max(len(ids) for ids in contexts)
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(c)) + c for c in contexts])  # (B, T), left-padded
+    attention_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
 
     def ours(model):
         return lambda: [c.token_ids for c in generate(model, tokenizer, requests)]
@@ -71,7 +77,7 @@ def contenders(batch: int, new_tokens: int, models: dict, hf, tokenizer) -> dict
     def theirs():
         out = hf.generate(
             ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=attention_mask,
             do_sample=False,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
@@ -104,7 +110,8 @@ def agreement(a: list[tuple], b: list[tuple]) -> float:
 
 
 def bench_decode(batch: int, args, models: dict, hf, tokenizer) -> dict:
-    wall, cpu, results = best_times(contenders(batch, args.new_tokens, models, hf, tokenizer), args.repeats)
+    runs = contenders(batch, args.new_tokens, models, hf, tokenizer, args.distinct_prompts)
+    wall, cpu, results = best_times(runs, args.repeats)
     ours, theirs = results["aigc fp32"], results["transformers fp32"]
     tokens = batch * args.new_tokens
     row = {"batch": batch, **{f"{name} tokens/s": round(tokens / t, 1) for name, t in wall.items()}}
@@ -144,6 +151,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill", type=int, default=512, help="prompt length for the prefill figure; 0 = skip")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument(
+        "--distinct-prompts", action="store_true", help='row i\'s prompt starts "i. ": no shared prefill, some padding'
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # transformers' and torch.ao's deprecation notices
     if args.threads:

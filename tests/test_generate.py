@@ -121,6 +121,27 @@ def test_generate_same_seed_same_text_whatever_the_batch(tiny_tokenizer):
     assert reseeded.token_ids != alone.token_ids
 
 
+def test_identical_prompts_are_prefilled_once_with_the_same_samples(tiny_tokenizer, monkeypatch):
+    model = tiny_model(tiny_tokenizer)
+    configs = [SampleConfig(temperature=1.0, seed=seed, max_new_tokens=12) for seed in range(4)]
+    seeded = [Request("a film", config=config) for config in configs]
+    requests = [*seeded, Request("another one", config=GREEDY), Request("a film", label="pos", config=GREEDY)]
+    alone = [generate(model, tiny_tokenizer, [request])[0] for request in requests]
+    prefill_rows = []
+    forward = type(model).forward
+
+    def counted(self, idx, *args, **kwargs):
+        if idx.shape[1] > 1:
+            prefill_rows.append(idx.shape[0])
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counted)
+    batched = generate(model, tiny_tokenizer, requests)
+    assert prefill_rows == [3]  # "a film" once for its four samples, then the two other contexts
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert len({c.token_ids for c in batched[:4]}) > 1  # the four samples still differ
+
+
 def test_generate_events_concatenate_to_the_completion(tiny_tokenizer):
     model = tiny_model(tiny_tokenizer)
     requests = [Request("Review", config=GREEDY), Request("好", config=SampleConfig(temperature=1.0, seed=3))]

@@ -139,6 +139,19 @@ class _GPTBackend:
         self.capacity = model.config.block_size
 
     def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Fill a fresh cache with the contexts; logits (B, V) of each one's last position. Identical
+        contexts (n samples of one prompt, the negative rows of guidance) are computed once and their
+        cache rows copied, as vLLM shares a prompt's blocks among its samples."""
+        unique = list(dict.fromkeys(tuple(ids) for ids in contexts))
+        if len(unique) == len(contexts):
+            return self._prefill(contexts)
+        first_row = {ids: row for row, ids in enumerate(unique)}
+        index = torch.tensor([first_row[tuple(ids)] for ids in contexts], device=self.device)
+        logits = self._prefill([list(ids) for ids in unique])
+        self.keep(index)  # (len(unique) rows) -> (B rows): cache and next positions copied per duplicate
+        return logits[index]
+
+    def _prefill(self, contexts: list[list[int]]) -> torch.Tensor:
         """Left-pad the contexts into one (B, T) batch, fill a fresh cache; logits of the last position."""
         width = max(len(c) for c in contexts)
         idx = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
