@@ -160,7 +160,10 @@ def _threads(elements: int) -> int:
 
 def _plain(*tensors: torch.Tensor) -> bool:
     """Whether the C loops can read these: float32, contiguous, in CPU memory."""
-    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+    for tensor in tensors:  # a loop, not all(...): this runs several times per layer of a decode step
+        if tensor.dtype != torch.float32 or not tensor.is_cpu or not tensor.is_contiguous():
+            return False
+    return True
 
 
 def _require(condition: bool, problem: str) -> None:
