@@ -98,6 +98,30 @@ def test_playground_streams_coloured_tokens_in_chromium(make_run, live_server, b
     assert errors == []
 
 
+def test_playground_sends_guidance_and_shows_why_a_negative_label_needs_it(make_run, live_server, browser):
+    server = live_server(app=create_app(load_run(make_run()), ServeConfig()))
+    page = browser.new_page()
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/completions") else None)
+    page.goto(server.url + "/")
+    page.locator("#summary").get_by_text("no evaluation recorded").wait_for()
+    assert page.locator("#negative-label option").all_inner_texts() == ["(none)", "pos", "neg"]
+
+    page.fill("#prompt", "a film")
+    page.select_option("#label", "pos")
+    page.select_option("#negative-label", "neg")
+    page.click("#generate")  # guidance still at 1: the server says what is missing
+    page.locator("#status").get_by_text("only acts with guidance").wait_for(timeout=60_000)
+
+    set_slider(page, "#guidance", 3)
+    assert page.inner_text("#guidance-value") == "3"
+    page.click("#generate")
+    page.locator("#status").get_by_text("Done:").wait_for(timeout=60_000)
+    assert page.inner_text("#generated").strip()
+    assert "guidance_scale" not in bodies[0]
+    assert bodies[-1]["guidance_scale"] == 3 and bodies[-1]["negative_label"] == "neg" and bodies[-1]["label"] == "pos"
+
+
 def test_playground_asks_for_the_key_and_shows_api_errors(live_server, browser):
     server = live_server(api_key="k", max_prompt_tokens=4)
     page = browser.new_page()

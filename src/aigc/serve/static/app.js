@@ -61,18 +61,22 @@ async function loadSummary() {
   } else {
     addPart(summary, "val", "no evaluation recorded");
   }
-  const select = $("label");
-  select.length = 1;
-  for (const label of run.labels) select.add(new Option(label, label));
-  select.disabled = run.labels.length === 0;
+  for (const id of ["label", "negative-label"]) {
+    const select = $(id);
+    select.length = 1;
+    for (const label of run.labels) select.add(new Option(label, label));
+    select.disabled = run.labels.length === 0;
+  }
   const slider = $("max-tokens");
   slider.max = String(run.max_tokens_limit);
   if (Number(slider.value) > run.max_tokens_limit) slider.value = String(run.max_tokens_limit);
   syncOutputs();
 }
 
+const SLIDERS = ["temperature", "top-p", "max-tokens", "guidance"];
+
 function syncOutputs() {
-  for (const id of ["temperature", "top-p", "max-tokens"]) $(`${id}-value`).textContent = $(id).value;
+  for (const id of SLIDERS) $(`${id}-value`).textContent = $(id).value;
 }
 
 function requestBody() {
@@ -87,6 +91,10 @@ function requestBody() {
   };
   if ($("label").value) body.label = $("label").value;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  // Classifier-free guidance: a negative label without guidance > 1 is sent too, so that the
+  // server's message says why it does nothing.
+  if (Number($("guidance").value) > 1) body.guidance_scale = Number($("guidance").value);
+  if ($("negative-label").value) body.negative_label = $("negative-label").value;
   return body;
 }
 
@@ -210,7 +218,7 @@ function showTooltip(event) {
 }
 
 function init() {
-  for (const id of ["temperature", "top-p", "max-tokens"]) $(id).addEventListener("input", syncOutputs);
+  for (const id of SLIDERS) $(id).addEventListener("input", syncOutputs);
   $("controls").addEventListener("submit", generate);
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("prompt").addEventListener("keydown", (e) => {
