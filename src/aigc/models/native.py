@@ -254,7 +254,8 @@ def _check(kernels: Kernels) -> None:
 
 
 def _rotated(heads: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Hugging Face Llama's rotation of (B, h * hs) heads by per-row angles (B, hs)."""
+    """Hugging Face Llama's rotation of (B, h * hs) heads by per-row angles (B, hs): `gpt.apply_rotary`'s
+    formula, restated because gpt imports this module (tests/test_layers.py forbids the cycle)."""
     x = heads.view(heads.shape[0], -1, angles.shape[1])
     first, second = x.chunk(2, dim=-1)
     rotated = x * angles.cos()[:, None] + torch.cat((-second, first), -1) * angles.sin()[:, None]
