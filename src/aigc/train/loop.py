@@ -353,9 +353,10 @@ class Trainer:
             with self.runtime.autocast():
                 logits, loss = self.model(inputs, targets)
             counted = targets != -1  # (B, T); all True without a loss mask
-            loss_sum += loss.item() * counted.sum().item()  # the loss is the mean over counted targets
+            counted_tokens = counted.sum().item()
+            loss_sum += loss.item() * counted_tokens  # the loss is the mean over counted targets
             correct += (logits.argmax(-1) == targets).sum().item()
-            count += counted.sum().item()
+            count += counted_tokens
             num_bytes += (self.byte_lengths[targets.clamp(min=0)] * counted).sum().item()
         self.model.train()
         loss_sum, correct, count, num_bytes = rt.all_sum([loss_sum, correct, count, num_bytes], self.runtime)
