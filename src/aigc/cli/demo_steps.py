@@ -215,7 +215,7 @@ def evaluate_finetuned(base: Path, args: argparse.Namespace) -> dict:
 
 
 def scratch_run(base: Path, args: argparse.Namespace) -> dict | None:
-    """The previous demo: prepare with a tokenizer of its own, train a small GPT, evaluate it."""
+    """From scratch: prepare with a tokenizer of its own, train a small GPT, evaluate it."""
     # Deferred: a slow import that only this path needs.
     from aigc.data.prepare import prepare_dataset
 
