@@ -31,7 +31,6 @@ def data_files() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory) -> set[str]:
-    pytest.importorskip("setuptools")
     work = tmp_path_factory.mktemp("wheel")
     # A clean copy: setuptools would otherwise reuse a stale build/ folder or an egg-info's file list.
     for name in ("pyproject.toml", "README.md", "LICENSE"):
