@@ -3,7 +3,7 @@
 1. Runs `aigc prepare SOURCE --out TMP` in a child process (default SOURCE: imdb) and reports wall
    seconds, MB/s of input text, CPU seconds (user + system, all threads), peak RSS of the child
    (`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`) and the time of each step from dataset.json.
-   Targets from issue 2: IMDb in under 20 s with under 2 GB peak RSS.
+   Targets: IMDb in under 20 s with under 2 GB peak RSS.
 2. Times MinHash signatures for the same documents two ways in this process: `aigc.data.dedup.MinHasher`
    (numpy, a batch at a time) and datasketch's `MinHash.bulk` (one Python update per shingle), with the
    same shingles (3 consecutive word tokens) and the same number of hash functions.

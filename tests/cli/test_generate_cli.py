@@ -77,7 +77,7 @@ def test_generate_cli_warns_when_the_prompt_is_truncated(make_run, capsys):
         (("--top-p", "0"), "--top-p must be in [1e-06, 1]"),
         (("--top-p", "1.5"), "--top-p must be in [1e-06, 1]"),
         (("--top-k", "-1"), "--top-k must be >= 0"),
-        # Non-finite sampling (issue 14): these once gave NaN probabilities and " candy candy candy", exit 0.
+        # Non-finite sampling: unchecked, these give NaN probabilities and text such as " candy candy candy", exit 0.
         (("--temperature", "1e39"), "--temperature must be 0 (greedy) or in [0.001, 100], got 1e+39"),
         (("--temperature", "inf"), "--temperature must be 0 (greedy) or in [0.001, 100], got inf"),
         (("--temperature", "nan"), "--temperature must be 0 (greedy) or in [0.001, 100], got nan"),

@@ -80,7 +80,7 @@ def test_prepare_cli_jsonl_field_aliases(tmp_path, capsys):
 
 
 def _bad_inputs(tmp_path, reviews):
-    """(name, argv after `prepare`, expected part of the error line) for every bad input of issue 2."""
+    """(name, argv after `prepare`, expected part of the error line) for each bad input `prepare` refuses."""
     good = _csv(tmp_path / "good.csv", reviews)
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     (tmp_path / "book.xlsx").write_bytes(b"x")

@@ -1,4 +1,4 @@
-"""Regression tests of issue 14's server findings: no wedge, failures stay in their batch, /health
+"""Regression tests of the server under faults: no wedge, failures stay in their batch, /health
 tells the truth, disconnects cancel work, one SIGTERM stops the server, Host allow-list, /docs offline."""
 
 from __future__ import annotations

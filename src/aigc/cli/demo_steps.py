@@ -28,7 +28,7 @@ from aigc.fsutil import write_json
 CONTINUATION_PROMPTS = ("This is an example of artificial intelligence", "这是一个关于人工智能的例子")
 REVIEWS_PER_LABEL = 3
 # Each label's reviews start with a sentiment sentence after its control token: a few minutes of LoRA
-# teach the new <|pos|>/<|neg|> rows too little to steer a whole review alone (README has the figures).
+# teach the new <|pos|>/<|neg|> rows too little to steer a whole review alone (docs/demo.md has the figures).
 # The base draws from the same sentences, so their samples compare; judges see only what follows them.
 LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
 # Classifier-free guidance (aigc.guidance) away from the other label and its sentence, for the base and
@@ -215,7 +215,7 @@ def evaluate_finetuned(base: Path, args: argparse.Namespace) -> dict:
 
 
 def scratch_run(base: Path, args: argparse.Namespace) -> dict | None:
-    """The previous demo: prepare with a tokenizer of its own, train a small GPT, evaluate it."""
+    """From scratch: prepare with a tokenizer of its own, train a small GPT, evaluate it."""
     # Deferred: a slow import that only this path needs.
     from aigc.data.prepare import prepare_dataset
 

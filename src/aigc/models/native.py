@@ -17,14 +17,19 @@ Why hand-write what oneDNN, MKL and PyTorch do:
 
 How: the C compiler (`$CC`, else `cc`) builds `native.c` with `-O3 -march=native -fopenmp` into
 `$AIGC_HOME/kernels` (by default `~/.cache/aigc/kernels`) under a name hashed from the source, the
-compiler, its flags and this CPU, so a home folder shared by different machines never hands one the
-other's build. The library is written to a temp file and renamed (two processes may build at once),
-loaded with ctypes (which releases the GIL during each call) and every kernel is checked against
-PyTorch before first use. Calls pass PyTorch's thread count, so `torch.set_num_threads` governs them
-as it governs PyTorch's own kernels.
+compiler and its version, its flags and this CPU's model and flags, so a home folder shared by
+different machines never hands one the other's build. The library is written to a temp file and
+renamed (two processes may build at once); a record written after it (`native-KEY.so.json`) holds
+what it was built for and its digest, and a library that does not match its record (truncated,
+zeroed, bit-flipped, or no record) is built again before anything loads it. It is loaded with ctypes
+(which releases the GIL during each call) and every kernel is checked against PyTorch before first
+use. Calls pass PyTorch's thread count, so `torch.set_num_threads` governs them as it governs
+PyTorch's own kernels.
 
-Fallback, always tested: with `AIGC_NATIVE_KERNELS=0`, no compiler, a failed build or a wrong check
-result, `kernels()` is None (`unavailable_reason()` says why) and the model keeps to PyTorch.
+Fallback, always tested: with `AIGC_NATIVE_KERNELS=0`, no compiler, no source, a failed build or a
+wrong check result, `kernels()` is None (`unavailable_reason()` says why, and one warning on this
+module's logger says it once per process, which the CLI shows as one line on stderr) and the model
+keeps to PyTorch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
+import logging
 import os
 import platform
 import shutil
@@ -43,7 +50,7 @@ import torch.nn.functional as F
 
 from aigc.artifacts.run import aigc_home
 from aigc.errors import AigcError
-from aigc.fsutil import atomic_path
+from aigc.fsutil import atomic_path, file_digest, write_json
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -52,6 +59,8 @@ MAX_ROWS = 2
 # Below this many floats of work (weights, or elements) threads do not pay for waking up.
 THREADED_ELEMENTS = 1 << 16
 BUILD_TIMEOUT_S = 120
+
+log = logging.getLogger(__name__)
 
 
 class KernelUnavailable(Exception):
@@ -184,28 +193,33 @@ def _query_heads(qkv: torch.Tensor, kv: torch.Tensor) -> int:
 
 
 def cpu_identity() -> str:
-    """This CPU's model and feature flags: what `-march=native` compiles for."""
+    """This CPU's model and feature flags: what `-march=native` compiles for. Where /proc/cpuinfo does
+    not say (not Linux), the host's name stands in, so two hosts never share a build."""
     cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return platform.machine() + "\n" + "\n".join(sorted(set(wanted)))
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    wanted = sorted({line for line in lines if line.split(":")[0].strip() in fields})
+    if not wanted:
+        wanted = [platform.processor(), platform.node()]
+    return platform.machine() + "\n" + "\n".join(wanted)
+
+
+def compiler_version(compiler_path: str) -> str:
+    """What `COMPILER --version` says ("" when it says nothing): an upgraded `cc` at the same path
+    compiles differently, so it gets its own build."""
+    try:
+        done = subprocess.run([compiler_path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
 
 
 def build(kernels_dir: Path, compiler: str) -> Kernels:
-    """Compile `native.c` into `kernels_dir` unless a build for this source, compiler and CPU is there; load it."""
-    compiler_path = shutil.which(compiler)
-    if compiler_path is None:
-        raise KernelUnavailable(f"no C compiler {compiler!r} on PATH (set CC to one)")
-    key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), compiler_path.encode(), " ".join(FLAGS).encode(), cpu_identity().encode()])
-    ).hexdigest()[:16]
-    library = kernels_dir / f"native-{key}.so"
-    if not library.exists():
-        try:
-            with atomic_path(library) as tmp:
-                _compile(compiler_path, tmp)
-        except (OSError, AigcError) as error:
-            raise KernelUnavailable(f"cannot write the kernels to {library.parent}: {error}") from error
+    """This machine's kernels from `kernels_dir`, compiled first when missing or damaged; loaded and checked."""
+    library = cached_library(kernels_dir, compiler)
     try:
         kernels = Kernels(library)
     except (OSError, AttributeError) as error:  # not loadable here, or not our functions
@@ -214,12 +228,59 @@ def build(kernels_dir: Path, compiler: str) -> Kernels:
     return kernels
 
 
+def cached_library(kernels_dir: Path, compiler: str) -> Path:
+    """The path of a verified build of `native.c` for this source, compiler and CPU in `kernels_dir`.
+
+    The build's name hashes what it was built for; a record beside it (`.so.json`) states the same and
+    the library's digest, written after the library. A library whose record is missing, unreadable, for
+    something else, or whose bytes differ (truncated, zeroed, flipped) is compiled again: loading it
+    could crash the process (SIGBUS, SIGSEGV, SIGILL) before any check could run."""
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as error:
+        raise KernelUnavailable(f"cannot read the kernels' source {SOURCE}: {error.strerror or error}") from error
+    compiler_path = shutil.which(compiler)
+    if compiler_path is None:
+        raise KernelUnavailable(f"no C compiler {compiler!r} on PATH (set CC to one)")
+    source_hash = hashlib.sha256(source).hexdigest()
+    built_for = "\n".join(
+        [source_hash, compiler_path, compiler_version(compiler_path), " ".join(FLAGS), cpu_identity()]
+    )
+    library = kernels_dir / f"native-{hashlib.sha256(built_for.encode()).hexdigest()[:16]}.so"
+    record = library.with_name(library.name + ".json")
+    if _intact(library, record, built_for):
+        return library
+    try:
+        with atomic_path(library) as tmp:
+            _compile(compiler_path, tmp)
+            digest = file_digest(tmp)  # of what this process built, whoever else renames theirs in meanwhile
+        write_json(record, {"blake2b": digest, "built_for": built_for})
+    except (OSError, AigcError) as error:
+        raise KernelUnavailable(f"cannot write the kernels to {library.parent}: {error}") from error
+    return library
+
+
+def _intact(library: Path, record: Path, built_for: str) -> bool:
+    """Whether `library` is the build its record describes, for `built_for`."""
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        return (
+            isinstance(recorded, dict)
+            and recorded.get("built_for") == built_for
+            and recorded.get("blake2b") == file_digest(library)
+        )
+    except (OSError, ValueError):  # missing or unreadable: not known to be intact
+        return False
+
+
 def _compile(compiler_path: str, output: Path) -> None:
     command = [compiler_path, *FLAGS, str(SOURCE), "-o", str(output)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
         raise KernelUnavailable(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from error
+    except OSError as error:  # not executable, or not a program
+        raise KernelUnavailable(f"cannot run {compiler_path}: {error.strerror or error}") from error
     if done.returncode != 0:
         first_line = (done.stderr.strip().splitlines() or ["no message"])[0]
         raise KernelUnavailable(f"{Path(compiler_path).name} failed on {SOURCE.name}: {first_line}")
@@ -267,16 +328,18 @@ _unavailable_reason = ""
 
 @functools.lru_cache(maxsize=1)
 def kernels() -> Kernels | None:
-    """The kernels for this process (built or loaded once), or None when they cannot be had here."""
+    """The kernels for this process (built or loaded once), or None when they cannot be had here; then
+    one warning on the `aigc.models.native` logger says why (unless AIGC_NATIVE_KERNELS=0 asked for it)."""
     global _unavailable_reason
     if os.environ.get("AIGC_NATIVE_KERNELS", "1") == "0":
         _unavailable_reason = "turned off by AIGC_NATIVE_KERNELS=0"
         return None
     try:
         return build(aigc_home() / "kernels", os.environ.get("CC") or "cc")
-    except KernelUnavailable as error:
-        _unavailable_reason = str(error)
-        return None
+    except Exception as error:  # a speed-up that fails in any way must cost speed, not the text
+        _unavailable_reason = str(error) if isinstance(error, KernelUnavailable) else f"{type(error).__name__}: {error}"
+    log.warning("aigc: native CPU kernels unavailable (%s); using PyTorch's kernels instead", _unavailable_reason)
+    return None
 
 
 def unavailable_reason() -> str:
