@@ -104,7 +104,8 @@ def test_openai_text_parts_are_joined_and_other_parts_refused():
     "messages, message",
     [
         ([], "must be a non-empty list"),
-        ([{"role": "tool", "content": "x"}], r"messages\[0\]\.role must be one of system, user, assistant; got 'tool'"),
+        ([{"role": "robot", "content": "x"}], r"messages\[0\]\.role must be one of system, user, assistant, tool"),
+        ([{"role": "tool", "content": "x"}], r"messages\[0\] is a tool result: it needs tool_call_id"),
         ([{"role": "user"}], r"messages\[0\]\.content must be a string or a list of text parts, got NoneType"),
         ([{"role": "user", "content": 3}], "got int"),
         (["hi"], r"messages\[0\] must be an object"),

@@ -140,4 +140,3 @@ def allowed_tokens(states: list[GrammarState | None], vocab: int) -> torch.Tenso
         if allowed[r, states[r].eot] and states[r].end_ids:
             allowed[r, list(states[r].end_ids)] = True
     return allowed
-
