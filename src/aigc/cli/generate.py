@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args
+from aigc.cli.structured import add_structured_args, grammar_from_args
 from aigc.config import DEVICES, SampleConfig
 from aigc.errors import AigcError
 
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--negative-label", help="with --guidance-scale: a label to steer away from (e.g. neg)")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample (JSON lines)")
+    add_structured_args(parser)
     add_dataclass_args(parser, SampleConfig)
     parser.set_defaults(handler=handle)
 
@@ -82,6 +84,7 @@ def handle(args: argparse.Namespace) -> int:
         raise AigcError(f"-n must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
     config = dataclass_from_args(args, SampleConfig)
     prompt = _read_prompt(args)
+    grammar = grammar_from_args(args)
 
     # Deferred: a slow import that only this path needs.
     from aigc.generate import Request, decode_stream, generate
@@ -95,6 +98,7 @@ def handle(args: argparse.Namespace) -> int:
             _nth_seed(config, i),
             negative_prompt=args.negative_prompt,
             negative_label=args.negative_label,
+            grammar=grammar,
         )
         for i in range(args.num_samples)
     ]
