@@ -18,7 +18,6 @@ import weakref
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.torch
 import torch
 
 from aigc.errors import AigcError
@@ -49,7 +48,7 @@ def json_grammar(schema: dict | None, name: str = "schema") -> Grammar:
         raise AigcError(f"{what} must be a JSON object (a JSON Schema), got {type(schema).__name__}")
     try:
         source = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # llguidance's ways of refusing a schema
         raise AigcError(f"{what} is not valid JSON Schema: {exc}") from exc
     return check_grammar(Grammar(source, what))
 
@@ -66,7 +65,7 @@ def check_grammar(grammar: Grammar) -> Grammar:
 @functools.lru_cache(maxsize=256)
 def _compile_error(source: str) -> str:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source)
-    return messages[0].strip().replace("\n", " ") if is_error else ""
+    return " ".join(messages[0].split()) if is_error else ""  # one line: the CLI prints one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +129,10 @@ def allowed_tokens(states: list[GrammarState | None], vocab: int) -> torch.Tenso
     engine_vocab = states[constrained[0]].vocab
     words = torch.full((len(states), (engine_vocab + 31) // 32), -1, dtype=torch.int32)  # (B, W) packed bits
     for r in constrained:
-        llguidance.torch.fill_next_token_bitmask(states[r].matcher, words, r)
+        # llguidance writes row r's mask in place (its own llguidance.torch helper does the same, but
+        # importing that module pulls in torch._dynamo: ~6 s of start-up for every command).
+        row = words[r]
+        states[r].matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     bits = ((words.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)  # (B, W * 32), bit j of word w = token 32w+j
     allowed = torch.ones(len(states), vocab, dtype=torch.bool)
     shared = min(vocab, engine_vocab)
