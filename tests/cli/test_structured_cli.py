@@ -36,15 +36,16 @@ def test_generate_json_schema_prints_objects_that_validate(make_run, capsys, sch
 
 def test_batch_json_columns_write_each_field_to_its_column(make_run, capsys, tmp_path, schema_file):
     source = tmp_path / "in.csv"
-    source.write_text("title\nHeat\nCats\n", encoding="utf-8")
+    source.write_text("title,score\nHeat,x\nCats,y\n", encoding="utf-8")
     out = tmp_path / "out.csv"
     args = ["batch", str(make_run()), "--input", str(source), "--template", "Review {title}:", "--out", str(out)]
     assert main([*args, "--json-schema", str(schema_file), "--json-columns", *SAMPLING]) == 0
     with open(out, encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert [r["title"] for r in rows] == ["Heat", "Cats"]
+    assert [(r["title"], r["score"]) for r in rows] == [("Heat", "x"), ("Cats", "y")]  # input columns kept
     for row in rows:
-        assert json.loads(row["generated"]) == {"sentiment": row["sentiment"], "score": int(row["score"])}
+        expected = {"sentiment": row["sentiment"], "score": int(row["generated.score"])}
+        assert json.loads(row["generated"]) == expected
 
 
 def test_chat_json_object_answers_with_an_object(make_chat_run, capsys):

@@ -109,6 +109,16 @@ def test_required_tool_choice_replies_with_a_valid_call(client):
         jsonschema.validate(json.loads(call["function"]["arguments"]), ORDER)
 
 
+def test_auto_tool_choice_is_either_a_valid_call_or_text_that_is_no_call(client):
+    choices = chat(client, tools=TOOLS, n=8, max_tokens=60).json()["choices"]
+    for choice in choices:
+        message = choice["message"]
+        if choice["finish_reason"] == "tool_calls":
+            jsonschema.validate(json.loads(message["tool_calls"][0]["function"]["arguments"]), ORDER)
+        else:  # free text may not start like a call, so a reply is never a broken call
+            assert message.get("tool_calls") is None and not message["content"].lstrip().startswith("{")
+
+
 def test_tool_calls_stream_as_openai_streams_them(client):
     plain = chat(client, tools=TOOLS, tool_choice="required").json()["choices"][0]["message"]["tool_calls"][0]
     with client.stream("POST", "/v1/chat/completions", json={**_body(), "tools": TOOLS, "stream": True,

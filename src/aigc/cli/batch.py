@@ -100,7 +100,8 @@ def handle(args: argparse.Namespace) -> int:
                 dataclasses.replace(base[i], config=_row_config(base[i].config, i), grammar=grammar) for i in chunk
             ]
             completions = generate(run.model, run.tokenizer, requests)
-            fields = [json_columns(c.text) if args.json_columns else {} for c in completions]
+            taken = {OUTPUT_COLUMN, *(key for i in chunk for key in rows[i])}
+            fields = [json_columns(c.text, taken) if args.json_columns else {} for c in completions]
             done += [{**rows[i], OUTPUT_COLUMN: c.text, **f} for i, c, f in zip(chunk, completions, fields)]
             write_rows(args.out, done)
             progress.update(len(chunk))

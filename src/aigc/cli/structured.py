@@ -36,13 +36,19 @@ def grammar_from_args(args: argparse.Namespace):
     return json_grammar(schema, path.name)
 
 
-def json_columns(text: str) -> dict:
+def json_columns(text: str, taken: set[str] = frozenset()) -> dict:
     """The fields of a generated JSON object, for `aigc batch --json-columns` (an incomplete or non-object
-    text gives no fields: its row keeps the raw output only)."""
+    text gives no fields: its row keeps the raw output only). A field named like a column in `taken`
+    (the input's, `generated`) goes to `generated.NAME` instead, so it never overwrites the input."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         return {}
     if not isinstance(value, dict):
         return {}
-    return {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v) for k, v in value.items()}
+    return {
+        (f"generated.{k}" if k in taken else k): v
+        if isinstance(v, (str, int, float, bool)) or v is None
+        else json.dumps(v)
+        for k, v in value.items()
+    }
