@@ -95,16 +95,22 @@ def call_schema(tools: tuple[Tool, ...]) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def tool_grammar(tools: tuple[Tool, ...], choice: str) -> Grammar | None:
+def tool_grammar(tools: tuple[Tool, ...], choice: str, answer: dict | None = None) -> Grammar | None:
     """What the reply may be: None (free text) for `none`; a call for `required` or a named tool; for
-    `auto`, a call or free text (free text cannot start with `{`, so the first character decides)."""
+    `auto`, a call or free text (free text cannot start with `{`, so the first character decides), or
+    with `answer` (a response_format schema) a call or JSON matching `answer`."""
     if choice == "none":
         return None
     if choice != "auto":
         chosen = tools if choice == "required" else tuple(t for t in tools if t.name == choice)
         return json_grammar(call_schema(chosen), "tool call")
     schema = json.dumps({**call_schema(tools), "x-guidance": _JSON_OPTIONS})
-    lark = f"start: call | free\ncall: %json {schema}\nfree: /[^{{\\s][\\s\\S]*/\n"
+    if answer is not None:  # the answer's schema is checked first, so its errors name it
+        json_grammar(answer, "response_format")
+        reply = f"%json {json.dumps({**answer, 'x-guidance': _JSON_OPTIONS})}"
+    else:
+        reply = "/[^{\\s][\\s\\S]*/"
+    lark = f"start: call | reply\ncall: %json {schema}\nreply: {reply}\n"
     return check_grammar(Grammar(lark, "tool call"))
 
 

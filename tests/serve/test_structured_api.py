@@ -119,6 +119,16 @@ def test_auto_tool_choice_is_either_a_valid_call_or_text_that_is_no_call(client)
             assert message.get("tool_calls") is None and not message["content"].lstrip().startswith("{")
 
 
+def test_auto_tool_choice_with_a_response_format_is_a_call_or_that_json(client):
+    choices = chat(client, tools=TOOLS, response_format=schema_format(REVIEW), n=6).json()["choices"]
+    for choice in choices:
+        message = choice["message"]
+        if choice["finish_reason"] == "tool_calls":
+            jsonschema.validate(json.loads(message["tool_calls"][0]["function"]["arguments"]), ORDER)
+        else:
+            jsonschema.validate(json.loads(message["content"]), REVIEW)
+
+
 def test_tool_calls_stream_as_openai_streams_them(client):
     plain = chat(client, tools=TOOLS, tool_choice="required").json()["choices"][0]["message"]["tool_calls"][0]
     with client.stream("POST", "/v1/chat/completions", json={**_body(), "tools": TOOLS, "stream": True,

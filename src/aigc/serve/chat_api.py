@@ -58,11 +58,11 @@ def plan_chat(
     except AigcError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
     extra = body.model_extra or {}
-    tools = api.checked_grammar(lambda: plan_tools(extra.get("tools"), extra.get("tool_choice")))
-    grammar = api.checked_grammar(lambda: response_grammar(extra.get("response_format")))
-    if tools and tools.grammar and grammar:
-        raise ApiError(400, "response_format and tools cannot both constrain a reply; send one", param="tools")
-    grammar = grammar or (tools.grammar if tools else None)
+    response_format = extra.get("response_format")
+    tools = api.checked_grammar(lambda: plan_tools(extra.get("tools"), extra.get("tool_choice"), response_format))
+    grammar = api.checked_grammar(lambda: response_grammar(response_format))
+    if tools and tools.grammar:  # a call (required, named), or a call or the response_format's JSON (auto)
+        grammar = tools.grammar
     tool_defs = [t.to_json() for t in tools.tools] if tools and tools.choice != "none" else None
     if not template_knows_tools(template.source):  # written into the conversation as text instead
         messages, tool_defs = fallback_messages(messages, tools.tools if tool_defs else ()), None

@@ -31,21 +31,25 @@ INCOMPLETE = "the JSON is incomplete: the token limit (or a stop string) ended i
 
 def response_grammar(raw: Any) -> Grammar | None:
     """`response_format`: text (None), `json_object` (any JSON object) or `json_schema` (that schema)."""
-    if raw is None:
-        return None
-    kind = raw.get("type") if isinstance(raw, dict) else None
+    spec = response_schema(raw)
     try:
-        if kind == "text":
-            return None
-        if kind == "json_object":
-            return json_grammar(None)
-        if kind == "json_schema":
-            spec = raw.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-                raise AigcError("response_format.json_schema must be {'name', 'schema': {...}, 'strict'}")
-            return json_grammar(spec.get("schema", {}), str(spec.get("name", "schema")))
+        return None if spec is None else json_grammar(*spec)
     except AigcError as exc:
         raise FieldError("response_format", str(exc)) from exc
+
+
+def response_schema(raw: Any) -> tuple[dict | None, str] | None:
+    """`response_format` as (schema, name): None for text, (None, ...) for any JSON object."""
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if raw is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return None, "json_object"
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise FieldError("response_format", "json_schema must be {'name', 'schema': {...}, 'strict'}")
+        return spec.get("schema", {}), str(spec.get("name", "schema"))
     raise FieldError("response_format", "type must be text, json_object or json_schema")
 
 
@@ -56,8 +60,9 @@ class ToolPlan:
     grammar: Grammar | None
 
 
-def plan_tools(raw_tools: Any, raw_choice: Any) -> ToolPlan | None:
-    """`tools` and `tool_choice` checked (every parameters schema compiled); None without tools."""
+def plan_tools(raw_tools: Any, raw_choice: Any, raw_format: Any = None) -> ToolPlan | None:
+    """`tools` and `tool_choice` checked (every parameters schema compiled); None without tools. With
+    `auto` and a JSON `response_format`, the reply is a call or JSON of that format."""
     if raw_tools in (None, []) and raw_choice in (None, "none"):
         return None
     try:
@@ -68,7 +73,14 @@ def plan_tools(raw_tools: Any, raw_choice: Any) -> ToolPlan | None:
         choice = choice_name(raw_choice, tools)
     except AigcError as exc:
         raise FieldError("tool_choice", str(exc)) from exc
-    return ToolPlan(tools, choice, tool_grammar(tools, choice)) if tools else None
+    if not tools:
+        return None
+    answer = response_schema(raw_format) if choice == "auto" else None
+    try:
+        grammar = tool_grammar(tools, choice, None if answer is None else answer[0] or {"type": "object"})
+    except AigcError as exc:
+        raise FieldError("response_format", str(exc)) from exc
+    return ToolPlan(tools, choice, grammar)
 
 
 def new_call_id() -> str:
@@ -109,7 +121,7 @@ class ToolCallStream:
             self.mode = "call" if self.text.lstrip().startswith("{") else "text"
         if self.mode == "text":
             return self._text()
-        if self.mode == "call" and self.MARK in self.text:
+        if self.mode == "call" and self.text.lstrip().startswith('{"name": ') and self.MARK in self.text:
             return self._arguments(final=False)
         return []
 
