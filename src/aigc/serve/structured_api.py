@@ -22,7 +22,7 @@ class FieldError(AigcError):
     """A bad structured-output field; the routes answer it as a 400 naming `param`."""
 
     def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
+        super().__init__(message if message.startswith(param) else f"{param}: {message}")
         self.param = param
 
 
