@@ -48,6 +48,13 @@ def test_batch_json_columns_write_each_field_to_its_column(make_run, capsys, tmp
         assert json.loads(row["generated"]) == expected
 
 
+def test_generate_says_when_the_json_is_incomplete(make_run, capsys, schema_file):
+    args = ["generate", str(make_run()), "--json-schema", str(schema_file), "--json", "--max-new-tokens", "2"]
+    assert main([*args, "--seed", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["json_complete"] is False and "the JSON is incomplete" in err
+
+
 def test_chat_json_object_answers_with_an_object(make_chat_run, capsys):
     args = ["chat", str(make_chat_run(block_size=256)), "--message", "hi", "--json-object", *SAMPLING]
     assert main(args) == 0

@@ -93,6 +93,7 @@ def handle(args: argparse.Namespace) -> int:
         longest = max(range(len(rows)), key=lambda i: len(prompts[i]))
         warn_if_truncated(run, prompts[longest], labels[longest], "batch")
         base = [Request(prompts[i], labels[i], config) for i in range(len(rows))]
+    cut = 0  # rows whose JSON the token limit cut short
     with tqdm(total=len(rows), initial=len(done), unit="row", file=sys.stderr, desc="aigc batch") as progress:
         for start in range(len(done), len(rows), args.batch_size):
             chunk = range(start, min(start + args.batch_size, len(rows)))
@@ -100,11 +101,14 @@ def handle(args: argparse.Namespace) -> int:
                 dataclasses.replace(base[i], config=_row_config(base[i].config, i), grammar=grammar) for i in chunk
             ]
             completions = generate(run.model, run.tokenizer, requests)
+            cut += sum(c.complete is False for c in completions)
             taken = {OUTPUT_COLUMN, *(key for i in chunk for key in rows[i])}
             fields = [json_columns(c.text, taken) if args.json_columns else {} for c in completions]
             done += [{**rows[i], OUTPUT_COLUMN: c.text, **f} for i, c, f in zip(chunk, completions, fields)]
             write_rows(args.out, done)
             progress.update(len(chunk))
+    if cut:
+        print(f"aigc batch: {cut} row(s) have incomplete JSON (--max-new-tokens ran out inside it)", file=sys.stderr)
     print(f"aigc batch: wrote {len(done)} rows to {args.out}", file=sys.stderr)
     return 0
 

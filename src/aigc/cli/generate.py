@@ -168,6 +168,12 @@ def _separator(index: int, total: int) -> None:
 
 
 def _print_completion(completion, args: argparse.Namespace, tokenizer) -> None:
+    if completion.complete is False:  # structured output cut short: say so, the text does not parse
+        print(
+            f"aigc generate: sample {completion.index}: the JSON is incomplete "
+            f"(finish_reason {completion.finish_reason}); raise --max-new-tokens or bound the schema's strings",
+            file=sys.stderr,
+        )
     if not args.json:
         if args.num_samples > 1:
             _separator(completion.index, args.num_samples)
@@ -183,6 +189,8 @@ def _print_completion(completion, args: argparse.Namespace, tokenizer) -> None:
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": len(completion.token_ids),
     }
+    if completion.complete is not None:
+        record["json_complete"] = completion.complete
     if completion.logprobs is not None:
         record["logprobs"] = [
             {
