@@ -20,7 +20,7 @@ Is it positive (pos) or negative (neg), and why?" \
   --json-schema review.schema.json --json-columns
 
 # A customer-service turn with a tool call, through the HTTP API.
-aigc serve smollm2-135m --port 8765 > out/serve.log 2>&1 &
+aigc serve smollm2-135m --port 8765 > "${TMPDIR:-/tmp}/aigc-structured-serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER' EXIT
 until curl -sf http://127.0.0.1:8765/health > /dev/null; do sleep 1; done
