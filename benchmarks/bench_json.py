@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -91,35 +92,48 @@ def validity(run, template, objects: int, batch: int) -> dict:
     return counts
 
 
-def overhead(run, steps: int, batch: int) -> tuple[float, float]:
-    """tokens/s (unconstrained, constrained) for `batch` rows decoding exactly `steps` tokens."""
+def overhead(run, steps: int, batch: int, pairs: int) -> tuple[float, float, float]:
+    """tokens/s (unconstrained, constrained: medians) and the median of each back-to-back pair's slowdown,
+    for `batch` rows decoding exactly `steps` tokens. Pairs alternate which side runs first, so a busy
+    spell on a shared CPU hits both alike; the per-pair ratio cancels slow drifts."""
     grammar = json_grammar({"type": "object", "properties": {"text": {"type": "string", "minLength": 4 * steps}}})
     config = SampleConfig(max_new_tokens=steps, min_new_tokens=steps, temperature=0.8, seed=1)
-    rates = []
-    for g in (None, grammar, None, grammar):  # interleaved: a busy spell on a shared CPU hits both alike
+
+    def rate(g) -> float:
         requests = [Request(prompt="Write JSON:", config=config, grammar=g) for _ in range(batch)]
         started = time.perf_counter()
         done = generate(run.model, run.tokenizer, requests)
-        rates.append(sum(len(c.token_ids) for c in done) / (time.perf_counter() - started))
-    return max(rates[0], rates[2]), max(rates[1], rates[3])
+        return sum(len(c.token_ids) for c in done) / (time.perf_counter() - started)
+
+    free, constrained = [], []
+    for p in range(pairs):
+        order = (None, grammar) if p % 2 == 0 else (grammar, None)
+        for g in order:
+            (free if g is None else constrained).append(rate(g))
+    slowdowns = sorted(1 - c / f for f, c in zip(free, constrained))
+    return statistics.median(free), statistics.median(constrained), slowdowns[len(slowdowns) // 2]
 
 
-def mask_cost(run, batch: int) -> float:
-    """Milliseconds per decode step that the grammar adds for `batch` rows: computing each row's mask
-    and applying it to (B, V) logits, along a valid product object (the model is not involved)."""
+def mask_cost(run, batch: int, walks: int = 5) -> float:
+    """Milliseconds per decode step that the grammar adds for `batch` rows (median of `walks` walks):
+    computing each row's mask, applying it to (B, V) logits and advancing each row's grammar, along a
+    valid product object (the model is not involved)."""
     schema = json.loads((EXAMPLES / "product.schema.json").read_text())
     text = json.dumps({"title": "Aurora", "tagline": "Light that follows you", "bullets": ["warm", "dimmable"]})
     grammar = json_grammar(schema, "product")
-    states = [GrammarState(run.tokenizer, grammar) for _ in range(batch)]
     ids = run.tokenizer.encode(text)
     vocab = run.model.config.vocab_size
     logits = torch.randn(batch, vocab)
-    started = time.perf_counter()
-    for token in ids:
-        apply_allowed(logits, allowed_tokens(states, vocab))
-        for state in states:
-            state.matcher.consume_token(token)
-    return (time.perf_counter() - started) * 1e3 / len(ids)
+    times = []
+    for _ in range(walks):
+        states = [GrammarState(run.tokenizer, grammar) for _ in range(batch)]
+        started = time.perf_counter()
+        for token in ids:
+            apply_allowed(logits, allowed_tokens(states, vocab))
+            for state in states:
+                state.advance(token)
+        times.append((time.perf_counter() - started) * 1e3 / len(ids))
+    return statistics.median(times)
 
 
 def compile_times(run) -> dict:
@@ -142,6 +156,8 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=102)
     parser.add_argument("--batch", type=int, default=17)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=5, help="back-to-back free/constrained runs per batch size")
+    parser.add_argument("--skip-validity", action="store_true")
     args = parser.parse_args()
     run = load_run(args.run)
     template = load_chat_template(run.path)
@@ -152,11 +168,13 @@ def main() -> None:
     for batch in (1, 16):
         print(f"batch {batch}: the mask adds {mask_cost(run, batch):.2f} ms per decode step")
     for batch in (1, 16):
-        free, constrained = overhead(run, args.steps, batch)
+        free, constrained, slowdown = overhead(run, args.steps, batch, args.pairs)
         print(
-            f"batch {batch}: {free:.1f} tokens/s free, {constrained:.1f} constrained "
-            f"({100 * (1 - constrained / free):+.1f} % slower)"
+            f"batch {batch}: {free:.1f} tokens/s free, {constrained:.1f} constrained (medians of {args.pairs}); "
+            f"median pair slowdown {100 * slowdown:+.1f} %"
         )
+    if args.skip_validity:
+        return
     started = time.perf_counter()
     counts = validity(run, template, args.objects, args.batch)
     print(f"validity at temperature 0.8 ({time.perf_counter() - started:.0f} s): valid / cut short / invalid")
