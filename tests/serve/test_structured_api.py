@@ -82,6 +82,18 @@ def test_length_limit_inside_the_json_says_it_is_incomplete(client):
     assert "incomplete" in choice["warning"]
 
 
+def test_streamed_choices_say_whether_their_json_closed(client):
+    body = {"model": "run", "prompt": "a", "max_tokens": 3, "seed": 2, "stream": True}
+    with client.stream("POST", "/v1/completions", json={**body, "response_format": {"type": "json_object"}}) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    closing = json.loads(lines[-2])["choices"][0]
+    assert closing["finish_reason"] == "length" and closing["json_complete"] is False and closing["warning"]
+    fields = {**_body(), "response_format": schema_format(REVIEW), "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=fields) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(lines[-2])["choices"][0]["json_complete"] is True
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "named"),
     [

@@ -245,9 +245,11 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def chunk(meta: dict, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
-    """One streamed choice fragment, in OpenAI's completions chunk format."""
-    choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+def chunk(
+    meta: dict, index: int, text: str, logprobs: dict | None, finish_reason: str | None, extra: dict | None = None
+) -> str:
+    """One streamed choice fragment, in OpenAI's completions chunk format (`extra`: extension fields)."""
+    choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason, **(extra or {})}
     return sse({**meta, "object": "text_completion", "choices": [choice]})
 
 

@@ -170,8 +170,10 @@ def chat_body(
     return {**meta, "object": "chat.completion", "choices": choices, "usage": api.usage(completions, len(plan.rows))}
 
 
-def chat_chunk(meta: dict, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> str:
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_chunk(
+    meta: dict, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None, extra: dict | None = None
+) -> str:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **(extra or {})}
     return api.sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
 
@@ -199,10 +201,10 @@ def stream_chat(
 
     def closing(c) -> list[str]:
         if calls is None:
-            return [chat_chunk(meta, c.index, {}, None, c.finish_reason)]
+            return [chat_chunk(meta, c.index, {}, None, c.finish_reason, json_fields(c))]
         deltas, reason = calls[c.index].finish(c)
         return [chat_chunk(meta, c.index, delta, None, None) for delta in deltas] + [
-            chat_chunk(meta, c.index, {}, None, reason)
+            chat_chunk(meta, c.index, {}, None, reason, json_fields(c))
         ]
 
     def closing_chunks(completions) -> list[str]:
