@@ -1,5 +1,6 @@
 """Structured output: schema-constrained rows in the one decode loop, and schemas that fail closed."""
 
+import dataclasses
 import json
 
 import jsonschema
@@ -153,3 +154,41 @@ def test_every_complete_output_validates_against_its_schema(model, tiny_tokenize
     assert completion.complete is (completion.finish_reason == "stop")
     if completion.complete:
         jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_a_qwen2_shaped_tokenizer_is_constrained_too(tiny_tokenizer):
+    """Qwen2's tokenizer.json differs from aigc's own in its NFC normaliser and a Split-then-ByteLevel
+    pre-tokenizer; the grammar engine reads the vocabulary from the same JSON, so it must cope."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from aigc.tokenizer import Tokenizer
+
+    hf = type(tiny_tokenizer.hf).from_str(tiny_tokenizer.hf.to_str())
+    hf.normalizer = normalizers.NFC()
+    split = pre_tokenizers.Split(Regex(r"\p{N}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+"), behavior="isolated")
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    hf.add_special_tokens(["<|im_end|>"])
+    tokenizer = Tokenizer(hf, labels=tiny_tokenizer.labels)
+    torch.manual_seed(1)
+    model = build_model(model_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    end = hf.token_to_id("<|im_end|>")
+    requests = [
+        Request(prompt="x", config=sample(seed=s), grammar=json_grammar(REVIEW), stop_ids=(end,)) for s in range(4)
+    ]
+    for completion in generate(model, tokenizer, requests):
+        jsonschema.validate(json.loads(completion.text), REVIEW)
+
+
+def test_lstm_rows_and_guided_rows_are_constrained_too(tiny_tokenizer):
+    torch.manual_seed(2)
+    lstm = build_model(model_preset("tiny", kind="lstm", vocab_size=tiny_tokenizer.vocab_size)).eval()
+    grammar = json_grammar(REVIEW)
+    (completion,) = generate(lstm, tiny_tokenizer, [Request(prompt="x", config=sample(seed=5), grammar=grammar)])
+    jsonschema.validate(json.loads(completion.text), REVIEW)
+    torch.manual_seed(0)
+    gpt = build_model(model_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)).eval()
+    guided = Request(prompt="x", label="pos", config=sample(seed=5, guidance_scale=3.0), negative_label="neg")
+    (completion,) = generate(gpt, tiny_tokenizer, [dataclasses.replace(guided, grammar=grammar)])
+    jsonschema.validate(json.loads(completion.text), REVIEW)
