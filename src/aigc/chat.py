@@ -27,7 +27,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from aigc.artifacts.run import CHAT_TEMPLATE, resolve_run_dir
-from aigc.errors import AigcError
+from aigc.errors import AigcError, check_text
 from aigc.tokenizer import EOT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -55,7 +55,8 @@ def parse_messages(raw: Any, *, where: str = "messages") -> list[Message]:
         role = item.get("role")
         if role not in ROLES:
             raise AigcError(f"{where}[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
-        messages.append(Message(role, _text_content(item.get("content"), f"{where}[{i}].content")))
+        content = _text_content(item.get("content"), f"{where}[{i}].content")
+        messages.append(Message(role, check_text(content, f"{where}[{i}].content")))
     return messages
 
 

@@ -22,7 +22,7 @@ from aigc.artifacts.run import read_run_config, read_run_tokenizer, resolve_run_
 from aigc.chat import encode_for_training, load_chat_template, parse_messages
 from aigc.data.publish import existing_dataset, publish
 from aigc.errors import AigcError
-from aigc.fsutil import parse_jsonl_objects, write_json
+from aigc.fsutil import parse_jsonl_objects, read_user_text, write_json
 
 FORMAT = "openai-chat-jsonl"
 
@@ -32,10 +32,7 @@ def read_conversations(path: Path) -> list[list]:
     if not path.is_file():
         raise AigcError(f'instruction file not found: {path}; give a JSONL file of {{"messages": [...]}} lines')
     conversations = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AigcError(f"{path} is not UTF-8 text; save it as UTF-8 JSONL") from None
+    text = read_user_text(path, what="instruction file")  # bytes or JSON escapes that are not UTF-8: the line
     for number, record in parse_jsonl_objects(text, path):
         if "messages" not in record:
             raise AigcError(f'{path} line {number} needs a "messages" list (OpenAI fine-tuning format)')
