@@ -129,6 +129,28 @@ def test_masks_equal_the_direct_way(name, number, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
+def test_masks_equal_the_direct_way_on_random_conversations(name, tiny_tokenizer):
+    template, rng = ChatTemplate(TEMPLATES[name]), random.Random(name)
+    bits = ["a", " ", "\n", "film", "这部", "<|im_end|>", "<|eot|>", "assistant:", "[INST]", "  ", "\t", "<end>"]
+    compared = 0
+    for _ in range(40):
+        roles = ["system"] * (rng.random() < 0.3) + [rng.choice(["user", "user", "assistant"]) for _ in range(7)]
+        messages = [Message(r, "".join(rng.choice(bits) for _ in range(rng.randint(0, 6)))) for r in roles]
+        if messages[0].role == "assistant" or not any(m.role == "assistant" for m in messages):
+            continue  # an opening assistant message is meant to differ (test below); none: nothing to learn
+        try:
+            expected_ids, expected_mask, _ = old_encode_for_training(template, tiny_tokenizer, messages)
+        except AigcError:
+            with pytest.raises(AigcError):
+                encode_for_training(template, tiny_tokenizer, messages)
+            continue
+        ids, mask = encode_for_training(template, tiny_tokenizer, messages)
+        assert (ids.tolist(), mask.tolist()) == (expected_ids, expected_mask), messages
+        compared += 1
+    assert compared >= 10 or name == "alternating"
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_an_opening_assistant_message_trains_only_its_text_and_end(name, tiny_tokenizer):
     template = ChatTemplate(TEMPLATES[name])
     try:
