@@ -27,7 +27,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from aigc.artifacts.run import CHAT_TEMPLATE, resolve_run_dir
-from aigc.errors import AigcError
+from aigc.errors import AigcError, check_text
 from aigc.tokenizer import EOT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -55,7 +55,8 @@ def parse_messages(raw: Any, *, where: str = "messages") -> list[Message]:
         role = item.get("role")
         if role not in ROLES:
             raise AigcError(f"{where}[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
-        messages.append(Message(role, _text_content(item.get("content"), f"{where}[{i}].content")))
+        content = _text_content(item.get("content"), f"{where}[{i}].content")
+        messages.append(Message(role, check_text(content, f"{where}[{i}].content")))
     return messages
 
 
@@ -224,43 +225,3 @@ def encode_chat(
 def room_left(prompt_tokens: int, context: int | None, default: int) -> int:
     """How many tokens may follow a prompt of this size (at most `default`)."""
     return default if context is None else max(0, min(default, context - prompt_tokens))
-
-
-# ---------------------------------------------------------------------------------------------
-# Training examples
-# ---------------------------------------------------------------------------------------------
-
-
-def encode_for_training(
-    template: ChatTemplate, tokenizer: Tokenizer, messages: Sequence[Message]
-) -> tuple[list[int], list[bool]]:
-    """A whole conversation's token ids and, per token, whether it is the assistant's (its text and the
-    end-of-turn token): the tokens instruction fine-tuning computes the loss on.
-
-    Each assistant turn is located by rendering the conversation before it (with the assistant's cue)
-    and through it: the text between is the turn, whatever the template's markup."""
-    text = template.render(messages, add_generation_prompt=False)
-    spans = []
-    for k, message in enumerate(messages):
-        if message.role != "assistant":
-            continue
-        before = template.render(messages[:k], add_generation_prompt=True) if k else ""
-        through = template.render(messages[: k + 1], add_generation_prompt=False)
-        if not (through.startswith(before) and text.startswith(through)):
-            raise AigcError(
-                f"chat template {template.origin} renders a conversation differently from its beginning, so the "
-                f"assistant's turn {k} cannot be located; use a template that only appends turns"
-            )
-        spans.append((len(before), len(through)))
-    if not spans:
-        raise AigcError("the conversation has no assistant message, so there is nothing to learn from it")
-    # Each piece is encoded on its own, so no token straddles a turn's edge; the prompt part ends where an
-    # inference prompt ends (at the assistant's cue), and so is encoded the way generation sees it.
-    ids: list[int] = []
-    mask: list[bool] = []
-    edges = [0, *(i for span in spans for i in span), len(text)]
-    for i, (a, b) in enumerate(zip(edges, edges[1:])):
-        piece = tokenizer.encode(text[a:b]) if b > a else []
-        ids += piece
-        mask += [i % 2 == 1] * len(piece)  # odd pieces are the assistant's turns
-    return ids, mask

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aigc.errors import AigcError
+from aigc.errors import AigcError, check_text
 
 
 @contextmanager
@@ -135,7 +135,36 @@ def parse_jsonl_objects(text: str, source: str | os.PathLike) -> Iterator[tuple[
             raise AigcError(f"{source} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
         if not isinstance(row, dict):
             raise AigcError(f'{source} line {number} is not a JSON object; each line must be {{"field": value, ...}}')
+        _check_strings(row, f"{source} line {number}")
         yield number, row
+
+
+def _check_strings(value: Any, line: str, path: str = "") -> None:
+    """Every string in a parsed JSON value (keys too) is valid UTF-8: JSON may escape lone surrogates.
+    The error names the line and the path to the value (`train.jsonl line 3: messages[0].content`)."""
+    if isinstance(value, str):
+        check_text(value, f"{line}: {path or 'the value'}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"{line}: a key")
+            _check_strings(item, line, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, line, f"{path}[{i}]")
+
+
+def read_user_text(path: str | os.PathLike, *, what: str, encoding: str = "utf-8") -> str:
+    """A user's text file, decoded strictly; bytes that are not UTF-8 are an AigcError naming the line.
+    (`encoding="utf-8-sig"` also drops a byte-order mark.)"""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise AigcError(
+            f"{what} {path} line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02X}: {exc.reason}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
