@@ -27,6 +27,7 @@ from aigc.artifacts.run import Run
 from aigc.chat import ChatTemplate, load_chat_template
 from aigc.config import ServeConfig
 from aigc.errors import AigcError
+from aigc.models import context_limit
 from aigc.serve import api, chat_api
 from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
@@ -156,7 +157,7 @@ def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: st
 
 def _add_chat_route(app: FastAPI, run: Run, config: ServeConfig, name: str, scheduler: Scheduler) -> None:
     template = _chat_template(run)
-    context = run.config.model.block_size if run.config.model.kind == "gpt" else None
+    context = context_limit(run.model)
     token_text = functools.lru_cache(maxsize=None)(lambda i: run.tokenizer.decode([i], skip_special=False))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: CHAT_STREAM})

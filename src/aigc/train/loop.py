@@ -31,7 +31,7 @@ from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import file_digest
-from aigc.models import adapted, lora
+from aigc.models import adapted, kinds, lora
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
@@ -447,6 +447,7 @@ class Trainer:
             model_config=self.plan.model_config,
             train_config=self.cfg,
             num_params=sum(p.numel() for p in self.model.parameters()),
+            description=kinds.describe(self.model).line(),
             device=self.runtime.describe(),
             dtype=self.runtime.dtype,
             world_size=self.runtime.world_size,
