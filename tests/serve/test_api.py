@@ -8,14 +8,13 @@ from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
+from tests.serve.conftest import MODEL
 
 from aigc.config import SampleConfig, ServeConfig
 from aigc.fsutil import append_jsonl
 from aigc.generate import Request, generate
 from aigc.models import load_run
 from aigc.serve import create_app
-
-MODEL = "run"  # make_run's folder name, which the server uses as the model id
 
 
 def complete(client: TestClient, **fields) -> dict:

@@ -80,7 +80,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     for param, texts in (("prompt", prompts), ("stop", stops), ("negative_prompt", (body.negative_prompt,))):
-        if not all(_is_unicode(text) for text in texts):
+        if not all(is_unicode(text) for text in texts):
             raise ApiError(
                 400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)", param=param
             )
@@ -115,7 +115,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         Request(
             prompt=prompt,
             label=body.label,
-            config=_choice_config(config, j),
+            config=choice_config(config, j),
             negative_prompt=body.negative_prompt,
             negative_label=body.negative_label,
         )
@@ -167,14 +167,14 @@ def config_error(exc: AigcError) -> ApiError:
     return ApiError(400, message, param=_FIELD_OF_FLAG[first.group(0)] if first else None)
 
 
-def _choice_config(config: SampleConfig, j: int) -> SampleConfig:
+def choice_config(config: SampleConfig, j: int) -> SampleConfig:
     """Choice j of a seeded request uses seed + j, so n choices differ yet stay reproducible."""
     if config.seed is None or j == 0:
         return config
     return replace(config, seed=(config.seed + j) % SEED_LIMIT)
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     """JSON escapes can smuggle lone surrogates into a str; they cannot be encoded or tokenized."""
     try:
         text.encode("utf-8")

@@ -71,7 +71,7 @@ def plan_chat(
     max_new = asked or room_left(len(prompt.ids), context, limits.max_tokens_limit)
     config = _sample_config(body, max_new, tokenizer.vocab_size)
     rows = tuple(
-        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api._choice_config(config, j))
+        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api.choice_config(config, j))
         for j in range(body.n)
     )
     return ChatPlan(rows=rows, want_logprobs=body.logprobs)
@@ -95,7 +95,7 @@ def _sample_config(body: ChatCompletionRequest, max_new: int, vocab_size: int) -
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if not all(api._is_unicode(text) for text in stop):
+    if not all(api.is_unicode(text) for text in stop):
         raise ApiError(400, "stop must be valid Unicode text; it holds a lone surrogate", param="stop")
     try:
         return SampleConfig(
