@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aigc.artifacts.device import hardware
 from aigc.artifacts.run import (
     BEST,
     STATE,
@@ -152,7 +153,10 @@ class Trainer:
             data=self.plan.data.provenance(),
             init_from=self.plan.init_from,
             weights=weights,
-            extra={"parameters": lora.parameter_counts(self.model)},
+            extra={
+                "parameters": lora.parameter_counts(self.model),
+                "hardware": hardware(self.runtime.device, self.runtime.dtype, self.runtime.world_size),
+            },
         )
         if self.plan.resume:
             self.log_truncate()
