@@ -38,5 +38,5 @@ def test_a_lora_run_records_counts_and_hardware_and_its_report_names_family_and_
     expected = f"Llama: {(total + trainable) / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable); 2 layers"
     assert expected in model_row and "GPT" not in model_row
     hardware_row = next(line for line in summary.splitlines() if line.startswith("| hardware |"))
-    assert cpu_name() in hardware_row and "1 threads of" in hardware_row and "device cpu, fp32" in hardware_row
+    assert cpu_name() in hardware_row and "1 thread of" in hardware_row and "device cpu, fp32" in hardware_row
     assert "not recorded" not in hardware_row

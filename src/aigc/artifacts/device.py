@@ -74,9 +74,10 @@ def describe_hardware(info: dict[str, Any]) -> str:
     flags = f" ({', '.join(info['cpu_flags'])})" if info.get("cpu_flags") else ""
     device = info.get("device", "?") + (f" {info['accelerator']}" if info.get("accelerator") else "")
     processes = f" x {info['processes']} processes" if (info.get("processes") or 1) > 1 else ""
+    threads = f"{info.get('threads', '?')} thread{'' if info.get('threads') == 1 else 's'}"
     return (
-        f"{info.get('cpu', 'unknown CPU')}{flags}, {info.get('threads', '?')} threads of {info.get('cores', '?')} "
-        f"cores{processes}; device {device}, {info.get('dtype', '?')}; torch {info.get('torch', '?')}"
+        f"{info.get('cpu', 'unknown CPU')}{flags}, {threads} of {info.get('cores', '?')} cores{processes}; "
+        f"device {device}, {info.get('dtype', '?')}; torch {info.get('torch', '?')}"
     )
 
 
