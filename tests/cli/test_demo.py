@@ -83,7 +83,7 @@ def test_demo_fine_tunes_the_base_compares_both_then_reuses_results(tmp_path, re
     for step in ("pull", "prepare", "evaluate base", "fine-tune", "generate", "evaluate fine-tuned", "report"):
         assert f"({step}: " in err, step
 
-    # Again, now with the from-scratch GPT (the previous demo): everything else is reused.
+    # Again, now with the from-scratch GPT: everything else is reused.
     weights_before = (run / "model.safetensors").read_bytes()
     scratch = ["--scratch-data", str(tmp_path / "sdata"), "--scratch-out", str(tmp_path / "scratch")]
     scratch += ["--scratch-preset", "tiny", "--scratch-minutes", "0.05"]

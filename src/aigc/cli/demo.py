@@ -6,7 +6,7 @@ pull the base (SmolLM2-135M) → prepare IMDb with its tokenizer and <|pos|>/<|n
 LoRA fine-tune for --steps (or --minutes) → three positive and three negative reviews plus two fixed continuations →
 evaluate the fine-tuned run (the base judging its samples) → RUN/report.md and .html with the base and
 the fine-tuned model side by side and the demo's targets checked. `--compare-scratch` also trains the
-`small` GPT from scratch (the previous demo) and adds it to the comparison.
+`small` GPT from scratch (with a tokenizer of its own) and adds it to the comparison.
 Re-running reuses the prepared data, a finished run and finished evaluations unless --fresh.
 """
 
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--fresh", action="store_true", help="prepare, train and evaluate again even if done")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip both evaluations")
-    scratch = parser.add_argument_group("from-scratch comparison (the previous demo)")
+    scratch = parser.add_argument_group("from-scratch comparison")
     scratch.add_argument(
         "--compare-scratch", action="store_true", help="also train a GPT from scratch and add it to the comparison"
     )

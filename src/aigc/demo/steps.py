@@ -34,7 +34,7 @@ from aigc.train.events import EventCallback
 CONTINUATION_PROMPTS = ("This is an example of artificial intelligence", "这是一个关于人工智能的例子")
 REVIEWS_PER_LABEL = 3
 # Each label's reviews start with a sentiment sentence after its control token: a few minutes of LoRA
-# teach the new <|pos|>/<|neg|> rows too little to steer a whole review alone (README has the figures).
+# teach the new <|pos|>/<|neg|> rows too little to steer a whole review alone (docs/demo.md has the figures).
 # The base draws from the same sentences, so their samples compare; judges see only what follows them.
 LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
 # Classifier-free guidance (aigc.guidance) away from the other label and its sentence, for the base and
@@ -295,7 +295,7 @@ class Demo:
         return train_preset(o.scratch_preset, minutes=o.scratch_minutes, seed=o.seed, eval_every=100)
 
     def scratch_run(self, base: Path, config: TrainConfig, on_event: EventCallback | None = None) -> dict | None:
-        """The previous demo: prepare with a tokenizer of its own, train a small GPT, evaluate it."""
+        """From scratch: prepare with a tokenizer of its own, train a small GPT, evaluate it."""
         # Deferred: a slow import that only this path needs.
         from aigc.data.prepare import prepare_dataset
 
