@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aigc import __version__
-from aigc.artifacts.device import describe_hardware
+from aigc.artifacts.hardware import describe_hardware
 from aigc.artifacts.run import EVAL, PLOTS, WEIGHTS, RunConfig, read_metrics, read_run_config, stored_parameter_count
 from aigc.errors import AigcError
 from aigc.evaluate.describe import eval_markdown, fmt, table
@@ -124,7 +124,7 @@ def _model_line(run_dir: Path, config: dict) -> str:
 
 def _hardware(config: dict, train: dict, last: dict) -> str:
     recorded = config.get("extra", {}).get("hardware")
-    if isinstance(recorded, dict):  # what training recorded (artifacts.device.hardware)
+    if isinstance(recorded, dict):  # what training recorded (artifacts.hardware)
         return describe_hardware(recorded)
     for source in (last, config.get("extra", {})):
         for key in ("hardware", "device"):

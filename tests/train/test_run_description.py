@@ -8,7 +8,7 @@ import json
 
 from tests.train.conftest import tiny_train_config
 
-from aigc.artifacts.device import CPU_FLAGS, cpu_name
+from aigc.artifacts.hardware import CPU_FLAGS, cpu_name
 from aigc.config import LLAMA_STYLE
 from aigc.models import load_run
 from aigc.report import write_report

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aigc.artifacts.device import hardware
+from aigc.artifacts.hardware import hardware
 from aigc.artifacts.run import (
     BEST,
     STATE,
@@ -32,7 +32,8 @@ from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import file_digest
-from aigc.models import adapted, kinds, lora
+from aigc.models import adapted, lora
+from aigc.models.kinds import describe
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
@@ -451,7 +452,7 @@ class Trainer:
             model_config=self.plan.model_config,
             train_config=self.cfg,
             num_params=sum(p.numel() for p in self.model.parameters()),
-            description=kinds.describe(self.model).line(),
+            description=describe(self.model).line(),
             device=self.runtime.describe(),
             dtype=self.runtime.dtype,
             world_size=self.runtime.world_size,
