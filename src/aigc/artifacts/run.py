@@ -100,7 +100,7 @@ class RunConfig:
     data: dict[str, Any] = field(default_factory=dict)  # provenance: dataset path, labels, fingerprints
     init_from: str | None = None
     weights: Weights = field(default_factory=Weights)
-    extra: dict[str, Any] = field(default_factory=dict)  # provenance only: parameter counts, hardware, import source
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance only: parameter counts, import source
 
     def to_json(self) -> dict[str, Any]:
         return {

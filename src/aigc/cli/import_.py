@@ -71,12 +71,13 @@ def run_pull(args: argparse.Namespace) -> int:
 
 def _describe(out, source, started: float, config) -> None:
     # Deferred: as in run_import (already loaded by then).
-    from aigc.models.kinds import family
+    from aigc.models.kinds import family as family_of
 
     c = config.model
+    family = family_of(c)
     added = " (added <|pad|>)" if config.extra.get("imported_from", {}).get("added_pad_token") else ""
     print(
-        f"imported {source} to {out}: {family(c)} with {c.n_layer} layers, {c.n_embd} wide, "
+        f"imported {source} to {out}: {family} with {c.n_layer} layers, {c.n_embd} wide, "
         f"vocabulary {c.vocab_size}{added}, context {c.block_size} ({time.perf_counter() - started:.1f}s)",
         file=sys.stderr,
     )

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from aigc.artifacts.run import Run, load_run
 from aigc.models import loaders  # noqa: F401  (registers the weight loaders)
+from aigc.models.build import build_model
 from aigc.models.gpt import GPT, KVCache
-from aigc.models.kinds import build_model, context_limit, describe, describe_run
+from aigc.models.kinds import context_limit, describe, describe_run
 from aigc.models.lstm import LSTM, LSTMState
 
 __all__ = [

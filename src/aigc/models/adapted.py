@@ -21,7 +21,7 @@ from aigc.artifacts.run import BUILT_IN_MODELS, WEIGHTS, RunConfig, load_weights
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
 from aigc.models import vocab
-from aigc.models.kinds import build_model
+from aigc.models.build import build_model
 from aigc.models.lora import LoRASpec, apply_lora
 
 

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 
 from aigc.artifacts.run import RunConfig
 from aigc.errors import AigcError
-from aigc.models.kinds import build_model
+from aigc.models.build import build_model
 from aigc.models.lora import has_lora, merge_lora
 
 SCHEME = {

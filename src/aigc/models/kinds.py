@@ -2,7 +2,7 @@
 
 Callers never compare `ModelConfig.kind`; they ask this module (a test enforces it):
 
-    build_model(config)                      a fresh model of the configured kind
+    kind_of(config).model_class(config)      a fresh model of the configured kind (`build.build_model`)
     context_limit(model)                     most tokens attended at once (None: carried state, no limit)
     decode_backend(model, pad_id, device)    how `aigc.generate` prefills and steps the model
     grows_vocabulary(config)                 whether new label tokens can be added to a trained model
@@ -80,11 +80,6 @@ assert tuple(KINDS) == MODEL_KINDS, "every kind config.py accepts has an entry h
 
 def kind_of(config: ModelConfig) -> ModelKind:
     return KINDS[config.kind]  # ModelConfig validated the name
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """A freshly initialised model of the configured kind."""
-    return kind_of(config).model_class(config)
 
 
 def context_limit(model: nn.Module) -> int | None:

@@ -14,8 +14,8 @@ import torch.nn as nn
 from aigc.artifacts.registry import register_weights_loader
 from aigc.artifacts.run import RunConfig, load_weights
 from aigc.models.adapted import load_lora_run
+from aigc.models.build import build_model
 from aigc.models.int8 import load_int8_model
-from aigc.models.kinds import build_model
 from aigc.models.lora import LoRASpec, apply_lora
 
 

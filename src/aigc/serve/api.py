@@ -80,7 +80,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     for param, texts in (("prompt", prompts), ("stop", stops), ("negative_prompt", (body.negative_prompt,))):
-        if not all(is_unicode(text) for text in texts):
+        if not all(_is_unicode(text) for text in texts):
             raise ApiError(
                 400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)", param=param
             )
@@ -174,7 +174,7 @@ def choice_config(config: SampleConfig, j: int) -> SampleConfig:
     return replace(config, seed=(config.seed + j) % SEED_LIMIT)
 
 
-def is_unicode(text: str) -> bool:
+def _is_unicode(text: str) -> bool:
     """JSON escapes can smuggle lone surrogates into a str; they cannot be encoded or tokenized."""
     try:
         text.encode("utf-8")

@@ -95,7 +95,7 @@ def _sample_config(body: ChatCompletionRequest, max_new: int, vocab_size: int) -
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if not all(api.is_unicode(text) for text in stop):
+    if not all(api._is_unicode(text) for text in stop):
         raise ApiError(400, "stop must be valid Unicode text; it holds a lone surrogate", param="stop")
     try:
         return SampleConfig(
