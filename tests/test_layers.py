@@ -24,6 +24,7 @@ LAYERS = (
     ("aigc.textstream", "aigc.sampling", "aigc.guidance", "aigc.generate"),
     ("aigc.evaluate",),
     ("aigc.interop", "aigc.report"),
+    ("aigc.demo",),
     ("aigc.serve",),
     ("aigc.cli", "aigc.__main__"),
 )

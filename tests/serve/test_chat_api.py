@@ -10,6 +10,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
+from tests.serve.conftest import KEY
 
 from aigc.chat import encode_chat, load_chat_template, parse_messages
 from aigc.config import SampleConfig, ServeConfig
@@ -18,7 +19,6 @@ from aigc.models import load_run
 from aigc.serve import create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KEY = "test-key"
 MESSAGES = [
     {"role": "system", "content": "You write film reviews."},
     {"role": "user", "content": [{"type": "text", "text": "a wonderful film"}]},

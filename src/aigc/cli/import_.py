@@ -70,8 +70,11 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def _describe(out, source, started: float, config) -> None:
+    # Deferred: as in run_import (already loaded by then).
+    from aigc.models.kinds import family as family_of
+
     c = config.model
-    family = "GPT-2" if c.positions == "learned" else "Llama-family"
+    family = family_of(c)
     added = " (added <|pad|>)" if config.extra.get("imported_from", {}).get("added_pad_token") else ""
     print(
         f"imported {source} to {out}: {family} with {c.n_layer} layers, {c.n_embd} wide, "

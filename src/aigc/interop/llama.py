@@ -14,6 +14,7 @@ import torch
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.models.gpt import GPT
+from aigc.models.kinds import family
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -146,8 +147,7 @@ def _check_names(state: dict, unused: list[str], expected: dict[str, tuple]) -> 
 
 
 def _check_exportable(config: ModelConfig) -> None:
-    llama = (config.kind, config.norm, config.positions, config.mlp) == ("gpt", "rmsnorm", "rotary", "swiglu")
-    if not llama:
+    if family(config) != "Llama":
         raise AigcError(
             "only Llama-style runs (rmsnorm, rotary, swiglu) export as LlamaForCausalLM; "
             "GPT-2-style runs export as GPT2LMHeadModel"

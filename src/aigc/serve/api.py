@@ -112,7 +112,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         Request(
             prompt=prompt,
             label=body.label,
-            config=_choice_config(config, j),
+            config=choice_config(config, j),
             negative_prompt=body.negative_prompt,
             negative_label=body.negative_label,
         )
@@ -164,7 +164,7 @@ def config_error(exc: AigcError) -> ApiError:
     return ApiError(400, message, param=_FIELD_OF_FLAG[first.group(0)] if first else None)
 
 
-def _choice_config(config: SampleConfig, j: int) -> SampleConfig:
+def choice_config(config: SampleConfig, j: int) -> SampleConfig:
     """Choice j of a seeded request uses seed + j, so n choices differ yet stay reproducible."""
     if config.seed is None or j == 0:
         return config

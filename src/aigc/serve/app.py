@@ -27,6 +27,7 @@ from aigc.artifacts.run import Run
 from aigc.chat import ChatTemplate, load_chat_template
 from aigc.config import ServeConfig
 from aigc.errors import AigcError
+from aigc.models import context_limit, describe_run
 from aigc.serve import api, chat_api
 from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
@@ -156,7 +157,7 @@ def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: st
 
 def _add_chat_route(app: FastAPI, run: Run, config: ServeConfig, name: str, scheduler: Scheduler) -> None:
     template = _chat_template(run)
-    context = run.config.model.block_size if run.config.model.kind == "gpt" else None
+    context = context_limit(run.model)
     token_text = functools.lru_cache(maxsize=None)(lambda i: run.tokenizer.decode([i], skip_special=False))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: CHAT_STREAM})
@@ -357,10 +358,14 @@ def run_summary(run: Run, name: str, config: ServeConfig) -> dict:
         log.warning("cannot read %s/metrics.jsonl (%s); serving without training figures", run.path, exc)
         evaluated = []
     last = evaluated[-1] if evaluated else {}
+    described = describe_run(run.config, run.model)
     return {
         "model": name,
         "kind": model.kind,
+        "family": described.family,
+        "description": described.line(),
         "params": int(run.model.num_params()),
+        "trainable": described.trainable,
         "n_layer": model.n_layer,
         "n_embd": model.n_embd,
         "block_size": model.block_size,

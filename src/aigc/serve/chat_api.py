@@ -71,7 +71,7 @@ def plan_chat(
     max_new = asked or room_left(len(prompt.ids), context, limits.max_tokens_limit)
     config = _sample_config(body, max_new, tokenizer.vocab_size)
     rows = tuple(
-        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api._choice_config(config, j))
+        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api.choice_config(config, j))
         for j in range(body.n)
     )
     return ChatPlan(rows=rows, want_logprobs=body.logprobs)

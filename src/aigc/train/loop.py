@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aigc.artifacts.hardware import hardware
 from aigc.artifacts.run import (
     BEST,
     STATE,
@@ -32,6 +33,7 @@ from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import file_digest
 from aigc.models import adapted, lora
+from aigc.models.kinds import describe
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
@@ -152,7 +154,10 @@ class Trainer:
             data=self.plan.data.provenance(),
             init_from=self.plan.init_from,
             weights=weights,
-            extra={"parameters": lora.parameter_counts(self.model)},
+            extra={
+                "parameters": lora.parameter_counts(self.model),
+                "hardware": hardware(self.runtime.device, self.runtime.dtype, self.runtime.world_size),
+            },
         )
         if self.plan.resume:
             self.log_truncate()
@@ -447,6 +452,7 @@ class Trainer:
             model_config=self.plan.model_config,
             train_config=self.cfg,
             num_params=sum(p.numel() for p in self.model.parameters()),
+            description=describe(self.model).line(),
             device=self.runtime.describe(),
             dtype=self.runtime.dtype,
             world_size=self.runtime.world_size,

@@ -27,6 +27,7 @@ from aigc.artifacts.run import (
 )
 from aigc.config import ModelConfig, TrainConfig, finetune_train_config, model_preset, train_preset
 from aigc.errors import AigcError
+from aigc.models import kinds
 from aigc.tokenizer import Tokenizer
 from aigc.train.batches import check_split_size
 
@@ -126,7 +127,7 @@ def _finetune_model(data: Dataset, base: RunConfig, init_from: Path) -> ModelCon
     if data.info.get("base_tokenizer_fingerprint") != tokenizer.vocab_fingerprint():
         _check_same_tokenizer(data, tokenizer, init_from)
         return base.model
-    if base.model.kind != "gpt":
+    if not kinds.grows_vocabulary(base.model):
         raise AigcError(f"{data.path} adds label tokens to {init_from}'s vocabulary; only a GPT can grow it")
     return dataclasses.replace(base.model, vocab_size=max(base.model.vocab_size, data.tokenizer.vocab_size))
 
