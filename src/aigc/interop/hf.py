@@ -143,8 +143,9 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
         True,
     ) or c.ffn_size != 4 * c.n_embd:
         raise AigcError(
-            f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}); "
-            "export it as Llama"
+            f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}) and "
+            "`aigc export --format hf` writes GPT-2 folders only; `aigc export --format int8` makes a smaller run "
+            "of it, and a run made by `aigc import` can be shared as the file or folder it was imported from"
         )
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     if has_lora(model):
