@@ -7,6 +7,7 @@ exit code. A user error (`AigcError`) becomes one line on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import signal
 import sys
@@ -51,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    # SIGTERM unwinds through `finally` (temporary files are removed), except for a command that stops
+    # on it by itself (`aigc serve`: uvicorn lets in-flight requests finish, then re-raises the signal).
+    on_sigterm = contextlib.nullcontext() if getattr(args, "handles_sigterm", False) else sigterm_raises()
     try:
-        with sigterm_raises():  # SIGTERM unwinds through `finally`: temporary files are removed
+        with on_sigterm:
             return int(args.handler(args) or 0)
     except AigcError as exc:
         print(f"aigc {args.command}: error: {exc}", file=sys.stderr)
