@@ -159,6 +159,17 @@ def test_import_hf_llama_refuses_damaged_files(llama_folder, tmp_path, capsys, c
     assert message in line
 
 
+def test_import_hf_llama_refuses_a_tokenizer_larger_than_the_embedding(llama_folder, tmp_path, capsys):
+    src = _copy(llama_folder, tmp_path)
+    path = src / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"extra{i}": len(vocab) + i for i in range(500)})  # 500 more tokens than embedding rows
+    path.write_text(json.dumps(tokenizer))
+    line = one_line_error(["import", str(src), "--out", str(tmp_path / "run")], capsys)
+    assert "tokens but the weights only" in line and "embedding rows" in line
+
+
 def test_import_hf_llama_shard_index_inside_the_folder_still_works(llama_folder, tmp_path):
     src = _copy(llama_folder, tmp_path)
     (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")

@@ -127,6 +127,7 @@ def _write_run(
     config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
     state = state_dict_from_hf(tensors, config)
     tokenizer, added_pad = _tokenizer_with_pad(tokenizer_json, out)
+    _check_tokenizer_fits(tokenizer.vocab_size - added_pad, state["wte.weight"].shape[0])
     if added_pad:
         state = _grow_vocabulary(state, config, tokenizer.vocab_size)
     config = dataclasses.replace(config, vocab_size=state["wte.weight"].shape[0])
@@ -151,6 +152,16 @@ def _tokenizer_with_pad(tokenizer_json: str, out: Path) -> tuple[Tokenizer, bool
     if added_pad:
         hf.add_special_tokens([AddedToken(PAD, special=True)])
     return Tokenizer(hf, labels=()), added_pad
+
+
+def _check_tokenizer_fits(tokens: int, rows: int) -> None:
+    """A tokenizer larger than the embedding is not the model's (and growing the embedding to fit it
+    would allocate rows x width for a few bytes of tokenizer file)."""
+    if tokens > rows:
+        raise AigcError(
+            f"the tokenizer has {tokens} tokens but the weights only {rows} embedding rows; "
+            "the tokenizer does not belong to these weights"
+        )
 
 
 def _grow_vocabulary(state: dict, config: ModelConfig, vocab_size: int) -> dict:
