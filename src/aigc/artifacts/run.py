@@ -33,7 +33,7 @@ from aigc import __version__
 from aigc.artifacts.registry import weights_loader
 from aigc.config import ModelConfig, TrainConfig, from_dict, to_dict
 from aigc.errors import AigcError
-from aigc.fsutil import read_jsonl, write_json, write_with
+from aigc.fsutil import read_jsonl, remove_stale_temp_files, write_json, write_with
 from aigc.tokenizer import Tokenizer
 
 CONFIG = "config.json"
@@ -195,12 +195,14 @@ def stored_parameter_count(path: str | os.PathLike) -> int | None:
 
 
 def save_run(run_dir: str | os.PathLike, config: RunConfig, tokenizer: Tokenizer, model: nn.Module) -> Path:
-    """Write config, tokenizer and weights: the minimum that `load_run` needs."""
+    """Write weights, tokenizer and config: the minimum that `load_run` needs. The weights go first:
+    the largest write is the likeliest to fail (a full disk), and then a run being replaced
+    (`--overwrite`) is left whole as it was, not with the new config over the old weights."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run_dir, config)
-    tokenizer.save(run_dir / TOKENIZER)
     save_weights(model, run_dir / WEIGHTS)
+    tokenizer.save(run_dir / TOKENIZER)
+    save_config(run_dir, config)
     return run_dir
 
 
@@ -284,6 +286,7 @@ def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AigcError(f"--out {out} is a file; pass a folder path")
+    remove_stale_temp_files(out)  # what a killed import/export left; it does not make the folder "not empty"
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AigcError(f"--out {out} is not empty; choose a new folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run", help="run folder made by `aigc train`")
     add_dataclass_args(parser, ServeConfig)
-    parser.set_defaults(handler=handle)
+    parser.set_defaults(handler=handle, handles_sigterm=True)
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -39,10 +39,31 @@ def read_conversations(path: Path) -> list[list]:
     for number, record in parse_jsonl_objects(text, path):
         if "messages" not in record:
             raise AigcError(f'{path} line {number} needs a "messages" list (OpenAI fine-tuning format)')
+        _refuse_unread_keys(record, f"{path} line {number}")
         conversations.append(parse_messages(record["messages"], where=f"{path.name} line {number}: messages"))
     if not conversations:
         raise AigcError(f"{path} holds no conversations")
     return conversations
+
+
+# Keys of the OpenAI formats whose content the template would drop without a word: a record with them
+# would train on other text than its author meant, so it is refused instead.
+UNREAD_RECORD_KEYS = ("modalities", "audio", "tools", "functions", "parallel_tool_calls")
+UNREAD_MESSAGE_KEYS = ("function_call", "tool_calls", "tool_call_id", "audio", "weight")
+
+
+def _refuse_unread_keys(record: dict, where: str) -> None:
+    for key in UNREAD_RECORD_KEYS:
+        if key in record:
+            raise AigcError(f"{where}: {key!r} is not supported (aigc trains on text messages only); remove the key")
+    messages = record["messages"]
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        for key in UNREAD_MESSAGE_KEYS if isinstance(message, dict) else ():
+            if key in message:
+                raise AigcError(
+                    f"{where}: messages[{i}] has {key!r}, which aigc does not train on "
+                    "(text messages only, every assistant message learned); remove the key or the message"
+                )
 
 
 def prepare_instructions(

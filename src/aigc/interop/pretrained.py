@@ -18,14 +18,22 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from tokenizers import Tokenizer as HFTokenizer
 
 from aigc.artifacts.run import BUILT_IN_MODELS, CHAT_TEMPLATE, RunConfig, models_home, prepare_out_dir, save_run
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_text
+from aigc.interop.dims import check_llama_dims
 from aigc.interop.gguf import find_packaged_gguf, read_gguf
-from aigc.interop.hf import import_hf, read_hf_config, read_hf_weights
+from aigc.interop.hf import import_hf
+from aigc.interop.hf_files import (
+    read_hf_config,
+    read_hf_shapes,
+    read_hf_weights,
+    read_tokenizer_file,
+    shapes_of,
+    tokenizer_from_str,
+)
 from aigc.interop.llama import model_config_from_hf, state_dict_from_hf
 from aigc.models import GPT
 from aigc.tokenizer import EOT, PAD, Tokenizer
@@ -72,17 +80,22 @@ def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwri
 
 
 def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
-    hf_config = read_hf_config(src)
-    model_config_from_hf(hf_config)  # an unsupported architecture is refused before anything is written
+    hf_config, where = read_hf_config(src), f"{src}/config.json"
+    model_config_from_hf(hf_config, where=where)  # an unsupported architecture is refused before anything is written
+    shapes = read_hf_shapes(src)  # from the headers: declared sizes are checked before any weight is read
+    if shapes is not None:
+        check_llama_dims(hf_config, shapes, where)
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     if not (src / "tokenizer.json").is_file():
         raise AigcError(f"{src} has no tokenizer.json; copy the model's tokenizer into it")
     template = _hf_chat_template(src)
     source = {"format": "hf", "path": str(src.resolve()), "model_type": hf_config.get("model_type")}
+    tensors = read_hf_weights(src)
+    check_llama_dims(hf_config, shapes_of(tensors), where)  # pytorch_model.bin: its shapes are known only now
     return _write_run(
         hf_config,
-        read_hf_weights(src),
-        (src / "tokenizer.json").read_text(encoding="utf-8"),
+        tensors,
+        read_tokenizer_file(src / "tokenizer.json").to_str(),
         template,
         source,
         out,
@@ -114,6 +127,7 @@ def _write_run(
     config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
     state = state_dict_from_hf(tensors, config)
     tokenizer, added_pad = _tokenizer_with_pad(tokenizer_json, out)
+    _check_tokenizer_fits(tokenizer.vocab_size - added_pad, state["wte.weight"].shape[0])
     if added_pad:
         state = _grow_vocabulary(state, config, tokenizer.vocab_size)
     config = dataclasses.replace(config, vocab_size=state["wte.weight"].shape[0])
@@ -131,13 +145,23 @@ def _write_run(
 
 
 def _tokenizer_with_pad(tokenizer_json: str, out: Path) -> tuple[Tokenizer, bool]:
-    hf = HFTokenizer.from_str(tokenizer_json)
+    hf = tokenizer_from_str(tokenizer_json, "the model's tokenizer")
     if hf.token_to_id(EOT) is None:
         raise AigcError(f"the model's tokenizer has no {EOT} token; aigc needs it as end of text ({out})")
     added_pad = hf.token_to_id(PAD) is None
     if added_pad:
         hf.add_special_tokens([AddedToken(PAD, special=True)])
     return Tokenizer(hf, labels=()), added_pad
+
+
+def _check_tokenizer_fits(tokens: int, rows: int) -> None:
+    """A tokenizer larger than the embedding is not the model's (and growing the embedding to fit it
+    would allocate rows x width for a few bytes of tokenizer file)."""
+    if tokens > rows:
+        raise AigcError(
+            f"the tokenizer has {tokens} tokens but the weights only {rows} embedding rows; "
+            "the tokenizer does not belong to these weights"
+        )
 
 
 def _grow_vocabulary(state: dict, config: ModelConfig, vocab_size: int) -> dict:

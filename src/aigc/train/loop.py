@@ -31,7 +31,7 @@ from aigc.artifacts.run import (
 from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
-from aigc.fsutil import file_digest
+from aigc.fsutil import file_digest, remove_stale_temp_files
 from aigc.models import adapted, lora
 from aigc.models.kinds import describe
 from aigc.plots import plot_runs
@@ -164,6 +164,7 @@ class Trainer:
         elif overwrite:
             setup.clear_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.run_dir)  # what a killed run left (.model.safetensors.*.tmp, .tmpXXXXXX)
         save_config(self.run_dir, run_config)
         if not self.plan.resume:
             self.plan.data.tokenizer.save(self.run_dir / TOKENIZER)

@@ -27,6 +27,7 @@ from aigc.artifacts.run import (
 )
 from aigc.config import ModelConfig, TrainConfig, finetune_train_config, model_preset, train_preset
 from aigc.errors import AigcError
+from aigc.fsutil import is_stale_temp_file
 from aigc.models import kinds
 from aigc.tokenizer import Tokenizer
 from aigc.train.batches import check_split_size
@@ -173,7 +174,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite"
             )
         files_to_clear(run_dir)
-    elif any(run_dir.iterdir()):
+    elif any(not is_stale_temp_file(path) for path in run_dir.iterdir()):  # temp files of a killed run: removed
         raise AigcError(f"{run_dir} exists and is not an aigc run; choose another --out (nothing was changed)")
 
 
