@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,3 +152,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if i != len(lines) - 1:
                 raise
     return records
+
+
+@contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `target` to fill; on success it replaces `target` whole, on error
+    (or Ctrl-C) it is removed and `target` is left as it was. So a folder at `target` is always
+    complete. The staging name is fixed (`.NAME.partial`): what a killed run left is cleared first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging, old = target.parent / f".{target.name}.partial", target.parent / f".{target.name}.old"
+    for stale in (staging, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            os.replace(target, old)  # a folder cannot be renamed over a non-empty one
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

@@ -20,10 +20,20 @@ import torch
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from aigc.artifacts.run import BUILT_IN_MODELS, CHAT_TEMPLATE, RunConfig, models_home, prepare_out_dir, save_run
+from aigc.artifacts.run import (
+    BUILT_IN_MODELS,
+    CHAT_TEMPLATE,
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    RunConfig,
+    models_home,
+    prepare_out_dir,
+    save_run,
+)
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
-from aigc.fsutil import write_text
+from aigc.fsutil import staged_dir, write_text
 from aigc.interop.gguf import find_packaged_gguf, read_gguf
 from aigc.interop.hf import import_hf, read_hf_config, read_hf_weights
 from aigc.interop.llama import model_config_from_hf, state_dict_from_hf
@@ -41,11 +51,21 @@ assert set(PACKAGES) == set(BUILT_IN_MODELS)
 def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT, overwrite: bool = False) -> Path:
     """Convert a built-in model from its installed package into `home/name` (once); returns the folder."""
     if name not in PACKAGES:
-        raise AigcError(f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}")
+        raise AigcError(
+            f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}; Hub models: hf:ORG/NAME[@REVISION]"
+        )
     out = (home or models_home()) / name
-    if (out / "config.json").is_file() and not overwrite:
+    if is_complete(out) and not overwrite:
         return out
-    return import_gguf(find_packaged_gguf(PACKAGES[name]), out, context=context, overwrite=True)
+    source = find_packaged_gguf(PACKAGES[name])
+    with staged_dir(out) as staging:  # an interrupted pull leaves no half run at `out`
+        import_gguf(source, staging, context=context, overwrite=True)
+    return out
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether a pulled folder holds a whole run (folders of versions that imported in place may not)."""
+    return all((run_dir / name).is_file() for name in (CONFIG, TOKENIZER, WEIGHTS))
 
 
 def import_model(
