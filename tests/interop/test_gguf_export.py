@@ -15,7 +15,7 @@ from aigc.cli import main
 from aigc.config import SampleConfig
 from aigc.generate import Request, generate
 from aigc.interop.gguf import unpermute_rows
-from aigc.interop.gguf_export import permute_rows
+from aigc.interop.gguf_export import HIGHER_PRECISION_OUTPUT, permute_rows
 from aigc.interop.ollama import CHATML_GO, modelfile
 from aigc.models import load_run
 from aigc.models.lora import LoRASpec, apply_lora
@@ -56,11 +56,14 @@ def logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def round_tripped(model, qtype: Q) -> None:
-    """Every matrix of `model` replaced, in place, by what `qtype` keeps of it (rows are blocks)."""
+    """Every matrix of `model` replaced, in place, by what `qtype` keeps of it (rows are blocks); the
+    output matrix (the embedding, when tied) by what the export's higher precision keeps of it."""
+    output = "wte.weight" if model.config.tie_embeddings else "lm_head.weight"
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.ndim == 2:
-                kept = dequantize(quantize(param.numpy(), qtype), qtype).reshape(param.shape)
+                kind = HIGHER_PRECISION_OUTPUT.get(qtype, qtype) if name == output else qtype
+                kept = dequantize(quantize(param.numpy(), kind), kind).reshape(param.shape)
                 param.copy_(torch.from_numpy(np.ascontiguousarray(kept)))
 
 

@@ -49,6 +49,10 @@ QUANT_TYPES = {
     "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
 }
 DEFAULT_QUANT = "f16"  # llama.cpp's converter's default
+# The output matrix (or the token embedding when the output is tied to it) decides every logit, so
+# llama.cpp's llama-quantize keeps it at Q6_K in its 4- and 5-bit files; gguf cannot write Q6_K, so
+# it is kept at Q8_0 here (SmolLM2-135M q4_0: see docs/interop.md for what this saves).
+HIGHER_PRECISION_OUTPUT = {Q.Q4_0: Q.Q8_0, Q.Q4_1: Q.Q8_0, Q.Q5_0: Q.Q8_0, Q.Q5_1: Q.Q8_0}
 # transformers' name -> llama.cpp's (the inverse of gguf.py's reading tables)
 _HF_TOP = {hf: ours for ours, hf in _TOP_LEVEL.items()}
 _HF_LAYER = {hf: ours for ours, hf in _PER_LAYER.items()}
@@ -221,8 +225,10 @@ def write_gguf(run: Run, path: str | os.PathLike, *, quant: str = DEFAULT_QUANT)
         w.add_quantization_version(GGML_QUANT_VERSION)
         _add_architecture(w, arch, model.config)
         _add_tokenizer(w, vocab)
+        output = "output.weight" if "output.weight" in tensors else "token_embd.weight"
         for name, tensor in tensors.items():
-            data, stored = encoded(tensor, qtype)
+            wanted = HIGHER_PRECISION_OUTPUT.get(qtype, qtype) if name == output else qtype
+            data, stored = encoded(tensor, wanted)
             w.add_tensor(name, data, raw_dtype=stored if stored not in (Q.F32, Q.F16) else None)
             counts[stored.name] = counts.get(stored.name, 0) + 1
         w.write_header_to_file()
