@@ -85,3 +85,30 @@ def test_peft_export_refuses_a_run_without_adapters(make_run, tmp_path, capsys):
     assert main(["export", str(make_run("gpt")), "--format", "peft", "--out", str(tmp_path / "p")]) == 2
     assert "not LoRA adapters" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_trained_lora_run_stored_apart_from_its_base_exports_as_peft_and_gguf(make_run, tmp_path):
+    """The usual LoRA run: `aigc train --init-from BASE --lora-rank R` keeps only the adapters and
+    names its base; both exports rebuild the adapted model from the two."""
+    from test_gguf_export import hf_from_gguf  # the transformers GGUF loader of the GGUF tests
+    from test_lora_train import _prepare  # a small recipes dataset on the base's tokenizer
+
+    base_dir = make_run("gpt", name="base", seed=1, **LLAMA)
+    data = _prepare(tmp_path, base_dir / "tokenizer.json", docs=60, val_fraction=0.1)
+    train = ["train", "--data", str(data), "--init-from", str(base_dir), "--out", str(tmp_path / "lora")]
+    options = "--lora-rank 4 --lora-alpha 8 --lora-targets c_attn,c_proj,c_fc --max-steps 4 --eval-every 4"
+    options += " --eval-batches 1 --batch-size 4 --learning-rate 3e-2 --warmup-steps 1 --sample-tokens 0"
+    assert main([*train, *options.split(), "--device", "cpu", "--dtype", "fp32", "--quiet"]) == 0
+    run = load_run(tmp_path / "lora")
+    assert run.config.weights.base == str(base_dir.resolve())
+    ids = run.tokenizer.encode("Recipe 3: whisk 2 cups of flour")
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids]))[0]
+    assert main(["export", str(tmp_path / "lora"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    plain, adapted = peft_logits(tmp_path / "peft", ids)
+    assert (ours - adapted).abs().max().item() < 1e-4 and (plain - adapted).abs().max().item() > 1e-4
+    out = tmp_path / "gguf"
+    assert main(["export", str(tmp_path / "lora"), "--format", "gguf", "--quant", "f32", "--out", str(out)]) == 0
+    with torch.no_grad():
+        theirs = hf_from_gguf(out / "model-f32.gguf")(torch.tensor([ids])).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
