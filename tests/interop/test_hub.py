@@ -84,7 +84,7 @@ def test_pull_offline_without_the_model_in_the_cache_says_so(hub, capsys, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = pulled(capsys, "hf:tiny/gpt2")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache; unset HF_HUB_OFFLINE" in err
     assert hub.requests == []
 
 
@@ -117,6 +117,7 @@ def test_pull_one_gguf_file_by_quantisation_name(hub, capsys):
     code, path, err = pulled(capsys, "hf:tiny/gguf", "--file", "q8_0", "--context", "64")
     assert code == 0, err
     assert path.name == "hf--tiny--gguf--q8_0" and (path / WEIGHTS).is_file()
+    assert "tiny-Q8_0.gguf: 100%" in err  # the download's progress bar, also when stderr is no terminal
     assert hub.downloads("tiny-Q8_0.gguf") == 1 and hub.downloads("tiny-F32.gguf") == 0
     code, path, err = pulled(capsys, "hf:tiny/gguf", "--file", "tiny-F32.gguf", "--context", "64")
     assert code == 0, err

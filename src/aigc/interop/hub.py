@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from tqdm import tqdm
 
 from aigc.artifacts.run import models_home
 from aigc.errors import AigcError
@@ -90,14 +91,21 @@ def parse_hub_name(name: str) -> HubName:
     return HubName(repo, revision or None)
 
 
+def _true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _settings() -> dict:
-    """Where and how to download, from the environment as it is now."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """Where and how to download, from the environment as it is now. Progress bars are plain tqdm,
+    shown on any stderr as aigc's own are (huggingface_hub's own hide on a non-terminal), unless
+    HF_HUB_DISABLE_PROGRESS_BARS is set."""
+    bars = {} if _true("HF_HUB_DISABLE_PROGRESS_BARS") else {"tqdm_class": tqdm}
     return {
+        **bars,
         "endpoint": os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/"),
         "cache_dir": os.environ.get("HF_HUB_CACHE") or None,
         "token": os.environ.get("HF_TOKEN") or None,
-        "local_files_only": offline,
+        "local_files_only": _true("HF_HUB_OFFLINE"),
     }
 
 
@@ -111,10 +119,13 @@ def _hub_error(exc: Exception, hub: HubName, what: str, settings: dict) -> AigcE
     if isinstance(exc, RevisionNotFoundError):
         return AigcError(f"{hub.repo} has no revision {hub.revision!r} on {where}; check the branch, tag or commit")
     if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, *TRANSPORT_ERRORS)):
-        how = "HF_HUB_OFFLINE is set" if settings["local_files_only"] else f"{where} cannot be reached"
+        if settings["local_files_only"]:
+            how, fix = "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE to download it"
+        else:
+            how, fix = f"{where} cannot be reached", "connect to the internet (or set HF_ENDPOINT to a mirror)"
         return AigcError(
-            f"cannot pull {hub.repo}: {how} and {what} is not in the Hugging Face cache; connect to the internet "
-            "(or set HF_ENDPOINT to a mirror), or import a local copy with `aigc import PATH --out RUN`"
+            f"cannot pull {hub.repo}: {how} and {what} is not in the Hugging Face cache; {fix}, "
+            "or import a local copy with `aigc import PATH --out RUN`"
         )
     if isinstance(exc, EntryNotFoundError):  # after the local one, its subclass
         return AigcError(f"{hub.repo} has no file {what} on {where}; check the name (see the repository's files)")
