@@ -255,3 +255,18 @@ def test_ollama_modelfile_of_a_chatml_run(make_run):
     text = modelfile(load_run(run_dir), "m.gguf")
     assert f'TEMPLATE """{CHATML_GO}"""' in text
     assert 'PARAMETER stop "<|endoftext|>"' in text
+
+
+@pytest.mark.parametrize("quant", ["bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_every_quant_type_reads_back_as_the_quantised_model(make_run, tmp_path, quant):
+    """Each --quant, read back by `aigc import`, is the run with its matrices quantised and expanded."""
+    run_dir = make_run("gpt", seed=3, **ARCHS["qwen2"])
+    (path,) = export(run_dir, tmp_path / "out", "--quant", quant)
+    assert {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2} == (
+        {quant.upper()} if quant in ("bf16", "q8_0") else {quant.upper(), "Q8_0"}  # the output matrix at Q8_0
+    )
+    assert main(["import", str(path), "--out", str(tmp_path / "back"), "--context", "64"]) == 0
+    run = load_run(run_dir)
+    ids = run.tokenizer.encode(TEXT)
+    round_tripped(run.model, Q[quant.upper()])
+    assert (logits(run.model, ids) - logits(load_run(tmp_path / "back").model, ids)).abs().max().item() < 1e-4
