@@ -36,6 +36,12 @@ def hub(make_run, tmp_path, monkeypatch):
         shutil.copy(out / f"model-{quant}.gguf", files / f"tiny-{quant.upper()}.gguf")
     (files / "README.md").write_text("tiny")
     fake.add_folder("tiny/gguf", files)
+    shutil.copytree(tmp_path / "gpt2-hf", tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
+    fake.add_folder("tiny/pickled", tmp_path / "pickled")
+    shutil.copytree(tmp_path / "gpt2-hf", tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}')
+    fake.add_folder("tiny/other", tmp_path / "other")
     url = fake.start()
     for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_DISABLE_PROGRESS_BARS"):
         monkeypatch.delenv(name, raising=False)
@@ -52,6 +58,13 @@ def pulled(capsys, *args) -> tuple[int, Path | None, str]:
     out, err = capsys.readouterr()
     path = Path(out.strip().splitlines()[-1]) if code == 0 else None
     return code, path, err
+
+
+def one_error(err: str) -> str:
+    """The one error line of `err` (progress bars may come before it); no traceback."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def same_logits(run_dir, original) -> bool:
@@ -83,16 +96,16 @@ def test_pull_reuses_the_hub_cache_and_works_offline_from_it(hub, capsys, monkey
 def test_pull_offline_without_the_model_in_the_cache_says_so(hub, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = pulled(capsys, "hf:tiny/gpt2")
-    assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache; unset HF_HUB_OFFLINE" in err
+    assert code == 2
+    expected = "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache; unset HF_HUB_OFFLINE"
+    assert expected in one_error(err)
     assert hub.requests == []
 
 
 def test_pull_from_an_unreachable_hub_says_so(hub, capsys, monkeypatch):
     hub.stop()  # the endpoint now refuses connections
     code, _, err = pulled(capsys, "hf:tiny/gpt2")
-    assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "cannot be reached" in err and "Traceback" not in err
+    assert code == 2 and "cannot be reached" in one_error(err)
 
 
 @pytest.mark.parametrize(
@@ -104,11 +117,14 @@ def test_pull_from_an_unreachable_hub_says_so(hub, capsys, monkeypatch):
         (["hf:tiny/gguf", "--file", "q4_0"], "--file q4_0 matches none of the GGUF files of tiny/gguf"),
         (["hf:tiny/gguf"], "tiny/gguf holds 2 GGUF files; choose one with --file: tiny-F32.gguf, tiny-Q8_0.gguf"),
         (["hf:tiny"], "'hf:tiny' is not a Hub name; write hf:ORG/NAME"),
+        (["hf:tiny/pickled"], "tiny/pickled has no .safetensors weights; aigc pulls safetensors only"),
+        (["hf:tiny/other"], "unsupported architecture MambaForCausalLM"),
     ],
 )
 def test_pull_names_what_is_missing(hub, capsys, tmp_path, args, message):
     code, _, err = pulled(capsys, *args)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and message in one_error(err)
+    assert hub.downloads("pytorch_model.bin") == hub.downloads("model.safetensors") == 0  # refused first
     models = tmp_path / "aigc-home" / "models"
     assert not models.exists() or not any(models.iterdir())  # no run, not even a partial one
 

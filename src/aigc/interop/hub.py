@@ -35,6 +35,9 @@ from tqdm import tqdm
 from aigc.artifacts.run import models_home
 from aigc.errors import AigcError
 from aigc.fsutil import staged_dir
+from aigc.interop.hf import model_config_from_hf as gpt2_config_from_hf
+from aigc.interop.hf import read_hf_config
+from aigc.interop.llama import model_config_from_hf
 from aigc.interop.pretrained import DEFAULT_CONTEXT, import_gguf, import_model, is_complete
 
 PREFIX = "hf:"
@@ -157,6 +160,21 @@ def choose_gguf(files: list[str], wanted: str | None, repo: str) -> str:
     return matches[0]
 
 
+def _check_folder(hub: HubName, files: list[str], config_path: Path) -> None:
+    """Refuse, before the weights are downloaded, a folder aigc cannot import: no safetensors (pickled
+    weights are never fetched), or an architecture it does not reproduce."""
+    if not any(f.endswith(".safetensors") for f in files):
+        raise AigcError(
+            f"{hub.repo} has no .safetensors weights; aigc pulls safetensors only (pickled pytorch_model.bin "
+            "files can run code when loaded), or one GGUF file"
+        )
+    config = read_hf_config(config_path.parent)
+    if config.get("model_type") == "gpt2":
+        gpt2_config_from_hf(config, Path(hub.repo))
+    else:
+        model_config_from_hf(config)
+
+
 def _download(hub: HubName, file: str | None, settings: dict) -> Path:
     """The local path of the chosen GGUF file, or of the model folder (a snapshot in the cache)."""
     common = dict(revision=hub.revision, **settings)
@@ -171,6 +189,8 @@ def _download(hub: HubName, file: str | None, settings: dict) -> Path:
                 raise LocalEntryNotFoundError("choosing a GGUF file by quantisation name needs the file list")
             what = choose_gguf(files, file, hub.repo)
             return Path(hf_hub_download(hub.repo, what, **common))
+        if files is not None:
+            _check_folder(hub, files, Path(hf_hub_download(hub.repo, "config.json", **common)))
         return Path(snapshot_download(hub.repo, allow_patterns=FOLDER_FILES, **common))
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, *TRANSPORT_ERRORS) as exc:
         raise _hub_error(exc, hub, what, settings) from exc
