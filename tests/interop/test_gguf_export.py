@@ -270,3 +270,14 @@ def test_every_quant_type_reads_back_as_the_quantised_model(make_run, tmp_path, 
     ids = run.tokenizer.encode(TEXT)
     round_tripped(run.model, Q[quant.upper()])
     assert (logits(run.model, ids) - logits(load_run(tmp_path / "back").model, ids)).abs().max().item() < 1e-4
+
+
+def test_gguf_of_an_untied_llama_writes_its_output_matrix(make_run, tmp_path):
+    run_dir = make_run("gpt", seed=3, **LLAMA, tie_embeddings=False)
+    (path,) = export(run_dir, tmp_path / "out", "--quant", "q4_0")
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    assert types["output.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.Q4_0
+    run = load_run(run_dir)
+    ids = run.tokenizer.encode(TEXT)
+    round_tripped(run.model, Q.Q4_0)
+    assert (logits(run.model, ids) - logits(hf_from_gguf(path), ids)).abs().max().item() < 1e-4
