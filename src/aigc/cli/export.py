@@ -24,7 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("run", metavar="RUN", help="run folder made by aigc train (or aigc import)")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="hf: Hugging Face folder; int8: quantized run")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        required=True,
+        help="hf: Hugging Face folder; int8: quantized run; gguf: llama.cpp file; ollama: GGUF + Modelfile; "
+        "peft: LoRA adapters + base",
+    )
     parser.add_argument(
         "--quant",
         choices=QUANTS,
@@ -46,6 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
     from aigc.artifacts.run import BEST, WEIGHTS
     from aigc.models import load_run
 
+    _check_options(args)  # before a model is loaded
     started = time.perf_counter()
     run = load_run(args.run, weights=BEST if args.best else WEIGHTS)
     out = _export(run, args)
@@ -57,21 +64,25 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """--quant and --system only where they mean something."""
+    from aigc.errors import AigcError  # deferred with the rest of this command's imports
+
+    if args.quant is not None and args.format not in ("gguf", "ollama"):
+        raise AigcError(f"--quant applies to --format gguf or ollama, not {args.format}")
+    if args.system is not None and args.format != "ollama":
+        raise AigcError(f"--system applies to --format ollama, not {args.format}")
+
+
 def _export(run, args: argparse.Namespace):
-    """Call the library function for `--format`; --quant and --system only where they mean something."""
+    """Call the library function for `--format`."""
     # Deferred: each pulls in torch, gguf or safetensors.
-    from aigc.errors import AigcError
     from aigc.interop.gguf_export import export_gguf
     from aigc.interop.hf import export_hf
     from aigc.interop.ollama import export_ollama
     from aigc.interop.peft_export import export_peft
     from aigc.interop.quantize import export_int8
 
-    gguf = args.format in ("gguf", "ollama")
-    if args.quant is not None and not gguf:
-        raise AigcError(f"--quant applies to --format gguf or ollama, not {args.format}")
-    if args.system is not None and args.format != "ollama":
-        raise AigcError(f"--system applies to --format ollama, not {args.format}")
     quant = args.quant or "f16"
     if args.format == "gguf":
         return export_gguf(run, args.out, quant=quant, overwrite=args.overwrite)
