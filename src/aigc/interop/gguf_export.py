@@ -192,8 +192,10 @@ def _add_tokenizer(w: GGUFWriter, vocab: GGUFTokenizer) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def check_exportable(run: Run) -> str:
-    """The run's GGUF architecture, after refusing what GGUF cannot hold (LSTM, int8)."""
+def check_exportable(run: Run, quant: str = DEFAULT_QUANT) -> str:
+    """The run's GGUF architecture, after refusing what GGUF cannot hold (LSTM, int8) and an unknown quant."""
+    if quant not in QUANT_TYPES:
+        raise AigcError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
     if run.config.weights.format == "int8":
         require_plain_weights(run.config, run.path, "GGUF export", verb="export")
     if not isinstance(run.model, GPT):
@@ -208,9 +210,7 @@ def chat_template_of(run: Run) -> str | None:
 
 def write_gguf(run: Run, path: str | os.PathLike, *, quant: str = DEFAULT_QUANT) -> dict[str, int]:
     """Write `run` as one GGUF file at `path` (atomically). Returns tensor type name -> count."""
-    if quant not in QUANT_TYPES:
-        raise AigcError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
-    arch = check_exportable(run)
+    arch = check_exportable(run, quant)
     model = run.model
     if has_lora(model):
         merge_lora(model)  # GGUF has no adapters: fold them into the weights
@@ -240,7 +240,7 @@ def write_gguf(run: Run, path: str | os.PathLike, *, quant: str = DEFAULT_QUANT)
 
 def export_gguf(run: Run, out_dir: str | os.PathLike, *, quant: str = DEFAULT_QUANT, overwrite: bool = False) -> Path:
     """`aigc export RUN --format gguf`: a folder holding `model-<quant>.gguf`."""
-    check_exportable(run)  # refused before the folder is touched
+    check_exportable(run, quant)  # refused before the folder is touched
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     write_gguf(run, out / gguf_file_name(quant), quant=quant)
     return out

@@ -64,7 +64,7 @@ def export_ollama(
     overwrite: bool = False,
 ) -> Path:
     """A folder with `model-<quant>.gguf` and a `Modelfile` naming it."""
-    check_exportable(run)
+    check_exportable(run, quant)  # refused before the folder is touched
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     name = gguf_file_name(quant)
     write_gguf(run, out / name, quant=quant)
