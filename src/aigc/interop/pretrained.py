@@ -19,10 +19,20 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 
-from aigc.artifacts.run import BUILT_IN_MODELS, CHAT_TEMPLATE, RunConfig, models_home, prepare_out_dir, save_run
+from aigc.artifacts.run import (
+    BUILT_IN_MODELS,
+    CHAT_TEMPLATE,
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    RunConfig,
+    models_home,
+    prepare_out_dir,
+    save_run,
+)
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
-from aigc.fsutil import write_text
+from aigc.fsutil import staged_dir, write_text
 from aigc.interop.dims import check_llama_dims
 from aigc.interop.gguf import find_packaged_gguf, read_gguf
 from aigc.interop.hf import import_hf
@@ -49,11 +59,21 @@ assert set(PACKAGES) == set(BUILT_IN_MODELS)
 def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT, overwrite: bool = False) -> Path:
     """Convert a built-in model from its installed package into `home/name` (once); returns the folder."""
     if name not in PACKAGES:
-        raise AigcError(f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}")
+        raise AigcError(
+            f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}; Hub models: hf:ORG/NAME[@REVISION]"
+        )
     out = (home or models_home()) / name
-    if (out / "config.json").is_file() and not overwrite:
+    if is_complete(out) and not overwrite:
         return out
-    return import_gguf(find_packaged_gguf(PACKAGES[name]), out, context=context, overwrite=True)
+    source = find_packaged_gguf(PACKAGES[name])
+    with staged_dir(out) as staging:  # an interrupted pull leaves no half run at `out`
+        import_gguf(source, staging, context=context, overwrite=True)
+    return out
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether a pulled folder holds a whole run (folders of versions that imported in place may not)."""
+    return all((run_dir / name).is_file() for name in (CONFIG, TOKENIZER, WEIGHTS))
 
 
 def import_model(
