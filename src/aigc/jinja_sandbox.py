@@ -154,10 +154,8 @@ def _measure(value: Any, memo: dict[int, int], active: set[int], limit: int) -> 
         return len(value) + 1
     if isinstance(value, int):
         return value.bit_length() // 64 + 1
-    if isinstance(value, range):
-        return len(value) * 2 + 1
     children = _children(value)
-    if children is None:  # numbers, None, Undefined, macros, generators (their items are charged as made)
+    if children is None:  # numbers, None, ranges, macros, generators: items are charged as made
         return 1
     key = id(value)
     if key in memo:
