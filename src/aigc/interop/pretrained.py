@@ -21,6 +21,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from aigc.artifacts.run import BUILT_IN_MODELS, CHAT_TEMPLATE, RunConfig, models_home, prepare_out_dir, save_run
+from aigc.chat import check_chat_template
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_text
@@ -110,6 +111,8 @@ def _write_run(
     out: Path,
     context: int,
 ) -> Path:
+    if chat_template is not None:  # checked before anything is written: it will run on every chat request
+        check_chat_template(chat_template, f"of {source.get('path', 'the model')}")
     max_positions = int(hf_config.get("max_position_embeddings") or context)
     config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
     state = state_dict_from_hf(tensors, config)
