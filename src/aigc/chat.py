@@ -14,6 +14,7 @@ to end its turn with. A conversation longer than the model's context is an error
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 
-from aigc.artifacts.run import CHAT_TEMPLATE, resolve_run_dir
+from aigc.artifacts.run import CHAT_TEMPLATE, read_run_config, resolve_run_dir, save_config
 from aigc.errors import AigcError
 from aigc.fsutil import write_text
 from aigc.jinja_sandbox import LimitedEnvironment, TemplateLimitError
@@ -226,6 +227,9 @@ def install_chat_template(run_dir: str | Path, source: str | Path) -> Path:
     if target.is_dir() and not target.is_symlink():
         raise AigcError(f"{target} is a folder; remove it to install a chat template")
     write_text(target, template.source)
+    config = read_run_config(target.parent)
+    source_of = {"from": "file", "path": str(source.resolve())}
+    save_config(target.parent, dataclasses.replace(config, chat_template_source=source_of))
     return target
 
 

@@ -1,6 +1,7 @@
 """Instruction data: OpenAI fine-tuning JSONL (`{"messages": [...]}` per line) → a dataset folder whose
 documents are conversations rendered with a run's chat template and tokenizer, and whose loss mask
-(`{split}.mask.bin`) marks the assistant's tokens, the only ones training learns.
+(`{split}.mask.bin`) marks the assistant's tokens, the only ones training learns. The template is kept
+in the folder (`chat_template.jinja`): a run trained on the data chats with it.
 
 No cleaning, dedup or redaction: the conversations are training targets written on purpose, and any
 change would break the template's markup. Each document is the rendered conversation, then
@@ -18,11 +19,11 @@ import time
 from pathlib import Path
 
 from aigc.artifacts.dataset import DATASET_JSON, token_dtype, write_mask, write_split
-from aigc.artifacts.run import read_run_config, read_run_tokenizer, resolve_run_dir
+from aigc.artifacts.run import CHAT_TEMPLATE, read_run_config, read_run_tokenizer, resolve_run_dir
 from aigc.chat import encode_for_training, load_chat_template, parse_messages
 from aigc.data.publish import existing_dataset, publish
 from aigc.errors import AigcError
-from aigc.fsutil import parse_jsonl_objects, write_json
+from aigc.fsutil import parse_jsonl_objects, write_json, write_text
 
 FORMAT = "openai-chat-jsonl"
 
@@ -87,6 +88,7 @@ def prepare_instructions(
             elapsed_s=round(time.perf_counter() - started, 3),
         )
         tokenizer.save(tmp / "tokenizer.json")
+        write_text(tmp / CHAT_TEMPLATE, template.source)  # what the conversations were laid out with; runs keep it
         write_json(tmp / DATASET_JSON, info)
         publish(tmp, out)
     finally:

@@ -126,6 +126,7 @@ def _write_run(
         model=config,
         data={"labels": [], "tokenizer_fingerprint": tokenizer.vocab_fingerprint()},
         extra={"imported_from": {**source, "added_pad_token": added_pad}},
+        chat_template_source={"from": "import", "path": source.get("path")} if chat_template else None,
     )
     save_run(out, run_config, tokenizer, model)
     if chat_template:
