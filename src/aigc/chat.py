@@ -1,11 +1,14 @@
 """Chat: a run's chat template, the messages it renders, and the prompt (token ids) a chat decodes from.
 
 An instruction-tuned run carries its Jinja chat template in `RUN/chat_template.jinja` (written by
-`aigc import` from GGUF metadata or `tokenizer_config.json`, or copied in by `--chat-template FILE`).
-It is rendered the way `transformers`' `apply_chat_template` does, so the same messages give the same
-text: a sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension,
-a `tojson` filter that does not escape HTML, `raise_exception`, `strftime_now`, and the special tokens
-`bos_token` / `eos_token` as variables. The `{% generation %}` tag is accepted (and renders its body).
+`aigc import` from GGUF metadata or `tokenizer_config.json`, copied in by `--chat-template FILE`, or
+carried over by `aigc train` from the instruction data or the base). It is rendered the way
+`transformers`' `apply_chat_template` does, so the same messages give the same text: a sandboxed Jinja
+environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension, a `tojson` filter that
+does not escape HTML, `raise_exception`, `strftime_now`, and the special tokens `bos_token` /
+`eos_token` as variables. The `{% generation %}` tag is accepted (and renders its body). The template is
+someone else's code: it renders within the time, size and recursion limits of `aigc.jinja_sandbox`, and
+any failure of it is an AigcError (a TemplateLimitError for the limits).
 
 Generation stops at the assistant's end-of-turn token (ChatML's `<|im_end|>`), found by rendering a
 probe conversation: the first special token after the assistant's text is the one the model was taught
