@@ -237,11 +237,15 @@ def _method_estimate(method: Any, args: tuple, kwargs: dict) -> int | None:
         )
     if name == "replace" and len(args) >= 2:
         return _replace_estimate(owner, args[0], args[1], args[2] if len(args) > 2 else -1)
-    if name == "join" and args:
-        return _size(args[0]) * (1 + len(owner))
+    if name == "join" and args and isinstance(args[0], (list, tuple)):
+        return _join_estimate(args[0], owner)
     if name == "translate":
         return len(owner) * _size(args[0] if args else None)
     return None
+
+
+def _join_estimate(items: list | tuple | str, separator: Any) -> int:
+    return _size(items) + len(items) * len(str(separator))
 
 
 def _int_arg(args: tuple, kwargs: dict, index: int, name: str, default: int) -> int:
@@ -262,17 +266,19 @@ def _filter_estimate(name: str, value: Any, args: tuple, kwargs: dict) -> int | 
     """Size of what a built-in filter that can grow its input would make; None for the others."""
     if name == "center":
         return _size(value) + _int_arg(args, kwargs, 0, "width", 80)
+    text = value if isinstance(value, str) else ""  # the filters below write other values with str() first
     if name == "indent":
         width = args[0] if args else kwargs.get("width", 4)
         width = len(width) if isinstance(width, str) else width if _is_int(width) else 4
-        return _size(value) + (str(value).count("\n") + 1) * width
+        lines = text.count("\n") + 1 if text else _size(value)
+        return _size(value) + lines * width
     if name == "wordwrap":
         wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring") or "\n"
         return _size(value) * (1 + _size(wrap))
-    if name == "replace" and len(args) >= 2:
-        return _replace_estimate(str(value), args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count"))
+    if name == "replace" and len(args) >= 2 and text:
+        return _replace_estimate(text, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count"))
     if name == "format":
-        return _format_estimate(str(value), [*args, *kwargs.values()])
+        return _format_estimate(text, [*args, *kwargs.values()]) + _size(value)
     if name in ("batch", "slice"):
         return _size(value) + _int_arg(args, kwargs, 0, "linecount" if name == "batch" else "slices", 0)
     if name in ("tojson", "pprint"):
@@ -312,7 +318,7 @@ def _guard_filter(name: str, func: Any) -> Any:
             value = list(value)  # a generator's items are made (and charged) here, then measured
             args = (*args[:skip], value, *rest)
         if name == "join":
-            estimate = _size(value) * (1 + len(str(rest[0] if rest else kwargs.get("d", ""))))
+            estimate = _join_estimate(value, rest[0] if rest else kwargs.get("d", ""))
         else:
             estimate = _filter_estimate(name, value, rest, kwargs)
         if estimate is None:
