@@ -39,6 +39,9 @@ HOSTILE = {
     "percent width": "{{ '%1000000000d' % 1 }}",
     "replace empty": "{% set s = 'x' * 100000 %}{{ s.replace('', s) }}",
     "join": "{% set s = 'x' * 1000 %}{{ s.join(range(100000) | map('string')) }}",
+    "list of characters": "{% set s = '好' * 1000000 %}{{ (s | list) | length }}",
+    "list of a generator": "{% set s = '好' * 1000000 %}{{ (s | map('string') | list) | length }}",
+    "split": "{% set s = '好 ' * 1000000 %}{{ s.split() | length }}",
     "power": "{{ 7 ** 1000000000 }}",
     "squaring": "{% set ns = namespace(n=7) %}{% for i in range(100) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
     "literal text in loops": "{% for i in range(10000) %}{% for j in range(10000) %}" + "y" * 1000 + "{% endfor %}"

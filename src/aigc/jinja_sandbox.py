@@ -10,8 +10,9 @@ Here every way a template can repeat work or grow a value passes through a check
 - **time**: a render has `TIME_LIMIT_S` of wall time. Only loops and calls repeat work in Jinja (no
   `while`; recursion is a macro call), so the deadline is checked at each loop item (every `for` iterable
   is wrapped when the template is parsed) and at each call, filter, operator and output. No tracing.
-- **size**: a render has a budget of units (one per character, item or number, counted the way the value
-  would be written out: a list holding one string ten times counts the string ten times). Each output
+- **size**: a render has a budget of units (about bytes: one per character, `ITEM_UNITS` per item of a
+  container, counted the way the value would be written out: a list holding one string ten times counts
+  the string ten times). Each output
   piece, operator result, call or filter result, `~` concatenation and list/tuple/dict literal is
   charged as it is made; operations that can multiply their input (repetition, `center`, `indent`,
   `replace`, `join`, `format`, `tojson`'s indent, ...) are estimated *before* they run. The budget is
@@ -43,8 +44,9 @@ from jinja2.visitor import NodeTransformer
 from aigc.errors import AigcError
 
 TIME_LIMIT_S = 2.0  # a real chat template renders a long conversation in milliseconds
-BUDGET_BASE = 1 << 22  # units (characters, items) a render may produce besides its input's share
-BUDGET_PER_INPUT = 16  # units per character of the messages: a template may copy the conversation a few times
+BUDGET_BASE = 1 << 23  # units (about bytes: a character, 8 per item of a list) a render may make
+BUDGET_PER_INPUT = 64  # more units per character of the messages: templates copy the conversation a few times
+ITEM_UNITS = 8  # a container holds a pointer per item; a string has a header (a 1-character one takes ~50 bytes)
 MAX_SOURCE_CHARS = 256 * 1024  # real templates are a few KB (Llama 3.1 with tools: ~5 KB)
 MAX_RANGE = 10_000  # longest range(); a chat template loops over messages, not over millions
 MAX_INT_BITS = 4096  # largest integer an operator may make (2**4096 has 1,234 digits)
@@ -125,11 +127,11 @@ class _TooBig(Exception):
 
 
 def _size(value: Any, limit: int | None = None) -> int:
-    """Units `value` takes written out in full: characters + 1 for text, items (each counted in full) + 1
-    for containers. Shared parts count each time they appear, as `str()` and `tojson` would write them;
+    """Units `value` takes written out in full: characters + 1 for text, ITEM_UNITS per item of a container
+    plus the item's own units. Shared parts count each time they appear, as `str()` and `tojson` would write them;
     each distinct object is walked once. Past `limit` (default: the budget left) the count stops there."""
     if type(value) is str:  # the common case, first
-        return len(value) + 1
+        return len(value) + ITEM_UNITS
     limit = _budget().left + 1 if limit is None else limit
     try:
         return _measure(value, {}, set(), limit)
@@ -151,7 +153,7 @@ def _children(value: Any) -> Any:
 
 def _measure(value: Any, memo: dict[int, int], active: set[int], limit: int) -> int:
     if isinstance(value, (str, bytes)):
-        return len(value) + 1
+        return len(value) + ITEM_UNITS  # a short string is mostly its object header
     if isinstance(value, int):
         return value.bit_length() // 64 + 1
     children = _children(value)
@@ -165,7 +167,7 @@ def _measure(value: Any, memo: dict[int, int], active: set[int], limit: int) -> 
     active.add(key)
     total = 1
     for child in children:
-        total += _measure(child, memo, active, limit)
+        total += ITEM_UNITS + _measure(child, memo, active, limit)
         if total > limit:
             raise _TooBig
     active.discard(key)
@@ -204,8 +206,8 @@ def _binop_estimate(op: str, left: Any, right: Any) -> int | None:
             bits = left.bit_length() + right.bit_length()
             return None if bits <= MAX_INT_BITS else _int_too_big(bits)
         seq, times = (left, right) if _is_int(right) else (right, left)
-        if _is_int(times) and isinstance(seq, _SEQUENCES):
-            return max(times, 0) * _size(seq)
+        if _is_int(times) and isinstance(seq, _SEQUENCES):  # one header, the contents `times` over
+            return _size(seq) + max(times - 1, 0) * (_size(seq) - _size(seq[:0]))
     if op == "+" and isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
         return _size(left) + _size(right)
     if op == "%" and isinstance(left, str):
@@ -239,6 +241,8 @@ def _method_estimate(method: Any, args: tuple, kwargs: dict) -> int | None:
         return _replace_estimate(owner, args[0], args[1], args[2] if len(args) > 2 else -1)
     if name == "join" and args and isinstance(args[0], (list, tuple)):
         return _join_estimate(args[0], owner)
+    if name in ("split", "rsplit", "splitlines"):  # at most one piece per character, plus one
+        return len(owner) + ITEM_UNITS * 2 * (len(owner) + 1)
     if name == "translate":
         return len(owner) * _size(args[0] if args else None)
     return None
@@ -307,6 +311,21 @@ def _depth(value: Any, memo: dict[int, int]) -> int:
     return memo[id(value)]
 
 
+# Filters that make a list of their input's items (a string's: one per character).
+_LISTING = {"list", "join", "sort", "unique", "batch", "slice", "groupby", "dictsort", "reverse"}
+
+
+def _materialize(value: Any) -> Any:
+    """A generator's items as a list, each charged as it comes (so a long one stops early)."""
+    if isinstance(value, (str, bytes, list, tuple, Mapping)) or not hasattr(value, "__iter__"):
+        return value
+    items = []
+    for item in value:
+        _spend(ITEM_UNITS + _size(item), "a list of a generator's items")
+        items.append(item)
+    return items
+
+
 def _guard_filter(name: str, func: Any) -> Any:
     """`func` with its result charged, and checked first when it can grow its input."""
     skip = 1 if hasattr(func, "jinja_pass_arg") else 0  # context / eval context / environment comes first
@@ -314,11 +333,13 @@ def _guard_filter(name: str, func: Any) -> Any:
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         value, rest = (args[skip], args[skip + 1 :]) if len(args) > skip else (None, ())
-        if name == "join" and not isinstance(value, (str, list, tuple)):
-            value = list(value)  # a generator's items are made (and charged) here, then measured
+        if name in _LISTING:
+            value = _materialize(value)
             args = (*args[:skip], value, *rest)
         if name == "join":
             estimate = _join_estimate(value, rest[0] if rest else kwargs.get("d", ""))
+        elif name in _LISTING and hasattr(value, "__len__"):
+            estimate = _size(value) + ITEM_UNITS * len(value) + (_filter_estimate(name, value, rest, kwargs) or 0)
         else:
             estimate = _filter_estimate(name, value, rest, kwargs)
         if estimate is None:
