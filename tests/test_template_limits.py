@@ -58,7 +58,7 @@ HOSTILE = {
 @pytest.fixture
 def fast_deadline(monkeypatch):
     """A shorter wall-time limit, so the tests of the time limit take a fraction of a second each."""
-    monkeypatch.setattr(jinja_sandbox, "TIME_LIMIT_S", 0.3)
+    monkeypatch.setattr(jinja_sandbox.budget, "TIME_LIMIT_S", 0.3)
 
 
 @pytest.mark.parametrize("name", HOSTILE)
