@@ -147,3 +147,39 @@ def test_check_refuses_a_hostile_template_and_keeps_one_that_refuses_system_mess
     assert check_chat_template(no_system, "of M.gguf").source == no_system
     with pytest.raises(AigcError, match="renders none of the sample conversations"):
         check_chat_template("{{ raise_exception('never') }}", "of M.gguf")
+
+
+# Every construct the parse step rewrites (loops, ~, literals, literal text) and the ones around them.
+CONSTRUCTS = """
+{%- macro row(m, sep=': ') -%}{{ m.role ~ sep ~ m.content }}{%- endmacro -%}
+{%- macro wrap() -%}[{{ caller() }}]{%- endmacro -%}
+{% for m in messages if m.role != 'system' %}{{ loop.index }}/{{ loop.length }}{{ ',' if not loop.last }}
+{{ row(m) }}{% if loop.first %} first{% endif %} {{ loop.revindex }} {{ loop.cycle('a', 'b') }}
+{% else %}none{% endfor %}
+{% set block %}{% for k, v in {'b': 2, 'a': 1} | dictsort %}{{ k }}={{ v }};{% endfor %}{% endset %}{{ block }}
+{% call wrap() %}{{ (1, 2) | list }} {{ [3, [4, 5]] | tojson }} {{ {'x': (6,)} }}{% endcall %}
+{% filter upper %}{{ messages | map(attribute='role') | join('|') }}{% endfilter %}
+{% set tree = [{'n': 'a', 'kids': [{'n': 'b', 'kids': []}]}] %}
+{% for item in tree recursive %}{{ item.n }}({{ loop(item.kids) }}){% endfor %}
+{% set ns = namespace(total=0) %}{% for i in range(5) %}{% set ns.total = ns.total + i %}{% endfor %}{{ ns.total }}
+{{ 'a' ~ 1 ~ none ~ [2] }} {{ "%05.1f|%s" | format(3.14159, 'x') }} {{ '{:>6}'.format('r') }} {{ 'abc' * 2 }}
+"""
+
+
+def test_rewritten_templates_render_as_the_plain_sandbox_does():
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from aigc.jinja_sandbox import LimitedEnvironment
+
+    options = dict(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    plain = ImmutableSandboxedEnvironment(**options).from_string(CONSTRUCTS).render(messages=messages)
+    limited = jinja_sandbox.render(
+        LimitedEnvironment(**options).from_string(CONSTRUCTS), {"messages": messages}, input_chars=3
+    )
+    assert limited == plain and "2/2" in plain and "a(b())" in plain
