@@ -98,6 +98,7 @@ def test_the_range_cap_names_the_limit():
         ("{{ 1//0 }}", "ZeroDivisionError: integer division or modulo by zero"),
         ("{{ messages[5]['content'] }}", "failed to render these messages"),
         ("{{ raise_exception('no system role') }}", "no system role"),
+        ("{{ raise_exception('two\\nlines') }}", "two lines"),
         ("{{ (1).__class__.__mro__() }}", "failed to render"),  # the sandbox hides internals
     ],
 )

@@ -149,6 +149,7 @@ class ChatTemplate:
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             if not isinstance(exc, jinja2.TemplateError):
                 message = f"{type(exc).__name__}: {message}"
+            message = " ".join(str(message).splitlines())  # errors are one line
             raise AigcError(f"chat template {self.origin} failed to render these messages: {message}") from exc
 
     def end_of_turn_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
