@@ -8,6 +8,7 @@ A run folder is self-contained and is what a user passes around:
     RUN/best.safetensors   weights with the best validation loss
     RUN/state.pt           optimizer, schedule, step, RNG, sampler position (tensors only; `state.py`)
     RUN/metrics.jsonl      one JSON object per evaluation
+    RUN/chat_template.jinja  the chat template, when the run chats (its origin: config's chat_template_source)
     RUN/plots/, RUN/eval/, RUN/tensorboard/, RUN/report.md, RUN/report.html
 
 `load_run` builds the model through the weights-loader registry (`registry.py`): `aigc.models`
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ WEIGHTS = "model.safetensors"
 BEST = "best.safetensors"
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
-CHAT_TEMPLATE = "chat_template.jinja"  # Jinja chat template of imported instruction-tuned models
+CHAT_TEMPLATE = "chat_template.jinja"  # Jinja chat template (imported, or carried over by fine-tuning)
 PLOTS = "plots"
 EVAL = "eval"
 TENSORBOARD = "tensorboard"
@@ -101,6 +103,9 @@ class RunConfig:
     init_from: str | None = None
     weights: Weights = field(default_factory=Weights)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance only: parameter counts, import source
+    # Where RUN/chat_template.jinja came from: {"from": "import" | "instruction data" | "base" | "file",
+    # "path": ...}; None when the run has none (or was written before this field).
+    chat_template_source: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +116,7 @@ class RunConfig:
             "init_from": self.init_from,
             "weights": dataclasses.asdict(self.weights),
             "extra": self.extra,
+            "chat_template_source": self.chat_template_source,
         }
 
     @classmethod
@@ -129,6 +135,7 @@ class RunConfig:
             init_from=obj.get("init_from"),
             weights=weights,
             extra=extra,
+            chat_template_source=obj.get("chat_template_source"),
         )
 
 
@@ -208,6 +215,17 @@ def save_run(run_dir: str | os.PathLike, config: RunConfig, tokenizer: Tokenizer
 
 # Built-in pretrained models: `aigc pull NAME` converts them into `models_home() / NAME`.
 BUILT_IN_MODELS = ("smollm2-135m",)
+
+
+def copy_chat_template(source: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
+    """Copy a chat template file (a run's or a dataset's, or any path) into `run_dir`, atomically; False
+    when there is none to copy."""
+    source = Path(source)
+    source = source / CHAT_TEMPLATE if source.is_dir() else source
+    if not source.is_file():
+        return False
+    write_with(Path(run_dir) / CHAT_TEMPLATE, lambda tmp: shutil.copyfile(source, tmp))
+    return True
 
 
 def aigc_home() -> Path:

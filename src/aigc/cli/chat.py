@@ -88,8 +88,15 @@ class Session:
         return reply
 
     def save(self, path: Path) -> None:
+        """Write the conversation to `path`; a path that cannot be written is an AigcError (the session
+        and its conversation go on)."""
+        if path.is_dir():
+            raise AigcError(f"{path} is a folder; give a file name, e.g. /save {path / 'chat.jsonl'}")
         record = {"messages": [m.to_json() for m in self.messages]}
-        write_text(path, json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            write_text(path, json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise AigcError(f"cannot save to {path} ({exc.strerror or exc}); the conversation is kept") from None
 
 
 def handle(args: argparse.Namespace) -> int:

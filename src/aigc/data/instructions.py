@@ -1,6 +1,7 @@
 """Instruction data: OpenAI fine-tuning JSONL (`{"messages": [...]}` per line) → a dataset folder whose
 documents are conversations rendered with a run's chat template and tokenizer, and whose loss mask
-(`{split}.mask.bin`) marks the assistant's tokens, the only ones training learns.
+(`{split}.mask.bin`) marks the assistant's tokens, the only ones training learns. The template is kept
+in the folder (`chat_template.jinja`): a run trained on the data chats with it.
 
 No cleaning, dedup or redaction: the conversations are training targets written on purpose, and any
 change would break the template's markup. Each document is the rendered conversation, then
@@ -20,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from aigc.artifacts.dataset import DATASET_JSON, token_dtype, write_mask, write_split
-from aigc.artifacts.run import read_run_config, read_run_tokenizer, resolve_run_dir
+from aigc.artifacts.run import CHAT_TEMPLATE, read_run_config, read_run_tokenizer, resolve_run_dir
 from aigc.chat import load_chat_template, parse_messages
 from aigc.data.publish import existing_dataset, publish
 from aigc.data.turns import encode_for_training
 from aigc.errors import AigcError
-from aigc.fsutil import parse_jsonl_objects, read_user_text, write_json
+from aigc.fsutil import parse_jsonl_objects, read_user_text, write_json, write_text
 
 FORMAT = "openai-chat-jsonl"
 
@@ -108,6 +109,7 @@ def prepare_instructions(
             elapsed_s=round(time.perf_counter() - started, 3),
         )
         tokenizer.save(tmp / "tokenizer.json")
+        write_text(tmp / CHAT_TEMPLATE, template.source)  # what the conversations were laid out with; runs keep it
         write_json(tmp / DATASET_JSON, info)
         publish(tmp, out)
     finally:

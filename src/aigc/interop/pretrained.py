@@ -30,6 +30,7 @@ from aigc.artifacts.run import (
     prepare_out_dir,
     save_run,
 )
+from aigc.chat import check_chat_template
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import staged_dir, write_text
@@ -143,6 +144,8 @@ def _write_run(
     out: Path,
     context: int,
 ) -> Path:
+    if chat_template is not None:  # checked before anything is written: it will run on every chat request
+        check_chat_template(chat_template, f"of {source.get('path', 'the model')}")
     max_positions = int(hf_config.get("max_position_embeddings") or context)
     config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
     state = state_dict_from_hf(tensors, config)
@@ -157,6 +160,7 @@ def _write_run(
         model=config,
         data={"labels": [], "tokenizer_fingerprint": tokenizer.vocab_fingerprint()},
         extra={"imported_from": {**source, "added_pad_token": added_pad}},
+        chat_template_source={"from": "import", "path": source.get("path")} if chat_template else None,
     )
     save_run(out, run_config, tokenizer, model)
     if chat_template:

@@ -18,6 +18,7 @@ from aigc.artifacts.run import (
     WEIGHTS,
     Run,
     Weights,
+    copy_chat_template,
     prepare_out_dir,
     require_plain_weights,
     save_config,
@@ -41,6 +42,7 @@ def export_int8(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False
     config = dataclasses.replace(run.config, weights=weights, extra=extra)
     write_with(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "aigc-int8"}))
     run.tokenizer.save(out / TOKENIZER)
+    copy_chat_template(run.path, out)
     if (run.path / METRICS).is_file():
         shutil.copyfile(run.path / METRICS, out / METRICS)
     save_config(out, config)

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
@@ -165,7 +166,9 @@ def _add_chat_route(app: FastAPI, run: Run, config: ServeConfig, name: str, sche
         _check_model(body.model, name)
         if isinstance(template, AigcError):  # no template, or one that does not parse: say so, and how to fix
             raise ApiError(400, str(template), param="model", code="no_chat_template")
-        plan = chat_api.plan_chat(body, run.tokenizer, template, config, context)
+        # Off the event loop: rendering runs the model's template (up to its time limit) and tokenizing is
+        # CPU work; /health and the other requests keep being answered meanwhile.
+        plan = await run_in_threadpool(chat_api.plan_chat, body, run.tokenizer, template, config, context)
         job = _submit(scheduler, plan, want_events=body.stream or plan.want_logprobs)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         top = body.top_logprobs or 0

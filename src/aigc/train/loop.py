@@ -8,6 +8,7 @@ and one line of `metrics.jsonl`. Progress goes to the caller through `on_event`;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -165,7 +166,8 @@ class Trainer:
             setup.clear_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.run_dir)  # what a killed run left (.model.safetensors.*.tmp, .tmpXXXXXX)
-        save_config(self.run_dir, run_config)
+        chat_template = setup.carry_chat_template(self.plan)  # a fine-tuned chat model still chats
+        save_config(self.run_dir, dataclasses.replace(run_config, chat_template_source=chat_template))
         if not self.plan.resume:
             self.plan.data.tokenizer.save(self.run_dir / TOKENIZER)
 
