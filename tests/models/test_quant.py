@@ -61,10 +61,10 @@ def test_the_native_dequantiser_equals_the_torch_one(kernels, type_name):
 
 
 @pytest.mark.parametrize("type_name", QUANTISED)
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernels_equal_the_fallback_on_odd_shapes(kernels, monkeypatch, type_name, rows, threads):
-    """37 outputs over 3 blocks; 5 rows take the tiled path, cut into tiles of 8 rows here."""
+    """37 outputs over 3 blocks; 3 rows take the kernel per pair of rows, 5 the tiled path (tiles of 8 rows here)."""
     monkeypatch.setattr(quant, "THREADED_WEIGHTS", 0)
     monkeypatch.setattr(quant, "TILE_FLOATS", 8 * 3 * TYPES[type_name].block)
     cols = 3 * TYPES[type_name].block
