@@ -19,11 +19,17 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define MAX_ROWS 2
 
 static inline float f16(const uint8_t *p) {
     uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+#if defined(__F16C__) /* one instruction (AVX2 and AVX-512 machines have it) instead of the branches below */
+    return _cvtsh_ss((unsigned short)h);
+#endif
     uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0 && man == 0) {
         bits = sign;
@@ -162,32 +168,48 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
  * until the row ends (one horizontal sum per output, not per block). Output rows are split over
  * `threads` OpenMP threads.
  * w: (n_out, n_in / QK * BYTES) uint8, x: (n_rows, n_in), y: (n_rows, ld_y); out: (n_out, n_in). */
-#define QUANT_KERNELS(NAME, QK, BYTES)                                                                       \
-    void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows, \
-                          long n_out, long n_in, long ld_y, int threads) {                                   \
-        long blocks = n_in / QK;                                                                             \
-        const float *x1 = n_rows > 1 ? x + n_in : x;                                                         \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            const uint8_t *row = w + o * blocks * BYTES;                                                     \
-            float acc0[32] = {0}, acc1[32] = {0};                                                            \
-            float buf[QK];                                                                                   \
-            for (long b = 0; b < blocks; b++) {                                                              \
-                dq_##NAME(row + b * BYTES, buf);                                                             \
-                const float *xb0 = x + b * QK, *xb1 = x1 + b * QK;                                           \
-                for (int i = 0; i < QK; i += 32) {                                                           \
-                    _Pragma("omp simd") for (int j = 0; j < 32; j++) {                                      \
-                        acc0[j] += buf[i + j] * xb0[i + j];                                                  \
-                        acc1[j] += buf[i + j] * xb1[i + j];                                                  \
-                    }                                                                                        \
+#define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                       \
+    WIDTH static inline float dot1_##NAME(const uint8_t *restrict row, const float *restrict x, long blocks) {     \
+        _Alignas(64) float acc[32] = {0}; _Alignas(64) float buf[QK];                                                                      \
+        for (long b = 0; b < blocks; b++) {                                                                  \
+            dq_##NAME(row + b * BYTES, buf);                                                                 \
+            for (int i = 0; i < QK; i += 32) {                                                               \
+                _Pragma("omp simd") for (int j = 0; j < 32; j++) acc[j] += buf[i + j] * x[b * QK + i + j];   \
+            }                                                                                                \
+        }                                                                                                    \
+        float sum = 0.0f;                                                                                    \
+        for (int j = 0; j < 32; j++) sum += acc[j];                                                          \
+        return sum;                                                                                          \
+    }                                                                                                        \
+    WIDTH static inline void dot2_##NAME(const uint8_t *restrict row, const float *restrict x0,                   \
+                                   const float *restrict x1, long blocks, float *y0, float *y1) {            \
+        _Alignas(64) float acc0[32] = {0}, acc1[32] = {0}; _Alignas(64) float buf[QK];                                                     \
+        for (long b = 0; b < blocks; b++) {                                                                  \
+            dq_##NAME(row + b * BYTES, buf);                                                                 \
+            for (int i = 0; i < QK; i += 32) {                                                               \
+                _Pragma("omp simd") for (int j = 0; j < 32; j++) {                                          \
+                    acc0[j] += buf[i + j] * x0[b * QK + i + j];                                              \
+                    acc1[j] += buf[i + j] * x1[b * QK + i + j];                                              \
                 }                                                                                            \
             }                                                                                                \
-            float sum0 = 0.0f, sum1 = 0.0f;                                                                  \
-            for (int j = 0; j < 32; j++) {                                                                   \
-                sum0 += acc0[j];                                                                             \
-                sum1 += acc1[j];                                                                             \
-            }                                                                                                \
-            y[o] = sum0;                                                                                     \
-            if (n_rows > 1) y[ld_y + o] = sum1;                                                              \
+        }                                                                                                    \
+        float sum0 = 0.0f, sum1 = 0.0f;                                                                      \
+        for (int j = 0; j < 32; j++) {                                                                       \
+            sum0 += acc0[j];                                                                                 \
+            sum1 += acc1[j];                                                                                 \
+        }                                                                                                    \
+        *y0 = sum0;                                                                                          \
+        *y1 = sum1;                                                                                          \
+    }                                                                                                        \
+    WIDTH void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows, \
+                          long n_out, long n_in, long ld_y, int threads) {                                   \
+        long blocks = n_in / QK;                                                                             \
+        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
+            const uint8_t *row = w + o * blocks * BYTES;                                                     \
+            if (n_rows == 1)                                                                                 \
+                y[o] = dot1_##NAME(row, x, blocks);                                                          \
+            else                                                                                             \
+                dot2_##NAME(row, x, x + n_in, blocks, y + o, y + ld_y + o);                                  \
         }                                                                                                    \
     }                                                                                                        \
     void aigc_dequant_##NAME(const uint8_t *restrict w, float *restrict out, long n_out, long n_in,          \
@@ -198,11 +220,22 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
         }                                                                                                    \
     }
 
-QUANT_KERNELS(q8_0, 32, 34)
-QUANT_KERNELS(q4_0, 32, 18)
-QUANT_KERNELS(q4_1, 32, 20)
-QUANT_KERNELS(q5_0, 32, 22)
-QUANT_KERNELS(q5_1, 32, 24)
-QUANT_KERNELS(q4_k, 256, 144)
-QUANT_KERNELS(q5_k, 256, 176)
-QUANT_KERNELS(q6_k, 256, 210)
+/* Vector width per type, where the compiler takes a hint (GCC and Clang on x86): measured on a
+ * 2-core AVX-512 Xeon (1536 x 1536, one thread, best of 15 under load), GCC 12's 512-bit code expanded
+ * Q4_0 and Q4_1 14x faster than its 256-bit code, and Q8_0 8x slower; the K-quants barely differ. */
+#if defined(__x86_64__) && defined(__AVX512F__)
+#define WIDE __attribute__((target("prefer-vector-width=512")))
+#define NARROW __attribute__((target("prefer-vector-width=256")))
+#else
+#define WIDE
+#define NARROW
+#endif
+
+QUANT_KERNELS(q8_0, 32, 34, NARROW)
+QUANT_KERNELS(q4_0, 32, 18, WIDE)
+QUANT_KERNELS(q4_1, 32, 20, WIDE)
+QUANT_KERNELS(q5_0, 32, 22, NARROW)
+QUANT_KERNELS(q5_1, 32, 24, WIDE)
+QUANT_KERNELS(q4_k, 256, 144, NARROW)
+QUANT_KERNELS(q5_k, 256, 176, NARROW)
+QUANT_KERNELS(q6_k, 256, 210, NARROW)
