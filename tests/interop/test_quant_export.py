@@ -44,8 +44,9 @@ def test_export_gives_the_logits_of_the_rounded_weights(make_run, tmp_path, fmt,
 def test_export_of_a_quantised_or_lstm_run_is_refused_in_one_line(make_run, tmp_path, capsys):
     source = make_run()
     assert main(["export", str(source), "--format", "q4", "--out", str(tmp_path / "q")]) == 0
-    assert main(["export", str(tmp_path / "q"), "--format", "q8_0", "--out", str(tmp_path / "again")]) == 2
-    assert "holds block-quantised weights" in capsys.readouterr().err
+    for fmt in ("q8_0", "int8", "hf"):
+        assert main(["export", str(tmp_path / "q"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        assert "holds block-quantised weights" in capsys.readouterr().err
     lstm = make_run(kind="lstm", name="lstm")
     assert main(["export", str(lstm), "--format", "q4", "--out", str(tmp_path / "l")]) == 2
     err = capsys.readouterr().err.strip()
