@@ -56,22 +56,20 @@ static inline void dq_q8_0(const uint8_t *restrict b, float *restrict y) {
     for (int i = 0; i < 32; i++) y[i] = d * (float)q[i];
 }
 
+/* Low nibbles, then high nibbles, in two loops: with one loop writing both halves, GCC 12's AVX2
+ * build took 2.1-12.5 ms for a 1536 x 1536 product against 0.8-1.3 ms (one thread, under load). */
 static inline void dq_q4_0(const uint8_t *restrict b, float *restrict y) {
     float d = f16(b);
     const uint8_t *qs = b + 2;
-    for (int j = 0; j < 16; j++) {
-        y[j] = d * (float)((qs[j] & 15) - 8);
-        y[j + 16] = d * (float)((qs[j] >> 4) - 8);
-    }
+    for (int j = 0; j < 16; j++) y[j] = d * (float)((qs[j] & 15) - 8);
+    for (int j = 0; j < 16; j++) y[j + 16] = d * (float)((qs[j] >> 4) - 8);
 }
 
 static inline void dq_q4_1(const uint8_t *restrict b, float *restrict y) {
     float d = f16(b), m = f16(b + 2);
     const uint8_t *qs = b + 4;
-    for (int j = 0; j < 16; j++) {
-        y[j] = d * (float)(qs[j] & 15) + m;
-        y[j + 16] = d * (float)(qs[j] >> 4) + m;
-    }
+    for (int j = 0; j < 16; j++) y[j] = d * (float)(qs[j] & 15) + m;
+    for (int j = 0; j < 16; j++) y[j + 16] = d * (float)(qs[j] >> 4) + m;
 }
 
 static inline uint32_t u32(const uint8_t *p) {
