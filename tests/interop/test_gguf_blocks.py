@@ -157,3 +157,21 @@ def test_damaged_quantised_weights_are_refused_in_one_line(tmp_path, how, capsys
     assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err, err
+
+
+def test_a_gguf_block_tensor_of_the_wrong_width_is_refused_in_one_line(tmp_path, capsys):
+    """The inner dimension of a Q4_0 tensor rewritten from 256 to 248 (not a multiple of 32) in the
+    file's tensor table: refused (here by gguf's reader) before anything is written."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, types=ALL_KEPT)
+    raw = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_gate.weight"
+    at = raw.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    assert int.from_bytes(raw[at : at + 4], "little") == 2  # two dimensions, the inner one first
+    assert int.from_bytes(raw[at + 4 : at + 12], "little") == 256
+    raw[at + 4 : at + 12] = (248).to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    assert main(["import", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "multiple of Q4_0 block size" in err, err
+    assert not (tmp_path / "run" / WEIGHTS).exists()

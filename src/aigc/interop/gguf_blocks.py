@@ -22,7 +22,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.interop.gguf import ARCHITECTURES, GGUFModel, hf_tensor_name, unpermute_rows
-from aigc.models.qblocks import QUANTISED, dequantize
+from aigc.models.qblocks import QUANTISED, TYPES, dequantize
 from aigc.models.qlinear import Part
 
 FUSED = {
@@ -38,7 +38,11 @@ def _part(tensor, heads: int) -> Part:
     rows, cols = (int(d) for d in reversed(tensor.shape))
     kind = tensor.tensor_type.name
     if kind in QUANTISED:
-        data = torch.from_numpy(np.array(tensor.data)).view(rows, -1)  # (rows, row_bytes) uint8
+        data = torch.from_numpy(np.array(tensor.data)).reshape(-1)  # the tensor's bytes, as the reader cut them
+        row_bytes = TYPES[kind].row_bytes(cols)
+        if cols % TYPES[kind].block or data.numel() != rows * row_bytes:
+            raise AigcError(f"tensor {tensor.name}: {data.numel()} bytes are not {rows} x {cols} {kind} weights")
+        data = data.view(rows, row_bytes)  # (rows, row_bytes) uint8
     else:
         data = torch.from_numpy(np.array(gguf_dequantize(tensor.data, tensor.tensor_type), np.float32))
         data, kind = data.reshape(rows, cols), "F32"
