@@ -10,7 +10,7 @@ weights of different types: GGUF files of the "_M" mixes give attn_v more bits t
 
 Loading maps the file into memory (`read_mapped`) and wraps each layer's parts in a `QuantLinear`
 (or `QuantEmbedding` for the token table), so nothing float32-sized is materialised: a product of
-one or two rows streams the blocks through the native kernels (`quant.py`), a larger one expands
+up to `quant.PRODUCT_ROWS` rows streams the blocks through the native kernels (`quant.py`), a larger one expands
 one tile of rows at a time, and without the kernels (GPU, training, `AIGC_NATIVE_KERNELS=0`) each
 call dequantises one layer with PyTorch (`qblocks.dequantize`), used for that call only.
 """
@@ -78,9 +78,8 @@ class QuantLinear(nn.Module):
         kernels = _fast(rows)
         if kernels is None:
             out = torch.cat([F.linear(rows, dequantize(d, t, self.in_features).to(rows)) for t, d in self.parts()], -1)
-        elif rows.shape[0] <= quant.PAIRED_ROWS:  # a few rows: stream the blocks once per pair of rows
-            rows = rows.contiguous()
-            out = torch.cat([self._product(kernels, pair) for pair in rows.split(quant.MAX_ROWS)])
+        elif rows.shape[0] <= quant.PRODUCT_ROWS:  # decode steps: stream the blocks through the kernel
+            out = self._product(kernels, rows.contiguous())
         else:
             out = self._tiled(kernels, rows)
         if self.bias is not None:
@@ -88,7 +87,7 @@ class QuantLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _product(self, kernels: quant.QuantKernels, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(rows.shape[0], self.out_features)  # (N <= 2, out)
+        out = torch.empty(rows.shape[0], self.out_features)  # (N, out)
         column = 0
         for type_name, data in self.parts():
             if type_name == "F32":

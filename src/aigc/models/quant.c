@@ -23,7 +23,6 @@
 #include <immintrin.h>
 #endif
 
-#define MAX_ROWS 2
 
 static inline float f16(const uint8_t *p) {
     uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
@@ -160,54 +159,56 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
     }
 }
 
-/* For each type: a product of 1 or 2 rows, y[r, o] = sum_i W[o, i] x[r, i] (y's rows `ld_y` apart,
- * so parts of a fused layer write their own columns), and the expansion of whole rows to float32.
- * Each block is expanded once and used for every input row; the partial sums stay in 32 lanes
- * until the row ends (one horizontal sum per output, not per block). Output rows are split over
- * `threads` OpenMP threads.
+/* For each type: a product of a few rows, y[r, o] = sum_i W[o, i] x[r, i] (y's rows `ld_y` apart,
+ * so the parts of a fused layer write their own columns), and the expansion of whole rows to float32.
+ * Each block is expanded once per group of up to 8 input rows; the partial sums stay in 32 lanes per
+ * row until the weight row ends (one horizontal sum per output, not per block). The row count of a
+ * group is a compile-time constant (8, 4, 2, 1), so the compiler keeps the sums in registers. Output
+ * rows are split over `threads` OpenMP threads.
  * w: (n_out, n_in / QK * BYTES) uint8, x: (n_rows, n_in), y: (n_rows, ld_y); out: (n_out, n_in). */
-#define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                       \
-    WIDTH static inline float dot1_##NAME(const uint8_t *restrict row, const float *restrict x, long blocks) {     \
-        _Alignas(64) float acc[32] = {0}; _Alignas(64) float buf[QK];                                                                      \
+#define DOT_ROWS(NAME, QK, BYTES, N, WIDTH)                                                                  \
+    WIDTH static inline void dot##N##_##NAME(const uint8_t *restrict row, const float *restrict x, long n_in, \
+                                            long blocks, float *restrict y, long ld_y) {                     \
+        _Alignas(64) float acc[N][32];                                                                       \
+        _Alignas(64) float buf[QK];                                                                          \
+        memset(acc, 0, sizeof acc);                                                                          \
         for (long b = 0; b < blocks; b++) {                                                                  \
             dq_##NAME(row + b * BYTES, buf);                                                                 \
-            for (int i = 0; i < QK; i += 32) {                                                               \
-                _Pragma("omp simd") for (int j = 0; j < 32; j++) acc[j] += buf[i + j] * x[b * QK + i + j];   \
-            }                                                                                                \
-        }                                                                                                    \
-        float sum = 0.0f;                                                                                    \
-        for (int j = 0; j < 32; j++) sum += acc[j];                                                          \
-        return sum;                                                                                          \
-    }                                                                                                        \
-    WIDTH static inline void dot2_##NAME(const uint8_t *restrict row, const float *restrict x0,                   \
-                                   const float *restrict x1, long blocks, float *y0, float *y1) {            \
-        _Alignas(64) float acc0[32] = {0}, acc1[32] = {0}; _Alignas(64) float buf[QK];                                                     \
-        for (long b = 0; b < blocks; b++) {                                                                  \
-            dq_##NAME(row + b * BYTES, buf);                                                                 \
-            for (int i = 0; i < QK; i += 32) {                                                               \
-                _Pragma("omp simd") for (int j = 0; j < 32; j++) {                                          \
-                    acc0[j] += buf[i + j] * x0[b * QK + i + j];                                              \
-                    acc1[j] += buf[i + j] * x1[b * QK + i + j];                                              \
+            for (int r = 0; r < N; r++) {                                                                    \
+                const float *xb = x + r * n_in + b * QK;                                                     \
+                for (int i = 0; i < QK; i += 32) {                                                           \
+                    _Pragma("omp simd") for (int j = 0; j < 32; j++) acc[r][j] += buf[i + j] * xb[i + j];    \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
-        float sum0 = 0.0f, sum1 = 0.0f;                                                                      \
-        for (int j = 0; j < 32; j++) {                                                                       \
-            sum0 += acc0[j];                                                                                 \
-            sum1 += acc1[j];                                                                                 \
+        for (int r = 0; r < N; r++) {                                                                        \
+            float sum = 0.0f;                                                                                \
+            for (int j = 0; j < 32; j++) sum += acc[r][j];                                                   \
+            y[r * ld_y] = sum;                                                                               \
         }                                                                                                    \
-        *y0 = sum0;                                                                                          \
-        *y1 = sum1;                                                                                          \
-    }                                                                                                        \
+    }
+
+#define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                \
+    DOT_ROWS(NAME, QK, BYTES, 8, WIDTH)                                                                      \
+    DOT_ROWS(NAME, QK, BYTES, 4, WIDTH)                                                                      \
+    DOT_ROWS(NAME, QK, BYTES, 2, WIDTH)                                                                      \
+    DOT_ROWS(NAME, QK, BYTES, 1, WIDTH)                                                                      \
     WIDTH void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows, \
-                          long n_out, long n_in, long ld_y, int threads) {                                   \
+                                long n_out, long n_in, long ld_y, int threads) {                             \
         long blocks = n_in / QK;                                                                             \
         _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
             const uint8_t *row = w + o * blocks * BYTES;                                                     \
-            if (n_rows == 1)                                                                                 \
-                y[o] = dot1_##NAME(row, x, blocks);                                                          \
-            else                                                                                             \
-                dot2_##NAME(row, x, x + n_in, blocks, y + o, y + ld_y + o);                                  \
+            long r = 0;                                                                                      \
+            for (; r + 8 <= n_rows; r += 8) dot8_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y); \
+            if (r + 4 <= n_rows) {                                                                           \
+                dot4_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);                        \
+                r += 4;                                                                                      \
+            }                                                                                                \
+            if (r + 2 <= n_rows) {                                                                           \
+                dot2_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);                        \
+                r += 2;                                                                                      \
+            }                                                                                                \
+            if (r < n_rows) dot1_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);            \
         }                                                                                                    \
     }                                                                                                        \
     void aigc_dequant_##NAME(const uint8_t *restrict w, float *restrict out, long n_out, long n_in,          \
