@@ -3,11 +3,11 @@
 For each run folder given, in a fresh process each (so peak memory is that run's alone):
 - the run folder's size on disk,
 - `load_run` seconds (config, tokenizer, weights: mapped for a quantised run, read for the others),
-- prefill seconds for a prompt of --prompt-tokens, and decode tokens/s at batch 1 (greedy, the
-  model's own KV cache, --new-tokens steps; best of --repeats),
+- prefill seconds for --batch prompts of --prompt-tokens, and decode tokens/s in all at that batch
+  (greedy, the model's own KV cache, --new-tokens steps; best of --repeats),
 - the process's peak resident memory (`ru_maxrss`) after all of it.
 
-    python benchmarks/bench_quant.py RUN [RUN ...] [--threads 1] [--new-tokens 32] [--prompt-tokens 128]
+    python benchmarks/bench_quant.py RUN [RUN ...] [--threads 1] [--new-tokens 32] [--prompt-tokens 128] [--batch 1]
 
 Make the runs with `aigc import FILE.gguf --out Q` (blocks kept), `aigc import FILE.gguf --dequantize
 --out F` (fp32), `aigc export F --format int8|q8_0|q4 --out ...`. Prints a markdown table and a JSON
@@ -25,18 +25,18 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import torch
-threads, new_tokens, prompt_tokens, repeats = (int(v) for v in sys.argv[2:6])
+threads, new_tokens, prompt_tokens, repeats, batch = (int(v) for v in sys.argv[2:7])
 torch.set_num_threads(threads)
 from aigc.models import load_run
 started = time.perf_counter()
 run = load_run(sys.argv[1])
 load_s = time.perf_counter() - started
 model = run.model
-prompt = torch.randint(0, 1000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+prompt = torch.randint(0, 1000, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
 best_prefill, best_decode = float("inf"), float("inf")
 with torch.no_grad():
     for _ in range(repeats):
-        cache = model.new_cache(1)
+        cache = model.new_cache(batch)
         started = time.perf_counter()
         logits = model(prompt, cache=cache, last_only=True)[0]
         best_prefill = min(best_prefill, time.perf_counter() - started)
@@ -45,13 +45,13 @@ with torch.no_grad():
         for _ in range(new_tokens):
             token = model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
         best_decode = min(best_decode, time.perf_counter() - started)
-print(json.dumps({"load_s": load_s, "prefill_s": best_prefill, "decode_tok_s": new_tokens / best_decode,
+print(json.dumps({"load_s": load_s, "prefill_s": best_prefill, "decode_tok_s": batch * new_tokens / best_decode,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def measure(run: Path, args: argparse.Namespace) -> dict:
-    numbers = [str(v) for v in (args.threads, args.new_tokens, args.prompt_tokens, args.repeats)]
+    numbers = [str(v) for v in (args.threads, args.new_tokens, args.prompt_tokens, args.repeats, args.batch)]
     done = subprocess.run([sys.executable, "-c", CHILD, str(run), *numbers], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     config = json.loads((run / "config.json").read_text())
@@ -68,9 +68,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together (tokens/s is their total)")
     args = parser.parse_args()
     rows = [measure(run, args) for run in args.runs]
-    print(f"| run | weights | folder MB | load s | prefill {args.prompt_tokens} s | decode tok/s | peak RSS MB |")
+    shape = f"{args.batch} x {args.prompt_tokens}"
+    print(
+        f"| run | weights | folder MB | load s | prefill {shape} s | decode tok/s, batch {args.batch} | peak RSS MB |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
