@@ -51,3 +51,12 @@ def test_export_of_a_quantised_or_lstm_run_is_refused_in_one_line(make_run, tmp_
     assert main(["export", str(lstm), "--format", "q4", "--out", str(tmp_path / "l")]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs a GPT run" in err and "\n" not in err
+
+
+def test_a_quantised_run_is_refused_as_a_training_base_with_the_way_out(make_run, tmp_path):
+    from aigc.artifacts.run import require_plain_weights
+    from aigc.errors import AigcError
+
+    assert main(["export", str(make_run()), "--format", "q8_0", "--out", str(tmp_path / "q")]) == 0
+    with pytest.raises(AigcError, match="--init-from: .* holds block-quantised weights.*--dequantize"):
+        require_plain_weights(read_run_config(tmp_path / "q"), tmp_path / "q", "--init-from")
