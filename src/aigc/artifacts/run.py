@@ -58,7 +58,7 @@ RUN_FOLDER_FILES = {
     TENSORBOARD: ("events.out.tfevents.*",),
 }
 
-WEIGHT_FORMATS = ("full", "lora", "int8")
+WEIGHT_FORMATS = ("full", "lora", "int8", "quantized")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Weights:
       folder) whose model.safetensors has the sha256 `base_sha256`; the file holds the adapters (and
       the rows of added tokens) only. Runs written before `base` was set hold the base weights too.
     int8: dynamically quantized linear layers (`quantization` describes the scheme; see models/int8.py).
+    quantized: GGML block-quantised layers kept as a GGUF file holds them (`quantization` names the
+      types; see models/qlinear.py).
     """
 
     format: str = "full"
@@ -83,9 +85,10 @@ class Weights:
             raise AigcError(f"unknown weights format {self.format!r}; aigc reads: {', '.join(WEIGHT_FORMATS)}")
         if (self.format == "lora") != (self.lora is not None):
             raise AigcError("weights of format 'lora' (and only those) carry LoRA settings; config.json was edited")
-        if (self.format == "int8") != (self.quantization is not None):
+        if (self.format in ("int8", "quantized")) != (self.quantization is not None):
             raise AigcError(
-                "weights of format 'int8' (and only those) carry a quantization scheme; config.json was edited"
+                "weights of format 'int8' or 'quantized' (and only those) carry a quantization scheme; "
+                "config.json was edited"
             )
 
     @property
@@ -297,6 +300,12 @@ def require_plain_weights(config: RunConfig, run_dir: str | os.PathLike, action:
     if fmt == "int8":
         source = (config.weights.quantization or {}).get("source", "the fp32 run it was made from")
         raise AigcError(f"{action}: run {run_dir} is already int8 (dynamically quantized); {verb} {source} instead")
+    if fmt == "quantized":
+        source = (config.weights.quantization or {}).get("source", "the original model")
+        raise AigcError(
+            f"{action}: run {run_dir} holds block-quantised weights; {verb} an fp32 run instead "
+            f"(import {source} with --dequantize)"
+        )
 
 
 def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:

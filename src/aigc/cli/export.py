@@ -1,4 +1,4 @@
-"""`aigc export RUN --format hf|int8|gguf|ollama|peft --out DIR`: take a run to other tools, or shrink it to int8."""
+"""`aigc export RUN --format hf|int8|gguf|ollama|peft|q8_0|q4... --out DIR`: take a run to other tools, or shrink it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import time
 
 FORMATS = ("hf", "int8", "gguf", "ollama", "peft")
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = gguf_export.QUANT_TYPES
+# Quantised runs in GGUF's block layout (aigc.interop.quant_export.FORMATS; q4 = q4_0), listed here so
+# that `aigc --help` does not import gguf.
+QUANTISED_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,16 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "folder with dynamically quantized int8 linear layers that every aigc command can open. "
             "--format gguf writes model-QUANT.gguf for llama.cpp and LM Studio (LoRA runs merged); --format ollama "
             "adds a Modelfile for `ollama create`. --format peft writes a LoRA run's adapters as peft reads them "
-            "(adapter_config.json, adapter_model.safetensors) plus its base as a Hugging Face folder (base/)."
+            "(adapter_config.json, adapter_model.safetensors) plus its base as a Hugging Face folder (base/). "
+            "--format q8_0/q4_0/q4_1/q5_0/q5_1 (q4 = q4_0) writes a run whose linear layers are GGML blocks of "
+            "that type (the embedding and output head in Q8_0), computed with as they are, as an imported GGUF is."
         ),
     )
     parser.add_argument("run", metavar="RUN", help="run folder made by aigc train (or aigc import)")
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=FORMATS + QUANTISED_FORMATS,
         required=True,
         help="hf: Hugging Face folder; int8: quantized run; gguf: llama.cpp file; ollama: GGUF + Modelfile; "
-        "peft: LoRA adapters + base",
+        "peft: LoRA adapters + base; q8_0 ... q4: aigc run of GGML blocks",
     )
     parser.add_argument(
         "--quant",
@@ -81,8 +86,11 @@ def _export(run, args: argparse.Namespace):
     from aigc.interop.hf import export_hf
     from aigc.interop.ollama import export_ollama
     from aigc.interop.peft_export import export_peft
+    from aigc.interop.quant_export import export_quantised
     from aigc.interop.quantize import export_int8
 
+    if args.format in QUANTISED_FORMATS:
+        return export_quantised(run, args.out, format=args.format, overwrite=args.overwrite)
     quant = args.quant or "f16"
     if args.format == "gguf":
         return export_gguf(run, args.out, quant=quant, overwrite=args.overwrite)

@@ -12,15 +12,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "import",
         help="make a run of a local GGUF file or Hugging Face folder (Llama, Qwen2, Mistral, GPT-2)",
         description=(
-            "Reads a .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants, dequantised to "
-            "fp32; Llama and Qwen2 architectures), or a Hugging Face folder of LlamaForCausalLM / "
+            "Reads a .gguf file (Llama and Qwen2 architectures; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and "
+            "the K-quants: Q8_0, Q4_0-Q5_1, Q4_K, Q5_K and Q6_K weights stay quantised and are computed with as "
+            "they are, the rest becomes fp32; --dequantize makes every weight fp32), "
+            "or a Hugging Face folder of LlamaForCausalLM / "
             "Qwen2ForCausalLM / MistralForCausalLM / GPT2LMHeadModel (config.json, safetensors, tokenizer.json), "
-            "and writes a run that aigc generate/eval/serve open and that aigc train --init-from fine-tunes. "
+            "and writes a run that aigc generate/eval/serve open and that aigc train --init-from fine-tunes "
+            "(after --dequantize, for GGUF). "
             "Adds a <|pad|> token (and one embedding row) when the tokenizer has none."
         ),
     )
     parser.add_argument("source", metavar="SOURCE", help="a .gguf file or a local model folder; nothing is downloaded")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder to create (must be new or empty)")
+    parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="GGUF only: expand quantised weights to fp32 (a run that aigc train --init-from can fine-tune; "
+        "about 5-8x larger on disk and in memory)",
+    )
     _add_common(parser)
     parser.set_defaults(handler=run_import)
     pull = subparsers.add_parser(
@@ -53,7 +62,9 @@ def run_import(args: argparse.Namespace) -> int:
     from aigc.interop.pretrained import import_model
 
     started = time.perf_counter()
-    out = import_model(args.source, args.out, context=args.context, overwrite=args.overwrite)
+    out = import_model(
+        args.source, args.out, context=args.context, overwrite=args.overwrite, dequantize=args.dequantize
+    )
     _describe(out, args.source, started, read_run_config(out))
     return 0
 
@@ -89,8 +100,10 @@ def _describe(out, source, started: float, config) -> None:
     c = config.model
     family = family_of(c)
     added = " (added <|pad|>)" if config.extra.get("imported_from", {}).get("added_pad_token") else ""
+    types = (config.weights.quantization or {}).get("weights_by_type")
+    kept = f", weights kept as {', '.join(sorted(types))}" if types else ""
     print(
         f"imported {source} to {out}: {family} with {c.n_layer} layers, {c.n_embd} wide, "
-        f"vocabulary {c.vocab_size}{added}, context {c.block_size} ({time.perf_counter() - started:.1f}s)",
+        f"vocabulary {c.vocab_size}{added}, context {c.block_size}{kept} ({time.perf_counter() - started:.1f}s)",
         file=sys.stderr,
     )

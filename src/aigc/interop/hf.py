@@ -126,7 +126,7 @@ def generation_config(tokenizer: Tokenizer) -> dict:
 def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `run` as a folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained` load offline."""
     model = run.model
-    if run.config.weights.format == "int8":
+    if run.config.weights.format in ("int8", "quantized"):
         require_plain_weights(run.config, run.path, "Hugging Face export", verb="export")
     if not isinstance(model, GPT):
         raise AigcError(

@@ -26,8 +26,10 @@ from aigc.artifacts.run import (
     TOKENIZER,
     WEIGHTS,
     RunConfig,
+    Weights,
     models_home,
     prepare_out_dir,
+    save_config,
     save_run,
 )
 from aigc.chat import check_chat_template
@@ -35,7 +37,8 @@ from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import staged_dir, write_text
 from aigc.interop.dims import check_llama_dims
-from aigc.interop.gguf import find_packaged_gguf, read_gguf
+from aigc.interop.gguf import find_packaged_gguf, open_gguf, read_gguf
+from aigc.interop.gguf_blocks import add_rows, block_layers, stored_types
 from aigc.interop.hf import import_hf
 from aigc.interop.hf_files import (
     read_hf_config,
@@ -47,6 +50,7 @@ from aigc.interop.hf_files import (
 )
 from aigc.interop.llama import model_config_from_hf, state_dict_from_hf
 from aigc.models import GPT
+from aigc.models.qlinear import save_quantised
 from aigc.tokenizer import EOT, PAD, Tokenizer
 
 # Context the KV cache preallocates for imported models: SmolLM2 claims 8,192 positions, which would
@@ -58,7 +62,8 @@ assert set(PACKAGES) == set(BUILT_IN_MODELS)
 
 
 def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT, overwrite: bool = False) -> Path:
-    """Convert a built-in model from its installed package into `home/name` (once); returns the folder."""
+    """Convert a built-in model from its installed package into `home/name` (once), as fp32: a pulled
+    model is the base that `aigc train --init-from` fine-tunes. Returns the folder."""
     if name not in PACKAGES:
         raise AigcError(
             f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}; Hub models: hf:ORG/NAME[@REVISION]"
@@ -68,7 +73,7 @@ def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT,
         return out
     source = find_packaged_gguf(PACKAGES[name])
     with staged_dir(out) as staging:  # an interrupted pull leaves no half run at `out`
-        import_gguf(source, staging, context=context, overwrite=True)
+        import_gguf(source, staging, context=context, overwrite=True, dequantize=True)
     return out
 
 
@@ -78,26 +83,67 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def import_model(
-    source: str | os.PathLike, out_dir: str | os.PathLike, *, context: int = DEFAULT_CONTEXT, overwrite: bool = False
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    overwrite: bool = False,
+    dequantize: bool = False,
 ) -> Path:
-    """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run."""
+    """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run. A GGUF file's
+    quantised weights stay quantised unless `dequantize` (then every weight becomes fp32)."""
     src = Path(source)
     if not src.exists():
         raise AigcError(
             f"{src} is not a folder or a .gguf file (it does not exist); pass a local model; nothing is downloaded"
         )
     if src.is_file() and src.suffix.lower() == ".gguf":
-        return import_gguf(src, out_dir, context=context, overwrite=overwrite)
+        return import_gguf(src, out_dir, context=context, overwrite=overwrite, dequantize=dequantize)
     if src.is_dir() and read_hf_config(src).get("model_type") != "gpt2":
         return import_hf_llama(src, out_dir, context=context, overwrite=overwrite)
     return import_hf(src, out_dir, overwrite=overwrite)
 
 
-def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
+def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool, dequantize: bool) -> Path:
     out = prepare_out_dir(out_dir, overwrite=overwrite)  # checked before minutes of dequantising
+    if not dequantize:
+        return _write_block_run(path, out, context)
     model = read_gguf(path)
     source = {"format": "gguf", **model.source}
     return _write_run(model.hf_config, model.tensors, model.tokenizer_json, model.chat_template, source, out, context)
+
+
+def _write_block_run(path: Path, out: Path, context: int) -> Path:
+    """A quantised run of a GGUF file: its blocks kept (`gguf_blocks.py`), loaded by `models/qlinear.py`."""
+    model, reader = open_gguf(path)
+    if model.chat_template is not None:  # checked before anything is written, as in _write_run
+        check_chat_template(model.chat_template, f"of {path}")
+    max_positions = int(model.hf_config.get("max_position_embeddings") or context)
+    config = model_config_from_hf(model.hf_config, block_size=min(context, max_positions))
+    layers, plain = block_layers(model, reader, config)
+    tokenizer, added_pad = _tokenizer_with_pad(model.tokenizer_json, out)
+    _check_tokenizer_fits(tokenizer.vocab_size - added_pad, sum(p.rows for p in layers["wte"]))
+    for name in ("wte", "lm_head") if added_pad else ():
+        if name in layers:
+            layers[name] = add_rows(layers[name], tokenizer.vocab_size - config.vocab_size)
+    config = dataclasses.replace(config, vocab_size=sum(p.rows for p in layers["wte"]))
+    source = {"format": "gguf", **model.source, "added_pad_token": added_pad}
+    quantization = {"method": "gguf-blocks", "weights_by_type": stored_types(layers), "source": source["path"]}
+    run_config = RunConfig(
+        model=config,
+        data={"labels": [], "tokenizer_fingerprint": tokenizer.vocab_fingerprint()},
+        weights=Weights(format="quantized", quantization=quantization),
+        extra={"imported_from": source},
+        chat_template_source={"from": "import", "path": source.get("path")} if model.chat_template else None,
+    )
+    # Weights first and config last, as save_run does: a failed --overwrite leaves no config that
+    # names weights which were never written.
+    save_quantised(out / WEIGHTS, layers, plain)
+    tokenizer.save(out / TOKENIZER)
+    save_config(out, run_config)
+    if model.chat_template:
+        write_text(out / CHAT_TEMPLATE, model.chat_template)
+    return out
 
 
 def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:

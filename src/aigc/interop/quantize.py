@@ -31,7 +31,7 @@ def export_int8(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False
     """Write an int8 run folder: config (marked int8), tokenizer, int8 weights, metrics.
 
     LoRA adapters are folded in first (by `quantize_int8`); an int8 run is refused: precision is gone."""
-    if run.config.weights.format == "int8":
+    if run.config.weights.format in ("int8", "quantized"):
         require_plain_weights(run.config, run.path, "int8 export", verb="export")
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     tensors = int8_state(quantize_int8(run.model))
