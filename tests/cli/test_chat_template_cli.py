@@ -6,25 +6,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from test_chat_cli import Terminal  # the pseudo-terminal driver of the interactive chat tests
-
 from aigc.cli import main
-
-
-@pytest.fixture
-def terminal():
-    terminals: list[Terminal] = []
-
-    def _open(*args: str) -> Terminal:
-        terminals.append(Terminal(*args))
-        return terminals[-1]
-
-    yield _open
-    for term in terminals:
-        if term.proc.poll() is None:
-            term.proc.kill()
-            term.proc.wait()
 
 
 def test_chat_template_replaces_a_symlink_and_leaves_its_target_alone(make_chat_run, tmp_path):

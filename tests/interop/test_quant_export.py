@@ -50,7 +50,7 @@ def test_export_of_a_quantised_or_lstm_run_is_refused_in_one_line(make_run, tmp_
     lstm = make_run(kind="lstm", name="lstm")
     assert main(["export", str(lstm), "--format", "q4", "--out", str(tmp_path / "l")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "needs a GPT run" in err and "\n" not in err
+    assert "needs a transformer run" in err and "LSTM" in err and "\n" not in err
 
 
 def test_a_quantised_run_is_refused_as_a_training_base_with_the_way_out(make_run, tmp_path):

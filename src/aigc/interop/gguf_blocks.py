@@ -103,6 +103,12 @@ def add_rows(parts: list[Part], count: int) -> list[Part]:
     return [*parts, Part("F32", mean, count, cols)]
 
 
+def holds_blocks(reader: GGUFReader) -> bool:
+    """Whether any tensor of the file is of a block type aigc computes with (an F32/F16/BF16 file has
+    none: it is imported as an fp32 run, since there is nothing quantised to keep)."""
+    return any(tensor.tensor_type.name in QUANTISED for tensor in reader.tensors)
+
+
 def stored_types(layers: dict[str, list[Part]]) -> dict[str, int]:
     """How many weights of each type the layers hold (for config.json and `aigc import`'s message)."""
     counts: dict[str, int] = {}

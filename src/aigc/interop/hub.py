@@ -215,7 +215,8 @@ def pull_hub(
     source = _download(hub, file, settings)
     with staged_dir(out) as staging:
         if source.is_file():
-            import_gguf(source, staging, context=context, overwrite=True)
+            # Blocks stay quantised, as `aigc import FILE.gguf` keeps them (fp32 files become fp32 runs)
+            import_gguf(source, staging, context=context, overwrite=True, dequantize=False)
         else:
             import_model(source, staging, context=context, overwrite=True)
     return out

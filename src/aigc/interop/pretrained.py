@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from tokenizers import AddedToken
 
 from aigc.artifacts.run import (
@@ -37,8 +38,8 @@ from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import staged_dir, write_text
 from aigc.interop.dims import check_llama_dims
-from aigc.interop.gguf import find_packaged_gguf, open_gguf, read_gguf
-from aigc.interop.gguf_blocks import add_rows, block_layers, stored_types
+from aigc.interop.gguf import GGUFModel, find_packaged_gguf, open_gguf, read_gguf
+from aigc.interop.gguf_blocks import add_rows, block_layers, holds_blocks, stored_types
 from aigc.interop.hf import import_hf
 from aigc.interop.hf_files import (
     read_hf_config,
@@ -107,17 +108,18 @@ def import_model(
 def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool, dequantize: bool) -> Path:
     out = prepare_out_dir(out_dir, overwrite=overwrite)  # checked before minutes of dequantising
     if not dequantize:
-        return _write_block_run(path, out, context)
+        model, reader = open_gguf(path)
+        if holds_blocks(reader):
+            return _write_block_run(model, reader, out, context)
     model = read_gguf(path)
     source = {"format": "gguf", **model.source}
     return _write_run(model.hf_config, model.tensors, model.tokenizer_json, model.chat_template, source, out, context)
 
 
-def _write_block_run(path: Path, out: Path, context: int) -> Path:
+def _write_block_run(model: GGUFModel, reader: GGUFReader, out: Path, context: int) -> Path:
     """A quantised run of a GGUF file: its blocks kept (`gguf_blocks.py`), loaded by `models/qlinear.py`."""
-    model, reader = open_gguf(path)
     if model.chat_template is not None:  # checked before anything is written, as in _write_run
-        check_chat_template(model.chat_template, f"of {path}")
+        check_chat_template(model.chat_template, f"of {model.source['path']}")
     max_positions = int(model.hf_config.get("max_position_embeddings") or context)
     config = model_config_from_hf(model.hf_config, block_size=min(context, max_positions))
     layers, plain = block_layers(model, reader, config)

@@ -37,6 +37,8 @@ from aigc.artifacts.run import (
 )
 from aigc.errors import AigcError
 from aigc.interop.gguf_blocks import stored_types
+from aigc.models.gpt import GPT
+from aigc.models.kinds import family
 from aigc.models.lora import has_lora, merge_lora
 from aigc.models.qblocks import TYPES
 from aigc.models.qlinear import Part, save_quantised
@@ -75,8 +77,8 @@ def export_quantised(run: Run, out_dir: str | os.PathLike, *, format: str, overw
         raise AigcError(f"unknown quantised format {format!r}; choose one of {', '.join(FORMATS)}")
     if run.config.weights.format in ("int8", "quantized"):
         require_plain_weights(run.config, run.path, "quantised export", verb="export")
-    if run.config.model.kind != "gpt":
-        raise AigcError(f"quantised export needs a GPT run; {run.path} is {run.config.model.kind!r}")
+    if not isinstance(run.model, GPT):  # the block layout is that of a transformer's linear layers
+        raise AigcError(f"quantised export needs a transformer run; {run.path} is {family(run.config.model)}")
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     model = run.model
     if has_lora(model):
