@@ -42,6 +42,27 @@ FEATURE_TEMPLATE = """
 {% if add_generation_prompt %}<assistant>{% endif %}
 """
 
+# ChatML with a default system prompt, as Qwen2-Instruct templates do: slicing, namespace, attribute access.
+QWEN2_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set rest = messages[1:] %}{%- else %}{%- set system = 'You are a helpful assistant.' %}"
+    "{%- set rest = messages %}{%- endif %}{{- '<|im_start|>system\\n' ~ system ~ '<|im_end|>\\n' }}"
+    "{%- set ns = namespace(turns=0) %}{%- for message in rest %}{%- set ns.turns = ns.turns + 1 %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}{{- ns.turns * '' }}"
+)
+
+# The operations the sandbox checks before they run (repetition, join, format, indent, tojson, ...), used
+# the way real templates use them: the output must not change.
+GUARDED_TEMPLATE = (
+    "{%- set ns = namespace(n=0, text='') %}{{ messages | map(attribute='role') | join(', ') }}\n"
+    "{%- for m in messages %}{% set ns.n = ns.n + 1 %}{% set ns.text = ns.text ~ m['content'][:3] %}"
+    "{{ '%s:%d ' | format(m['role'], loop.index) }}{{ '{}|{}'.format(m['role'] | upper, m['content'] | length) }}"
+    "{{ ('-' * 3) ~ m['content'] | replace(' ', '_') | center(20) }}{{ m | tojson(indent=2) | indent(2) }}\n"
+    "{%- endfor %}{{ ns.n }} {{ ns.text }} {{ [1, 2] + [3] }} {{ 2 ** 10 }} {{ range(3) | list }}"
+    "{{ messages | tojson }}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[str, Tokenizer]:
@@ -65,7 +86,7 @@ def transformers_tokenizer(tokenizer: Tokenizer, template: str) -> PreTrainedTok
     return hf
 
 
-@pytest.mark.parametrize("which", ["smollm2", "tiny", "features"])
+@pytest.mark.parametrize("which", ["smollm2", "tiny", "features", "qwen2", "guarded"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_render_matches_transformers_apply_chat_template(
@@ -74,7 +95,9 @@ def test_render_matches_transformers_apply_chat_template(
     if which == "smollm2":
         source, tokenizer = request.getfixturevalue("smollm2")
     else:
-        source, tokenizer = (TINY_CHAT_TEMPLATE if which == "tiny" else FEATURE_TEMPLATE), tiny_tokenizer
+        sources = {"tiny": TINY_CHAT_TEMPLATE, "features": FEATURE_TEMPLATE, "qwen2": QWEN2_STYLE}
+        sources["guarded"] = GUARDED_TEMPLATE
+        source, tokenizer = sources[which], tiny_tokenizer
     theirs = transformers_tokenizer(tokenizer, source)
     expected = theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
     template = ChatTemplate(source)

@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import from its own layer (without a cycle) or from any layer below.
 LAYERS = (
-    ("aigc", "aigc.errors", "aigc.fsutil", "aigc.config"),
+    ("aigc", "aigc.errors", "aigc.fsutil", "aigc.config", "aigc.jinja_sandbox"),
     ("aigc.tokenizer",),
     ("aigc.artifacts",),
     ("aigc.models",),
@@ -24,6 +24,7 @@ LAYERS = (
     ("aigc.textstream", "aigc.sampling", "aigc.structured", "aigc.guidance", "aigc.generate", "aigc.tools"),
     ("aigc.evaluate",),
     ("aigc.interop", "aigc.report"),
+    ("aigc.demo",),
     ("aigc.serve",),
     ("aigc.cli", "aigc.__main__"),
 )

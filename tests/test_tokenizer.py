@@ -1,7 +1,11 @@
+import random
+
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from aigc.errors import AigcError
-from aigc.tokenizer import Tokenizer
+from aigc.tokenizer import EOT, PAD, Tokenizer, text_pieces
 
 
 @pytest.mark.parametrize(
@@ -37,3 +41,28 @@ def test_tokenizer_save_load_same_ids(tiny_tokenizer, tmp_path):
 def test_tokenizer_rejects_vocab_smaller_than_bytes():
     with pytest.raises(AigcError, match="too small"):
         Tokenizer.train(["abc"], vocab_size=100)
+
+
+def tokenizer_with_digit_splitting(texts: list[str]) -> Tokenizer:
+    """A byte-level BPE whose pre-tokenizer first splits digits apart (SmolLM2's arrangement)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOT, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf, labels=())
+
+
+def test_digit_splitting_tokenizers_encode_long_text_in_pieces_with_the_same_ids():
+    rng = random.Random(1)
+    alphabet = ["a", "b", "7", "42", " ", "  ", "\n", "été", "猫", ".", "'s", "\t", "0.5"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(50, 400))) for _ in range(200)]
+    tokenizer = tokenizer_with_digit_splitting(texts)
+    assert tokenizer.splits_safely
+    for text in texts:
+        pieces = [i for piece in text_pieces(text, size=16) for i in tokenizer.encode(piece)]
+        assert pieces == tokenizer.encode(text)

@@ -1,11 +1,14 @@
 """Chat: a run's chat template, the messages it renders, and the prompt (token ids) a chat decodes from.
 
 An instruction-tuned run carries its Jinja chat template in `RUN/chat_template.jinja` (written by
-`aigc import` from GGUF metadata or `tokenizer_config.json`, or copied in by `--chat-template FILE`).
-It is rendered the way `transformers`' `apply_chat_template` does, so the same messages give the same
-text: a sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension,
-a `tojson` filter that does not escape HTML, `raise_exception`, `strftime_now`, and the special tokens
-`bos_token` / `eos_token` as variables. The `{% generation %}` tag is accepted (and renders its body).
+`aigc import` from GGUF metadata or `tokenizer_config.json`, copied in by `--chat-template FILE`, or
+carried over by `aigc train` from the instruction data or the base). It is rendered the way
+`transformers`' `apply_chat_template` does, so the same messages give the same text: a sandboxed Jinja
+environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension, a `tojson` filter that
+does not escape HTML, `raise_exception`, `strftime_now`, and the special tokens `bos_token` /
+`eos_token` as variables. The `{% generation %}` tag is accepted (and renders its body). The template is
+someone else's code: it renders within the time, size and recursion limits of `aigc.jinja_sandbox`, and
+any failure of it is an AigcError (a TemplateLimitError for the limits).
 
 Generation stops at the assistant's end-of-turn token (ChatML's `<|im_end|>`), found by rendering a
 probe conversation: the first special token after the assistant's text is the one the model was taught
@@ -14,8 +17,8 @@ to end its turn with. A conversation longer than the model's context is an error
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,10 +27,12 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from aigc.artifacts.run import CHAT_TEMPLATE, resolve_run_dir
-from aigc.errors import AigcError
+from aigc.artifacts.run import CHAT_TEMPLATE, read_run_config, resolve_run_dir, save_config
+from aigc.errors import AigcError, check_text
+from aigc.fsutil import write_text
+from aigc.jinja_sandbox import LimitedEnvironment, TemplateLimitError
+from aigc.jinja_sandbox import render as render_limited
 from aigc.tokenizer import EOT, Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -73,6 +78,7 @@ def parse_messages(raw: Any, *, where: str = "messages") -> list[Message]:
         call_id = item.get("tool_call_id")
         if role == "tool" and not isinstance(call_id, str):
             raise AigcError(f"{where}[{i}] is a tool result: it needs tool_call_id, the id of the call it answers")
+        text = check_text(text, f"{where}[{i}].content")
         messages.append(Message(role, text, calls, call_id if role == "tool" else None))
     return messages
 
@@ -134,16 +140,8 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
-    # Jinja's own tojson escapes <, > and & for HTML; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
+def _environment() -> LimitedEnvironment:
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -159,28 +157,44 @@ class ChatTemplate:
     origin: str = "template"  # where it came from, for error messages
 
     def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            raise AigcError(f"chat template {self.origin} is not text ({type(self.source).__name__})")
         try:
             compiled = _environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as exc:
             raise AigcError(f"chat template {self.origin} does not parse (line {exc.lineno}: {exc.message})") from exc
+        except TemplateLimitError as exc:
+            raise TemplateLimitError(f"chat template {self.origin} {exc}") from exc
+        except (RecursionError, ValueError, MemoryError) as exc:  # nesting past the parser's limit, huge numbers
+            raise AigcError(f"chat template {self.origin} does not compile ({type(exc).__name__}: {exc})") from exc
         object.__setattr__(self, "_compiled", compiled)
 
     def render(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> str:
-        """The conversation as text, ending with the assistant's cue when `add_generation_prompt`.
-        `tools`: OpenAI function definitions, for templates that read them (as `transformers` passes them)."""
+        """The conversation as text, ending with the assistant's cue when `add_generation_prompt`; within
+        the limits of `aigc.jinja_sandbox` (time, size, recursion), or a TemplateLimitError. `tools`:
+        OpenAI function definitions, for templates that read them (as `transformers` passes them)."""
+        context = {
+            "messages": [m.to_json() for m in messages],
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "tools": tools or None,
+            "documents": None,
+        }
+        size = sum(len(m.content) + len(m.role) for m in messages) + len(self.bos_token) + len(self.eos_token)
+        # Tool definitions and calls are input the template may echo, as it echoes the messages' text.
+        size += len(json.dumps(tools or [])) + sum(len(json.dumps(m.tool_calls)) for m in messages if m.tool_calls)
         try:
-            return self._compiled.render(
-                messages=[m.to_json() for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                tools=tools or None,
-                documents=None,
-            )
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            message = getattr(exc, "message", None) or str(exc)
+            return render_limited(self._compiled, context, input_chars=size)
+        except TemplateLimitError as exc:
+            raise TemplateLimitError(f"chat template {self.origin} {exc}") from exc
+        except Exception as exc:  # the template is someone else's code: any failure of it is the template's
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            if not isinstance(exc, jinja2.TemplateError):
+                message = f"{type(exc).__name__}: {message}"
+            message = " ".join(str(message).splitlines())  # errors are one line
             raise AigcError(f"chat template {self.origin} failed to render these messages: {message}") from exc
 
     def end_of_turn_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -189,6 +203,8 @@ class ChatTemplate:
         probe = [Message("user", "hi"), Message("assistant", _PROBE)]
         try:
             text = self.render(probe, add_generation_prompt=False)
+        except TemplateLimitError:
+            raise
         except AigcError:  # a template that insists on other turns (e.g. a system first): no probe
             text = ""
         after = text.split(_PROBE, 1)[1] if _PROBE in text else ""
@@ -209,20 +225,60 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate:
             f"model that has one (`aigc import MODEL --out RUN`), or add one with `aigc chat {run_dir} "
             "--chat-template FILE.jinja`"
         )
-    return ChatTemplate(path.read_text(encoding="utf-8"), origin=str(path))
+    return ChatTemplate(_read_template(path), origin=str(path))
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AigcError(f"chat template {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise AigcError(f"cannot read chat template {path}: {exc.strerror or exc}") from None
+
+
+# Conversations a template is tried on before it is stored: templates may refuse some shapes (a system
+# message, turns that do not alternate) with raise_exception, so one that renders any of them is kept.
+SAMPLE_CONVERSATIONS = (
+    (Message("system", "s"), Message("user", "u"), Message("assistant", "a")),
+    (Message("user", "u"), Message("assistant", "a"), Message("user", "u")),
+    (Message("user", "u"),),
+)
+
+
+def check_chat_template(source: Any, origin: str) -> ChatTemplate:
+    """Compile a template and render small conversations with it under the render limits; an AigcError
+    (a TemplateLimitError for time, size or recursion) names what is wrong."""
+    template = ChatTemplate(source, origin=origin)
+    failures = []
+    for conversation in SAMPLE_CONVERSATIONS:
+        try:
+            template.render(conversation)
+            return template
+        except TemplateLimitError:
+            raise
+        except AigcError as exc:
+            failures.append(exc)
+    raise AigcError(f"{failures[0]} (it renders none of the sample conversations; is it a chat template?)")
 
 
 def install_chat_template(run_dir: str | Path, source: str | Path) -> Path:
-    """Copy a Jinja template file into the run (checked: it must parse and render a small conversation)."""
+    """Copy a Jinja template file into the run (checked: it must compile and render a small conversation
+    within the limits). The file is replaced atomically, never written through: a symlink at the target is
+    replaced by the new file and what it pointed to is left alone."""
     source = Path(source)
     if not source.is_file():
         raise AigcError(f"chat template file not found: {source}; give a Jinja file (e.g. one from tokenizer_config)")
-    template = ChatTemplate(source.read_text(encoding="utf-8"), origin=str(source))
-    template.render([Message("system", "s"), Message("user", "u"), Message("assistant", "a")])
+    template = check_chat_template(_read_template(source), str(source))
     target = template_path(run_dir)
     if not target.parent.is_dir():
         raise AigcError(f"run folder not found: {target.parent}")
-    shutil.copyfile(source, target)
+    if target.is_dir() and not target.is_symlink():
+        raise AigcError(f"{target} is a folder; remove it to install a chat template")
+    write_text(target, template.source)
+    config = read_run_config(target.parent)
+    source_of = {"from": "file", "path": str(source.resolve())}
+    save_config(target.parent, dataclasses.replace(config, chat_template_source=source_of))
     return target
 
 
@@ -266,43 +322,3 @@ def encode_chat(
 def room_left(prompt_tokens: int, context: int | None, default: int) -> int:
     """How many tokens may follow a prompt of this size (at most `default`)."""
     return default if context is None else max(0, min(default, context - prompt_tokens))
-
-
-# ---------------------------------------------------------------------------------------------
-# Training examples
-# ---------------------------------------------------------------------------------------------
-
-
-def encode_for_training(
-    template: ChatTemplate, tokenizer: Tokenizer, messages: Sequence[Message]
-) -> tuple[list[int], list[bool]]:
-    """A whole conversation's token ids and, per token, whether it is the assistant's (its text and the
-    end-of-turn token): the tokens instruction fine-tuning computes the loss on.
-
-    Each assistant turn is located by rendering the conversation before it (with the assistant's cue)
-    and through it: the text between is the turn, whatever the template's markup."""
-    text = template.render(messages, add_generation_prompt=False)
-    spans = []
-    for k, message in enumerate(messages):
-        if message.role != "assistant":
-            continue
-        before = template.render(messages[:k], add_generation_prompt=True) if k else ""
-        through = template.render(messages[: k + 1], add_generation_prompt=False)
-        if not (through.startswith(before) and text.startswith(through)):
-            raise AigcError(
-                f"chat template {template.origin} renders a conversation differently from its beginning, so the "
-                f"assistant's turn {k} cannot be located; use a template that only appends turns"
-            )
-        spans.append((len(before), len(through)))
-    if not spans:
-        raise AigcError("the conversation has no assistant message, so there is nothing to learn from it")
-    # Each piece is encoded on its own, so no token straddles a turn's edge; the prompt part ends where an
-    # inference prompt ends (at the assistant's cue), and so is encoded the way generation sees it.
-    ids: list[int] = []
-    mask: list[bool] = []
-    edges = [0, *(i for span in spans for i in span), len(text)]
-    for i, (a, b) in enumerate(zip(edges, edges[1:])):
-        piece = tokenizer.encode(text[a:b]) if b > a else []
-        ids += piece
-        mask += [i % 2 == 1] * len(piece)  # odd pieces are the assistant's turns
-    return ids, mask

@@ -1,6 +1,11 @@
 """Atomic file writes: write to a temp file in the same folder, then rename over the target.
 
-A crash or `kill -9` at any moment leaves either the old file or the new one, never half of one.
+A crash or `kill -9` at any moment leaves either the old file or the new one, never half of one. A
+write the file system refuses (disk full, quota, file size limit) is an AigcError saying so, with the
+old file untouched and the temp file removed. SIGTERM, while `sigterm_raises` is active (the CLI),
+becomes a `Terminated` exception, so `finally` blocks remove temp files as they do for any error;
+`uninterrupted` defers it over steps that must not be split (swapping a folder into place). What a
+`kill -9` leaves behind, `remove_stale_temp_files` removes on the next run into the same folder.
 """
 
 from __future__ import annotations
@@ -9,13 +14,17 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
+import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aigc.errors import AigcError
+from aigc.errors import AigcError, check_text
 
 
 @contextmanager
@@ -37,6 +46,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as exc:
+        reason = write_refused(exc)
+        if reason is None:
+            raise
+        raise AigcError(
+            f"cannot write {path}: {reason} and run again (nothing was replaced: {path.name} is as it was before)"
+        ) from exc
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -74,6 +90,53 @@ def _fsync_dir(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+# Why the file system refuses a write: no space, no quota left, or over the file size limit (RLIMIT_FSIZE).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OS_ERROR = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors) spell an errno in their messages
+
+
+def write_refused(exc: BaseException | None) -> str | None:
+    """The operating system's reason and the fix when `exc`, or an error that caused it, is a write
+    refused for lack of room ("No space left on device; free some space"); None for any other error."""
+    while exc is not None:
+        code = exc.errno if isinstance(exc, OSError) else None
+        found = _OS_ERROR.search(str(exc))
+        code = code if code in _NO_ROOM else int(found.group(1)) if found else None
+        if code in _NO_ROOM:
+            fix = "raise the file size limit (ulimit -f)" if code == errno.EFBIG else "free some space"
+            return f"{os.strerror(code)}; {fix}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _WholeWrites:
+    """A write-only file object whose `write` writes every byte or raises the OSError. Through a
+    buffered file, a write cut short by a full disk is reported only as a short count, and
+    `torch.save` then fails with "enforce fail at inline_container.cc" and no cause."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        pass
+
+
+def write_stream(path: str | os.PathLike, writer: Callable[[Any], None]) -> None:
+    """Call `writer(file_object)` and atomically move the result to `path` (for `torch.save`)."""
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            writer(_WholeWrites(fd))
+        finally:
+            os.close(fd)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -135,7 +198,36 @@ def parse_jsonl_objects(text: str, source: str | os.PathLike) -> Iterator[tuple[
             raise AigcError(f"{source} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
         if not isinstance(row, dict):
             raise AigcError(f'{source} line {number} is not a JSON object; each line must be {{"field": value, ...}}')
+        _check_strings(row, f"{source} line {number}")
         yield number, row
+
+
+def _check_strings(value: Any, line: str, path: str = "") -> None:
+    """Every string in a parsed JSON value (keys too) is valid UTF-8: JSON may escape lone surrogates.
+    The error names the line and the path to the value (`train.jsonl line 3: messages[0].content`)."""
+    if isinstance(value, str):
+        check_text(value, f"{line}: {path or 'the value'}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"{line}: a key")
+            _check_strings(item, line, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, line, f"{path}[{i}]")
+
+
+def read_user_text(path: str | os.PathLike, *, what: str, encoding: str = "utf-8") -> str:
+    """A user's text file, decoded strictly; bytes that are not UTF-8 are an AigcError naming the line.
+    (`encoding="utf-8-sig"` also drops a byte-order mark.)"""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise AigcError(
+            f"{what} {path} line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02X}: {exc.reason}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -151,3 +243,107 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if i != len(lines) - 1:
                 raise
     return records
+
+
+# -------------------------------------------------------------------------------------------------
+# SIGTERM, and what a killed process leaves behind
+# -------------------------------------------------------------------------------------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread. A BaseException like KeyboardInterrupt, so that no
+    `except Exception` mistakes it for a damaged file, and unlike it, so that no Ctrl-C handler
+    (interactive chat, the trainer's stop-after-this-step) treats it as a request to carry on."""
+
+
+_deferral = threading.local()  # .depth: nesting of `uninterrupted`; .pending: a SIGTERM came inside
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises `Terminated` in the main thread (outside `uninterrupted` blocks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        if getattr(_deferral, "depth", 0):
+            _deferral.pending = True
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A SIGTERM that arrives inside is acted on at the end, so the steps within are never split."""
+    _deferral.depth = getattr(_deferral, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _deferral.depth -= 1
+    if _deferral.depth == 0 and getattr(_deferral, "pending", False):
+        _deferral.pending = False
+        raise Terminated()
+
+
+# atomic_path's temp files, and the ones safetensors writes beside its target before renaming it
+_TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
+
+
+def is_stale_temp_file(path: Path) -> bool:
+    return bool(_TEMP_FILE.match(path.name)) and path.is_file() and not path.is_symlink()
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files a killed aigc process left in `folder` (its own naming patterns only).
+    Called by a command that is about to write `folder`; two aigc processes writing one folder at
+    once are not supported anyway."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.iterdir() if is_stale_temp_file(p)) if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def remove_stale_temp_folders(target: str | os.PathLike) -> list[Path]:
+    """Remove the `.NAME.tmp-XXXXXXXX` folders (tempfile.mkdtemp's) that a killed process building
+    `target` left beside it."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-[a-z0-9_]{{8}}$")
+    stale = sorted(p for p in target.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink())
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
+@contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `target` to fill; on success it replaces `target` whole, on error
+    (or Ctrl-C) it is removed and `target` is left as it was. So a folder at `target` is always
+    complete. The staging name is fixed (`.NAME.partial`): what a killed run left is cleared first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging, old = target.parent / f".{target.name}.partial", target.parent / f".{target.name}.old"
+    for stale in (staging, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            os.replace(target, old)  # a folder cannot be renamed over a non-empty one
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

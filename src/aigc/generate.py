@@ -1,9 +1,10 @@
 """Text generation: one streaming decode loop (the sampling itself is in `aigc.sampling`).
 
 Every caller (CLI, batch, eval, HTTP server, demo) goes through `decode_stream`, which batches all
-requests together (left padding + pad mask for the GPT, per-row carried state for the LSTM), reuses
-the model's KV cache, and yields one `TokenEvent` per generated token as soon as it exists. It
-returns a `DecodeStream`: iterate it for the tokens, then read its `.completions`.
+requests together through the back-end of the model's kind (`aigc.models.decode`: left padding, pad
+mask and KV cache for the GPT, per-row carried state for the LSTM), and yields one `TokenEvent` per
+generated token as soon as it exists. It returns a `DecodeStream`: iterate it for the tokens, then
+read its `.completions`.
 
 Choices worth knowing:
 - Every context starts with `<|endoftext|>` (then the label's control token, then the prompt), the
@@ -28,6 +29,7 @@ import torch.nn as nn
 from aigc.config import SampleConfig
 from aigc.errors import AigcError
 from aigc.guidance import GuidedBackend, NegativeRow
+from aigc.models import kinds
 from aigc.sampling import Sampler
 from aigc.structured import Grammar, GrammarState, allowed_tokens
 from aigc.textstream import TextStream
@@ -101,7 +103,7 @@ def _prompt_body(tokenizer: Tokenizer, request: Request) -> list[int]:
 
 def context_limit(model: nn.Module) -> int | None:
     """Most tokens the model attends to at once (None: unlimited, the LSTM carries state)."""
-    return model.config.block_size if model.config.kind == "gpt" else None
+    return kinds.context_limit(model)
 
 
 @dataclass
@@ -135,83 +137,6 @@ class _Row:
             logprobs=tuple(self.events) if config.logprobs > 0 else None,
             complete=None if self.grammar is None else self.grammar.complete and not self.stream.stopped,
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Model back-ends: prefill a batch of contexts, then one token per row per step.
-# ---------------------------------------------------------------------------------------------
-
-
-class _GPTBackend:
-    def __init__(self, model: nn.Module, pad_id: int, device: torch.device):
-        self.model, self.pad_id, self.device = model, pad_id, device
-        self.capacity = model.config.block_size
-
-    def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
-        """Fill a fresh cache with the contexts; logits (B, V) of each one's last position. Identical
-        contexts (n samples of one prompt, the negative rows of guidance) are computed once and their
-        cache rows copied, as vLLM shares a prompt's blocks among its samples."""
-        unique = list(dict.fromkeys(tuple(ids) for ids in contexts))
-        if len(unique) == len(contexts):
-            return self._prefill(contexts)
-        first_row = {ids: row for row, ids in enumerate(unique)}
-        index = torch.tensor([first_row[tuple(ids)] for ids in contexts], device=self.device)
-        logits = self._prefill([list(ids) for ids in unique])
-        self.keep(index)  # (len(unique) rows) -> (B rows): cache and next positions copied per duplicate
-        return logits[index]
-
-    def _prefill(self, contexts: list[list[int]]) -> torch.Tensor:
-        """Left-pad the contexts into one (B, T) batch, fill a fresh cache; logits of the last position."""
-        width = max(len(c) for c in contexts)
-        idx = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
-        pad_mask = torch.zeros(len(contexts), width, dtype=torch.bool)
-        for row, ids in enumerate(contexts):
-            idx[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            pad_mask[row, width - len(ids) :] = True
-        idx, pad_mask = idx.to(self.device), pad_mask.to(self.device)
-        positions = (pad_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-        self.next_position = positions[:, -1:] + 1  # (B, 1)
-        self.cache = self.model.new_cache(len(contexts))
-        padded = not all(len(c) == width for c in contexts)
-        mask = pad_mask if padded else None
-        logits, _ = self.model(idx, cache=self.cache, positions=positions, pad_mask=mask, last_only=True)
-        return logits[:, -1]
-
-    def step(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """tokens (B, 1) -> next logits (B, V); slides the window when the cache is full."""
-        if self.cache.length >= self.capacity:
-            return self.prefill([row.window(max(self.capacity // 2, len(row.prefix) + 1)) for row in rows])
-        logits, _ = self.model(tokens, cache=self.cache, positions=self.next_position)
-        self.next_position = self.next_position + 1
-        return logits[:, -1]
-
-    def keep(self, index: torch.Tensor) -> None:
-        self.cache.reorder(index)
-        self.next_position = self.next_position[index]
-
-
-class _LSTMBackend:
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.model, self.device = model, device
-
-    def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
-        """Run each context on its own (no padding can leak into the state), then stack the states."""
-        states, last = [], []
-        for ids in contexts:
-            state = self.model.new_cache(1)
-            logits, _ = self.model(torch.tensor([ids], dtype=torch.long, device=self.device), cache=state)
-            states.append(state.hc)
-            last.append(logits[:, -1])
-        self.state = self.model.new_cache(len(contexts))
-        self.state.hc = (torch.cat([h for h, _ in states], dim=1), torch.cat([c for _, c in states], dim=1))
-        return torch.cat(last, dim=0)
-
-    def step(self, tokens: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        logits, _ = self.model(tokens, cache=self.state)
-        return logits[:, -1]
-
-    def keep(self, index: torch.Tensor) -> None:
-        self.state.reorder(index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +211,7 @@ def _decode_rows(
     """The loop itself: prefill every row, then one token per active row per step until all finish."""
     device = next(model.parameters()).device
     limit = context_limit(model)
-    backend = _GPTBackend(model, tokenizer.pad_id, device) if limit else _LSTMBackend(model, device)
+    backend = kinds.decode_backend(model, tokenizer.pad_id, device)
     if any(row.negative for row in rows):
         scales = [row.request.config.guidance_scale for row in rows]
         backend = GuidedBackend(backend, [row.negative for row in rows], scales, limit)

@@ -8,6 +8,7 @@ The HTML is the Markdown rendered by `markdown-it-py`, so the two always say the
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -17,10 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aigc import __version__
-from aigc.artifacts.run import EVAL, PLOTS, WEIGHTS, read_metrics, read_run_config, stored_parameter_count
+from aigc.artifacts.hardware import describe_hardware
+from aigc.artifacts.run import EVAL, PLOTS, WEIGHTS, RunConfig, read_metrics, read_run_config, stored_parameter_count
 from aigc.errors import AigcError
 from aigc.evaluate.describe import eval_markdown, fmt, table
 from aigc.fsutil import write_text
+from aigc.models.kinds import describe_run
 
 Section = tuple[str, str]  # (title, Markdown body)
 
@@ -80,16 +83,14 @@ def build_markdown(run_dir: Path, extra_sections: Sequence[Section] = (), *, eva
 
 def summary_section(run_dir: Path, config: dict, metrics: list[dict]) -> str:
     """Data, model size, tokens seen, time and hardware, from the run folder alone."""
-    model = config.get("model", {})
     data = config.get("data", {})
     train = config.get("train", {})
     last = metrics[-1] if metrics else {}
     best = min((m for m in metrics if m.get("val_loss") is not None), key=lambda m: m["val_loss"], default={})
-    params = stored_parameter_count(run_dir / WEIGHTS)
     rows = [
         ("data", f"`{data.get('path', 'not recorded')}`" + _data_counts(data)),
         ("labels", ", ".join(data.get("labels") or []) or "none"),
-        ("model", _model_line(model, params)),
+        ("model", _model_line(run_dir, config)),
         ("initialised from", config.get("init_from") or "scratch"),
         ("steps", fmt(last.get("step"))),
         ("tokens seen", fmt(last.get("tokens"))),
@@ -108,20 +109,23 @@ def _data_counts(data: dict) -> str:
     return f" ({', '.join(counts)})" if counts else ""
 
 
-def _model_line(model: dict, params: int | None) -> str:
-    if not model:
+def _model_line(run_dir: Path, config: dict) -> str:
+    """Family, total and trainable parameters, shape: the model's own description (`aigc.models.kinds`)."""
+    if not config.get("model"):
         return "not recorded"
-    shape = f"{model.get('n_layer')} layers, width {model.get('n_embd')}"
-    if model.get("kind") == "gpt":
-        shape += f", {model.get('n_head')} heads"
-    else:
-        shape += f", hidden {model.get('hidden_size')}"
-    size = f"{params / 1e6:.2f} M parameters, " if params else ""
-    context, vocabulary = model.get("block_size"), fmt(model.get("vocab_size"))
-    return f"{model.get('kind', '?').upper()}: {size}{shape}, context {context}, vocabulary {vocabulary}"
+    run_config = RunConfig.from_json(config)
+    summary = describe_run(run_config)
+    if summary.parameters is None:  # training records the counts; an imported run has its weights file
+        stored = stored_parameter_count(run_dir / WEIGHTS)
+        lora = run_config.weights.format == "lora"  # the file holds what trained, not the base
+        summary = dataclasses.replace(summary, parameters=None if lora else stored, trainable=stored if lora else None)
+    return summary.line()
 
 
 def _hardware(config: dict, train: dict, last: dict) -> str:
+    recorded = config.get("extra", {}).get("hardware")
+    if isinstance(recorded, dict):  # what training recorded (artifacts.hardware)
+        return describe_hardware(recorded)
     for source in (last, config.get("extra", {})):
         for key in ("hardware", "device"):
             if source.get(key):

@@ -50,6 +50,17 @@ def _safe_cut(text: str, at: int) -> int:
     return -1
 
 
+def _joins_no_cut(pre: pre_tokenizers.PreTokenizer | None) -> bool:
+    """Whether no pre-token of `pre` spans a `text_pieces` cut (a space between two non-spaces): the
+    byte-level GPT-2 regex starts a new pre-token at " word"; digit splitting (SmolLM2 runs it before the
+    byte level) never joins a space to anything; a sequence of such steps neither."""
+    if isinstance(pre, pre_tokenizers.ByteLevel):
+        return bool(pre.use_regex)
+    if isinstance(pre, pre_tokenizers.Digits):
+        return True
+    return isinstance(pre, pre_tokenizers.Sequence) and all(_joins_no_cut(step) for step in pre)
+
+
 def label_token(label: str) -> str:
     """The control token for a label value: `pos` -> `<|pos|>`."""
     return f"<|{label}|>"
@@ -139,10 +150,10 @@ class Tokenizer:
 
     @property
     def splits_safely(self) -> bool:
-        """True when encoding `text_pieces(text)` gives the ids of `text` (aigc's own byte-level BPE;
-        imported tokenizers may normalise or mark word starts differently)."""
-        pre = self.hf.pre_tokenizer
-        return self.hf.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and bool(pre.use_regex)
+        """True when encoding `text_pieces(text)` gives the ids of `text` (aigc's own byte-level BPE, and
+        imported ones that split digits first, as SmolLM2's; others may normalise or mark word starts
+        differently, and are given whole texts)."""
+        return self.hf.normalizer is None and _joins_no_cut(self.hf.pre_tokenizer)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]

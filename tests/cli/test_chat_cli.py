@@ -14,8 +14,6 @@ import termios
 import time
 from pathlib import Path
 
-import pytest
-
 from aigc.cli import main
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -75,21 +73,6 @@ class Terminal:
         code = self.proc.wait(max(1.0, deadline - time.monotonic()))
         os.close(self.master)
         return code
-
-
-@pytest.fixture
-def terminal():
-    terminals: list[Terminal] = []
-
-    def _open(*args: str) -> Terminal:
-        terminals.append(Terminal(*args))
-        return terminals[-1]
-
-    yield _open
-    for term in terminals:
-        if term.proc.poll() is None:
-            term.proc.kill()
-            term.proc.wait()
 
 
 def test_interactive_chat_keeps_history_and_obeys_commands(terminal, make_chat_run, tmp_path):

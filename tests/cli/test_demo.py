@@ -1,7 +1,6 @@
 """`aigc demo` end to end at toy scale: a tiny Llama-shaped "imported" base instead of SmolLM2, a small CSV
 instead of IMDb, seconds of LoRA fine-tuning."""
 
-import argparse
 import json
 
 import pytest
@@ -9,8 +8,9 @@ import torch
 from tests.conftest import make_reviews, write_csv
 
 from aigc.artifacts.run import RunConfig, save_run
-from aigc.cli import demo_steps, main
+from aigc.cli import main
 from aigc.config import model_preset, to_dict
+from aigc.demo import steps
 from aigc.models import build_model
 from aigc.tokenizer import Tokenizer
 
@@ -133,11 +133,10 @@ def test_demo_rejects_bad_budgets(flag, value, capsys):
 
 
 def test_a_saved_evaluation_is_reused_only_when_it_was_sampled_as_the_demo_samples(tmp_path):
-    args = argparse.Namespace(guidance_scale=3.0)
     saved = tmp_path / "base.json"
-    sampling = {**to_dict(demo_steps._eval_sampling(args)), "max_new_tokens": 96, "seed": "1337 + sample index"}
+    sampling = {**to_dict(steps.eval_sampling(3.0)), "max_new_tokens": 96, "seed": "1337 + sample index"}
     saved.write_text(json.dumps({"sampling": sampling}))
-    assert demo_steps._same_sampling(saved, args)
-    assert not demo_steps._same_sampling(saved, argparse.Namespace(guidance_scale=2.0))
+    assert steps.same_sampling(saved, 3.0)
+    assert not steps.same_sampling(saved, 2.0)
     saved.write_text(json.dumps({"sampling": {**sampling, "min_new_tokens": 0}}))  # an older demo's evaluation
-    assert not demo_steps._same_sampling(saved, args)
+    assert not steps.same_sampling(saved, 3.0)

@@ -139,16 +139,17 @@ def encode(values: torch.Tensor, qtype: Q, rng: np.random.Generator) -> np.ndarr
 
 
 def write_tiny_llama(
-    path, *, pre="smollm", add_bos=False, tied=True, arch="llama", types=LAYER_TYPES, skip_key=None
+    path, *, pre="smollm", add_bos=False, tied=True, arch="llama", types=LAYER_TYPES, skip_key=None, keys=None
 ) -> dict[str, torch.Tensor]:
-    """A 2-layer GQA Llama GGUF at `path`; returns the HF-named weights before quantising."""
+    """A 2-layer GQA Llama GGUF at `path`; returns the HF-named weights before quantising. `keys`
+    overrides metadata values (the tensors keep the 2-layer shapes)."""
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     d = DIMS
     head_dim = d["hidden"] // d["heads"]
     w = GGUFWriter(str(path), arch)
     n_vocab = write_tokenizer(w, pre, add_bos)
     w.add_name("tiny llama")
-    keys = {
+    metadata = {
         "block_count": d["layers"],
         "context_length": 64,
         "embedding_length": d["hidden"],
@@ -159,8 +160,8 @@ def write_tiny_llama(
         "rope_freq_base": 50000.0,
         "rope_dimension_count": head_dim,
         "vocab_size": n_vocab,
-    }
-    for key, value in keys.items():
+    } | (keys or {})
+    for key, value in metadata.items():
         if key != skip_key:
             getattr(w, f"add_{key}")(value)
     hf = {}

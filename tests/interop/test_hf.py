@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from aigc.cli import main  # noqa: E402
-from aigc.config import SampleConfig  # noqa: E402
+from aigc.config import LLAMA_STYLE, SampleConfig  # noqa: E402
 from aigc.generate import Request, generate  # noqa: E402
 from aigc.models import load_run  # noqa: E402
 
@@ -130,3 +130,11 @@ def test_export_hf_card_reports_training_metrics(make_run, tmp_path):
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "| training tokens | 102,400 |" in card and "| optimizer steps | 200 |" in card
     assert "| best val_loss | 4.5 |" in card and "| val_bpb | 2 |" in card
+
+
+def test_export_hf_of_a_llama_run_names_options_that_exist(make_run, tmp_path, capsys):
+    run_dir = make_run("gpt", name="llama", **LLAMA_STYLE)
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "`aigc export --format int8`" in err and "export it as Llama" not in err
+    assert main(["export", str(run_dir), "--format", "int8", "--out", str(tmp_path / "int8")]) == 0  # the named way

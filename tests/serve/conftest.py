@@ -1,12 +1,15 @@
-"""Fixtures for the server tests: an app over a random tiny run, in-process or on a real socket."""
+"""Fixtures and helpers for the server tests: an app over a random tiny run, in-process or on a real
+socket; waiting for a condition or a server process; slowing or failing a model's forward pass."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -15,6 +18,40 @@ from fastapi.testclient import TestClient
 from aigc.config import ServeConfig
 from aigc.models import load_run
 from aigc.serve import create_app
+
+MODEL = "run"  # make_run's folder name, which the server uses as the model id
+KEY = "test-key"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for: {what}"
+        time.sleep(0.005)
+
+
+def wait_until_up(url: str, server: subprocess.Popen) -> None:
+    """Wait for an `aigc serve` process to answer /health (it must not exit meanwhile)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "server exited early"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("server did not come up")
+
+
+def patch_forward(model, before: Callable[[], None]) -> None:
+    """Call `before()` ahead of every forward pass of `model` (to slow it down or make it fail)."""
+    forward = model.forward
+
+    def patched(*args, **kwargs):
+        before()
+        return forward(*args, **kwargs)
+
+    model.forward = patched  # nn.Module.__call__ looks the instance attribute up first
 
 
 @pytest.fixture

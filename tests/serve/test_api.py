@@ -8,14 +8,13 @@ from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
+from tests.serve.conftest import MODEL
 
 from aigc.config import SampleConfig, ServeConfig
 from aigc.fsutil import append_jsonl
 from aigc.generate import Request, generate
 from aigc.models import load_run
 from aigc.serve import create_app
-
-MODEL = "run"  # make_run's folder name, which the server uses as the model id
 
 
 def complete(client: TestClient, **fields) -> dict:
@@ -317,6 +316,22 @@ def test_run_summary_reports_size_labels_and_val_bpb(make_run):
     assert summary["model"] == "tiny-gpt" and summary["params"] == run.model.num_params()
     assert summary["labels"] == ["pos", "neg"] and summary["block_size"] == 64
     assert (summary["step"], summary["val_bpb"], summary["best_val_bpb"]) == (300, 2.2, 2.1)
+    assert summary["family"] == "GPT-2" and summary["description"].startswith("GPT-2: ")
+
+
+def test_run_summary_names_a_llama_shaped_run_by_its_family(make_run):
+    from aigc.config import LLAMA_STYLE, ServeConfig
+    from aigc.models import load_run
+    from aigc.serve import create_app
+
+    run = load_run(make_run(**LLAMA_STYLE))
+    with TestClient(create_app(run, ServeConfig(allowed_hosts=("testserver",)))) as client:
+        summary = client.get("/v1/run").json()
+    params = run.model.num_params()
+    assert summary["family"] == "Llama" and summary["trainable"] is None
+    assert summary["description"] == f"Llama: {params / 1e6:.2f} M parameters; 2 layers × 64, 2 heads, context 64, " + (
+        f"vocabulary {run.tokenizer.vocab_size:,}"
+    )
 
 
 def test_server_bug_is_500_in_error_shape(make_app, monkeypatch):

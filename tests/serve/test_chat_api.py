@@ -10,6 +10,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
+from tests.serve.conftest import KEY
 
 from aigc.chat import encode_chat, load_chat_template, parse_messages
 from aigc.config import SampleConfig, ServeConfig
@@ -18,7 +19,6 @@ from aigc.models import load_run
 from aigc.serve import create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KEY = "test-key"
 MESSAGES = [
     {"role": "system", "content": "You write film reviews."},
     {"role": "user", "content": [{"type": "text", "text": "a wonderful film"}]},
@@ -98,6 +98,24 @@ def test_bad_chat_requests_are_openai_shaped_errors(client, change, status, mess
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "change, param, fragment",
+    [
+        ({"messages": [{"role": "user", "content": "hi\ud800"}]}, "messages", "messages[0].content must be valid"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udce9"}]}]}, "messages", "\\udce9"),
+        ({"stop": ["\udfff"]}, "stop", "stop must be valid UTF-8 text; character 0 is \\udfff (a lone surrogate)"),
+    ],
+)
+def test_lone_surrogates_in_a_chat_request_are_400_naming_the_field(client, change, param, fragment):
+    # json.dumps escapes them as `\ud800`, the way a JSON client may send them; the messages were a 500.
+    body = json.dumps({"model": "run", "messages": [{"role": "user", "content": "hi"}], **change})
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert fragment in error["message"] and "must be valid UTF-8 text" in error["message"]
 
 
 def test_a_run_without_template_answers_400_saying_how(make_run):

@@ -7,10 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from tests.serve.conftest import wait_until_up
 
 from aigc.cli import main
 
@@ -82,15 +82,3 @@ def test_serve_cli_signal_lets_in_flight_request_finish(make_run, tmp_path, stop
     assert "playground http://127.0.0.1" in output and "Application shutdown complete" in output
     if stop == signal.SIGINT:
         assert "stopped; requests in flight were finished" in output
-
-
-def wait_until_up(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "server exited early"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError("server did not come up")

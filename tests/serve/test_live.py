@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
-
-KEY = "test-key"
+from tests.serve.conftest import KEY, wait_for
 
 
 def test_openai_client_completions_and_streaming(live_server):
@@ -116,10 +114,3 @@ def test_client_leaving_a_stream_frees_the_worker(live_server):
     wait_for(lambda: scheduler.running == 0)
     ok = httpx.post(f"{server.url}/v1/completions", json={"model": "run", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)

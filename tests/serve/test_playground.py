@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -169,3 +170,21 @@ def test_playground_chat_tab_streams_keeps_history_and_resets(make_chat_run, liv
     page.click("#tab-completion")
     assert page.locator("#prompt").is_visible()
     assert errors == []
+
+
+def test_playground_header_names_the_family_and_the_trained_share_of_a_llama_run(make_run, live_server, browser):
+    from aigc.artifacts.run import read_run_config, save_config
+    from aigc.config import LLAMA_STYLE
+
+    run_dir = make_run(**LLAMA_STYLE)
+    config = read_run_config(run_dir)
+    extra = {"parameters": {"total": 1_500_000, "trainable": 40_000}}  # as a LoRA fine-tune records them
+    save_config(run_dir, dataclasses.replace(config, extra=extra))
+    server = live_server(app=create_app(load_run(run_dir), ServeConfig()))
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    summary = page.locator("#summary")
+    summary.get_by_text("no evaluation recorded").wait_for()
+    text = summary.inner_text()
+    assert "Llama" in text and "GPT" not in text and "40.0 k trained" in text
+    assert summary.get_attribute("title").startswith("Llama: 1.50 M parameters (0.04 M trainable); 2 layers × 64")

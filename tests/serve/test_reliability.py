@@ -15,32 +15,12 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_cli import wait_until_up  # the same start-up wait as the serve CLI tests
+from tests.serve.conftest import MODEL, patch_forward, wait_for, wait_until_up
 
 from aigc.config import SampleConfig
 from aigc.generate import Request
 from aigc.models import load_run
 from aigc.serve.scheduler import Scheduler
-
-MODEL = "run"
-
-
-def patch_forward(model, before) -> None:
-    """Call `before()` ahead of every forward pass of `model` (to slow it down or make it fail)."""
-    forward = model.forward
-
-    def patched(*args, **kwargs):
-        before()
-        return forward(*args, **kwargs)
-
-    model.forward = patched  # nn.Module.__call__ looks the instance attribute up first
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for: {what}"
-        time.sleep(0.01)
 
 
 def test_scheduler_survives_a_batch_whose_every_job_was_cancelled(make_run):

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.serve.test_reliability import patch_forward, wait_for
+from tests.serve.conftest import patch_forward, wait_for
 
 CLIENTS, REQUESTS = 12, 60
 

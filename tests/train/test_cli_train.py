@@ -22,7 +22,8 @@ def test_cli_train_prints_evaluations_and_samples_then_resumes(tiny_data, tmp_pa
     run = tmp_path / "run"
     assert _train(tiny_data, run, "--max-steps", "4", "--eval-every", "2", "--sample-tokens", "6") == 0
     err = capsys.readouterr().err
-    assert "training gpt" in err and "step 2: train loss" in err and "val bpb" in err
+    assert "training (GPT-2: " in err and "2 layers × 64, 2 heads, context 32" in err
+    assert "step 2: train loss" in err and "val bpb" in err
     assert "[pos]" in err and "[neg]" in err
     assert "done (max-steps) at step 4" in err
     assert main(["train", "--resume", str(run), "--max-steps", "6", "--quiet"]) == 0

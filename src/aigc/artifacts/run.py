@@ -8,6 +8,7 @@ A run folder is self-contained and is what a user passes around:
     RUN/best.safetensors   weights with the best validation loss
     RUN/state.pt           optimizer, schedule, step, RNG, sampler position (tensors only; `state.py`)
     RUN/metrics.jsonl      one JSON object per evaluation
+    RUN/chat_template.jinja  the chat template, when the run chats (its origin: config's chat_template_source)
     RUN/plots/, RUN/eval/, RUN/tensorboard/, RUN/report.md, RUN/report.html
 
 `load_run` builds the model through the weights-loader registry (`registry.py`): `aigc.models`
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from aigc import __version__
 from aigc.artifacts.registry import weights_loader
 from aigc.config import ModelConfig, TrainConfig, from_dict, to_dict
 from aigc.errors import AigcError
-from aigc.fsutil import read_jsonl, write_json, write_with
+from aigc.fsutil import read_jsonl, remove_stale_temp_files, write_json, write_with
 from aigc.tokenizer import Tokenizer
 
 CONFIG = "config.json"
@@ -42,7 +44,7 @@ WEIGHTS = "model.safetensors"
 BEST = "best.safetensors"
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
-CHAT_TEMPLATE = "chat_template.jinja"  # Jinja chat template of imported instruction-tuned models
+CHAT_TEMPLATE = "chat_template.jinja"  # Jinja chat template (imported, or carried over by fine-tuning)
 PLOTS = "plots"
 EVAL = "eval"
 TENSORBOARD = "tensorboard"
@@ -56,7 +58,7 @@ RUN_FOLDER_FILES = {
     TENSORBOARD: ("events.out.tfevents.*",),
 }
 
-WEIGHT_FORMATS = ("full", "lora", "int8")
+WEIGHT_FORMATS = ("full", "lora", "int8", "quantized")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Weights:
       folder) whose model.safetensors has the sha256 `base_sha256`; the file holds the adapters (and
       the rows of added tokens) only. Runs written before `base` was set hold the base weights too.
     int8: dynamically quantized linear layers (`quantization` describes the scheme; see models/int8.py).
+    quantized: GGML block-quantised layers kept as a GGUF file holds them (`quantization` names the
+      types; see models/qlinear.py).
     """
 
     format: str = "full"
@@ -81,9 +85,10 @@ class Weights:
             raise AigcError(f"unknown weights format {self.format!r}; aigc reads: {', '.join(WEIGHT_FORMATS)}")
         if (self.format == "lora") != (self.lora is not None):
             raise AigcError("weights of format 'lora' (and only those) carry LoRA settings; config.json was edited")
-        if (self.format == "int8") != (self.quantization is not None):
+        if (self.format in ("int8", "quantized")) != (self.quantization is not None):
             raise AigcError(
-                "weights of format 'int8' (and only those) carry a quantization scheme; config.json was edited"
+                "weights of format 'int8' or 'quantized' (and only those) carry a quantization scheme; "
+                "config.json was edited"
             )
 
     @property
@@ -101,6 +106,9 @@ class RunConfig:
     init_from: str | None = None
     weights: Weights = field(default_factory=Weights)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance only: parameter counts, import source
+    # Where RUN/chat_template.jinja came from: {"from": "import" | "instruction data" | "base" | "file",
+    # "path": ...}; None when the run has none (or was written before this field).
+    chat_template_source: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +119,7 @@ class RunConfig:
             "init_from": self.init_from,
             "weights": dataclasses.asdict(self.weights),
             "extra": self.extra,
+            "chat_template_source": self.chat_template_source,
         }
 
     @classmethod
@@ -129,6 +138,7 @@ class RunConfig:
             init_from=obj.get("init_from"),
             weights=weights,
             extra=extra,
+            chat_template_source=obj.get("chat_template_source"),
         )
 
 
@@ -195,17 +205,30 @@ def stored_parameter_count(path: str | os.PathLike) -> int | None:
 
 
 def save_run(run_dir: str | os.PathLike, config: RunConfig, tokenizer: Tokenizer, model: nn.Module) -> Path:
-    """Write config, tokenizer and weights: the minimum that `load_run` needs."""
+    """Write weights, tokenizer and config: the minimum that `load_run` needs. The weights go first:
+    the largest write is the likeliest to fail (a full disk), and then a run being replaced
+    (`--overwrite`) is left whole as it was, not with the new config over the old weights."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run_dir, config)
-    tokenizer.save(run_dir / TOKENIZER)
     save_weights(model, run_dir / WEIGHTS)
+    tokenizer.save(run_dir / TOKENIZER)
+    save_config(run_dir, config)
     return run_dir
 
 
 # Built-in pretrained models: `aigc pull NAME` converts them into `models_home() / NAME`.
 BUILT_IN_MODELS = ("smollm2-135m",)
+
+
+def copy_chat_template(source: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
+    """Copy a chat template file (a run's or a dataset's, or any path) into `run_dir`, atomically; False
+    when there is none to copy."""
+    source = Path(source)
+    source = source / CHAT_TEMPLATE if source.is_dir() else source
+    if not source.is_file():
+        return False
+    write_with(Path(run_dir) / CHAT_TEMPLATE, lambda tmp: shutil.copyfile(source, tmp))
+    return True
 
 
 def aigc_home() -> Path:
@@ -277,6 +300,12 @@ def require_plain_weights(config: RunConfig, run_dir: str | os.PathLike, action:
     if fmt == "int8":
         source = (config.weights.quantization or {}).get("source", "the fp32 run it was made from")
         raise AigcError(f"{action}: run {run_dir} is already int8 (dynamically quantized); {verb} {source} instead")
+    if fmt == "quantized":
+        source = (config.weights.quantization or {}).get("source", "the original model")
+        raise AigcError(
+            f"{action}: run {run_dir} holds block-quantised weights; {verb} an fp32 run instead "
+            f"(import {source} with --dequantize)"
+        )
 
 
 def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -284,6 +313,7 @@ def prepare_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AigcError(f"--out {out} is a file; pass a folder path")
+    remove_stale_temp_files(out)  # what a killed import/export left; it does not make the folder "not empty"
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AigcError(f"--out {out} is not empty; choose a new folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch
 
 from aigc.artifacts.run import STATE
 from aigc.errors import AigcError
-from aigc.fsutil import write_with
+from aigc.fsutil import write_stream
 
 
 def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -19,7 +19,8 @@ def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> None:
     so that `load_state` can read it back with `weights_only=True` (no pickled code). A checksum of
     the content goes in too: a flipped bit in a tensor would otherwise load without complaint."""
     state = {**state, "checksum": state_checksum(state)}
-    write_with(Path(run_dir) / STATE, lambda tmp: torch.save(state, tmp))
+    # Through a file object that reports a refused write (disk full) as the OSError it is.
+    write_stream(Path(run_dir) / STATE, lambda f: torch.save(state, f))
 
 
 def state_checksum(state: Any) -> str:

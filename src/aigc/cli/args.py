@@ -6,7 +6,10 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
+
+from aigc.errors import check_text
 
 
 def _base_type(annotation: Any) -> Any:
@@ -18,6 +21,14 @@ def _base_type(annotation: Any) -> Any:
     if origin is tuple:
         return tuple
     return annotation
+
+
+def text(flag: str) -> Callable[[str], str]:
+    """argparse `type` of a free-text option (a prompt, a message, a stop string). A byte that is not
+    UTF-8 on the command line reaches Python as a surrogate (`$'caf\\xe9'` is "caf\\udce9"), which the
+    tokenizer cannot take: refused while parsing with an AigcError naming the option, that `aigc.cli.main`
+    prints as one line (argparse's own errors print the whole usage first)."""
+    return lambda value: check_text(value, flag)
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -41,9 +52,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, exclude: t
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
-            kwargs.update(action="append", metavar="TEXT")
+            kwargs.update(action="append", metavar="TEXT", type=text(flag_name(f)))
         else:
-            kwargs.update(type=kind, metavar=f.name.upper())
+            kwargs.update(type=text(flag_name(f)) if kind is str else kind, metavar=f.name.upper())
         group.add_argument(flag_name(f), **kwargs)
 
 

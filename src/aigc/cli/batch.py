@@ -16,12 +16,12 @@ import string
 import sys
 from pathlib import Path
 
-from aigc.cli.args import add_dataclass_args, dataclass_from_args
+from aigc.cli.args import add_dataclass_args, dataclass_from_args, text
 from aigc.cli.generate import add_run_args, load
 from aigc.cli.structured import add_structured_args, grammar_from_args, json_columns
 from aigc.config import SampleConfig
 from aigc.errors import AigcError
-from aigc.fsutil import parse_jsonl_objects, write_text
+from aigc.fsutil import parse_jsonl_objects, read_user_text, write_text
 
 OUTPUT_COLUMN = "generated"
 FORMATS = (".csv", ".jsonl")
@@ -41,16 +41,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_args(parser)
     parser.add_argument("--input", required=True, type=Path, help="rows to fill the template from (.csv or .jsonl)")
     parser.add_argument(
-        "--template", required=True, help='prompt template, e.g. "Write a {sentiment} review of {title}:"'
+        "--template",
+        required=True,
+        type=text("--template"),
+        help='prompt template, e.g. "Write a {sentiment} review of {title}:"',
     )
     parser.add_argument("--out", required=True, type=Path, help="output table (.csv or .jsonl)")
-    parser.add_argument("--label-field", help="condition each row on the label named in this field")
+    parser.add_argument(
+        "--label-field", type=text("--label-field"), help="condition each row on the label named in this field"
+    )
     parser.add_argument(
         "--chat",
         action="store_true",
         help="instruction mode: each filled template is a user message, rendered with RUN's chat template",
     )
-    parser.add_argument("--system", help="system prompt for every row (implies --chat)")
+    parser.add_argument("--system", type=text("--system"), help="system prompt for every row (implies --chat)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted --out, skipping its rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--batch-size", type=int, default=16, help="rows decoded together (1..256)")
@@ -143,11 +148,9 @@ def _check_format(path: Path, flag: str) -> None:
 def read_rows(path: Path) -> list[dict]:
     """The rows of a CSV (header line first) or JSONL (one object per line) file."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM that spreadsheet exports add
+        text = read_user_text(path, what="--input", encoding="utf-8-sig")  # spreadsheet exports add a BOM
     except FileNotFoundError:
         raise AigcError(f"--input file not found: {path}; check the path") from None
-    except UnicodeDecodeError as exc:
-        raise AigcError(f"--input {path} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
     rows = _parse_table(text, path)
     if not rows:
         raise AigcError(f"--input {path} holds no rows")

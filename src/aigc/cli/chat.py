@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from aigc.cli.args import add_dataclass_args, dataclass_from_args
+from aigc.cli.args import add_dataclass_args, dataclass_from_args, text
 from aigc.cli.generate import add_run_args, load
 from aigc.cli.structured import add_structured_args, grammar_from_args
 from aigc.config import SampleConfig
-from aigc.errors import AigcError
+from aigc.errors import AigcError, check_text
 from aigc.fsutil import write_text
 
 HELP = "commands: /reset  /system TEXT  /save FILE  /help   Ctrl-C stops an answer, Ctrl-D quits"
@@ -36,8 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_run_args(parser)
-    parser.add_argument("--message", help="send this one message, print the answer and exit")
-    parser.add_argument("--system", help="system prompt (the instruction the whole conversation follows)")
+    parser.add_argument("--message", type=text("--message"), help="send this one message, print the answer and exit")
+    parser.add_argument(
+        "--system", type=text("--system"), help="system prompt (the instruction the whole conversation follows)"
+    )
     parser.add_argument(
         "--chat-template", type=Path, metavar="FILE", help="copy this Jinja chat template into RUN first (kept)"
     )
@@ -89,8 +91,15 @@ class Session:
         return reply
 
     def save(self, path: Path) -> None:
+        """Write the conversation to `path`; a path that cannot be written is an AigcError (the session
+        and its conversation go on)."""
+        if path.is_dir():
+            raise AigcError(f"{path} is a folder; give a file name, e.g. /save {path / 'chat.jsonl'}")
         record = {"messages": [m.to_json() for m in self.messages]}
-        write_text(path, json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            write_text(path, json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise AigcError(f"cannot save to {path} ({exc.strerror or exc}); the conversation is kept") from None
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -110,6 +119,8 @@ def handle(args: argparse.Namespace) -> int:
     # Deferred: only the interactive session wants it; line editing, and input() then sees Ctrl-C at once.
     import readline  # noqa: F401
 
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 come in as surrogates, whatever the locale,
+        sys.stdin.reconfigure(errors="surrogateescape")  # and `_turn` refuses that line, not the session
     print(f"aigc chat: {args.run}; {HELP}", file=sys.stderr)
     while True:
         try:
@@ -132,7 +143,7 @@ def _turn(session: Session) -> bool:
         sys.stdout.write("\n")
         return False
     try:
-        _act(session, line.strip())
+        _act(session, check_text(line, "the line read from standard input").strip())
     except AigcError as exc:
         print(f"aigc chat: error: {exc}", file=sys.stderr, flush=True)
     return True

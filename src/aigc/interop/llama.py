@@ -9,11 +9,15 @@ into `mlp.c_fc` (2 * ffn, C). Both sides store linear weights as (out, in).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
+from aigc.interop.dims import whole
 from aigc.models.gpt import GPT
+from aigc.models.kinds import family
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -38,21 +42,25 @@ TOP_NAMES = {
 
 
 def _architecture(hf: dict) -> str:
-    found = [a for a in hf.get("architectures") or [] if a in SUPPORTED]
+    archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise AigcError(f"architectures must be a list of class names, not {archs!r}; the config is damaged")
+    found = [a for a in archs if a in SUPPORTED]
     if not found:
         given = ", ".join(hf.get("architectures") or []) or f"model_type {hf.get('model_type')!r}"
         raise AigcError(f"unsupported architecture {given}; aigc imports {', '.join(SUPPORTED)}")
     return found[0]
 
 
-def _rope_theta(hf: dict) -> float:
+def _rope_theta(hf: dict, where: str) -> float:
     """rope_theta from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`)."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
+    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise AigcError(f"{where}: rope_parameters / rope_scaling must be JSON objects; the file is damaged")
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
         raise AigcError(f"rope scaling {kind!r} is not supported; aigc reproduces plain rotary positions only")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return _number({"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}, "rope_theta", 0, where)
 
 
 def _biases(arch: str, hf: dict) -> tuple[bool, bool]:
@@ -65,42 +73,53 @@ def _biases(arch: str, hf: dict) -> tuple[bool, bool]:
     return attention, False
 
 
-def model_config_from_hf(hf_config: dict, *, block_size: int | None = None) -> ModelConfig:
+def model_config_from_hf(hf_config: dict, *, block_size: int | None = None, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Llama/Qwen2/Mistral config.json (as a dict). block_size defaults to
     max_position_embeddings (or a smaller sliding window); the KV cache preallocates that many
-    positions per row, so pass less to save memory. Anything we cannot reproduce is an AigcError."""
+    positions per row, so pass less to save memory. Anything we cannot reproduce is an AigcError
+    naming `where`. The sizes are only read here: `dims.check_llama_dims` compares them with the
+    tensors before anything is built from them."""
     hf, arch = hf_config, _architecture(hf_config)
     if hf.get("hidden_act", "silu") != "silu":
         raise AigcError(f"hidden_act {hf.get('hidden_act')!r} is not supported; aigc's SwiGLU uses silu")
-    heads, width = int(hf["num_attention_heads"]), int(hf["hidden_size"])
+    heads, width = whole(hf, "num_attention_heads", where), whole(hf, "hidden_size", where)
     if hf.get("head_dim") not in (None, width // heads):
-        raise AigcError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads; not supported")
+        raise AigcError(f"{where}: head_dim {hf['head_dim']!r} != hidden_size / num_attention_heads; not supported")
+    if hf.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise AigcError(f"{where}: partial_rotary_factor {hf['partial_rotary_factor']!r} is not supported; only 1")
     if hf.get("use_sliding_window"):
         raise AigcError("Qwen2 with use_sliding_window=true is not supported; only full attention")
-    window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
-    limit = min(int(hf.get("max_position_embeddings", 2048)), window or 1 << 62)
+    window = whole(hf, "sliding_window", where) if arch == "MistralForCausalLM" and hf.get("sliding_window") else None
+    limit = min(whole(hf, "max_position_embeddings", where, default=2048), window or 1 << 62)
     if block_size is not None and block_size > limit:
         raise AigcError(f"block_size {block_size} exceeds what this model reproduces exactly ({limit})")
     bias, qkv_bias = _biases(arch, hf)
     return ModelConfig(
         kind="gpt",
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=whole(hf, "vocab_size", where),
         block_size=block_size or limit,
-        n_layer=int(hf["num_hidden_layers"]),
+        n_layer=whole(hf, "num_hidden_layers", where),
         n_head=heads,
         n_embd=width,
-        n_kv_head=int(hf.get("num_key_value_heads") or heads),
-        ffn_hidden=int(hf["intermediate_size"]),
+        n_kv_head=whole(hf, "num_key_value_heads", where, default=heads),
+        ffn_hidden=whole(hf, "intermediate_size", where),
         norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=_number(hf, "rms_norm_eps", 1e-6, where),
         positions="rotary",
-        rope_theta=_rope_theta(hf),
+        rope_theta=_rope_theta(hf, where),
         mlp="swiglu",
         bias=bias,
         qkv_bias=qkv_bias,
         dropout=0.0,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+
+
+def _number(hf: dict, key: str, default: float, where: str) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise AigcError(f"{where}: {key} is {value!r}, not a positive number; the file is damaged or hand-edited")
+    return float(value)
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
@@ -146,8 +165,7 @@ def _check_names(state: dict, unused: list[str], expected: dict[str, tuple]) -> 
 
 
 def _check_exportable(config: ModelConfig) -> None:
-    llama = (config.kind, config.norm, config.positions, config.mlp) == ("gpt", "rmsnorm", "rotary", "swiglu")
-    if not llama:
+    if family(config) != "Llama":
         raise AigcError(
             "only Llama-style runs (rmsnorm, rotary, swiglu) export as LlamaForCausalLM; "
             "GPT-2-style runs export as GPT2LMHeadModel"

@@ -13,6 +13,7 @@ from aigc.artifacts.run import (
     TOKENIZER,
     WEIGHTS,
     Weights,
+    copy_chat_template,
     prepare_out_dir,
     read_run_config,
     save_config,
@@ -52,6 +53,7 @@ def merge_run(
         save_weights(model, out / name)
     if out != src:
         shutil.copyfile(src / TOKENIZER, out / TOKENIZER)
+        copy_chat_template(src, out)
         if (src / METRICS).is_file():
             shutil.copyfile(src / METRICS, out / METRICS)
     extra = {**config.extra, "merged_lora": spec.to_json(), "parameters": counts}

@@ -17,17 +17,41 @@ import os
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from tokenizers import AddedToken
-from tokenizers import Tokenizer as HFTokenizer
 
-from aigc.artifacts.run import BUILT_IN_MODELS, CHAT_TEMPLATE, RunConfig, models_home, prepare_out_dir, save_run
+from aigc.artifacts.run import (
+    BUILT_IN_MODELS,
+    CHAT_TEMPLATE,
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    RunConfig,
+    Weights,
+    models_home,
+    prepare_out_dir,
+    save_config,
+    save_run,
+)
+from aigc.chat import check_chat_template
 from aigc.config import ModelConfig
 from aigc.errors import AigcError
-from aigc.fsutil import write_text
-from aigc.interop.gguf import find_packaged_gguf, read_gguf
-from aigc.interop.hf import import_hf, read_hf_config, read_hf_weights
+from aigc.fsutil import staged_dir, write_text
+from aigc.interop.dims import check_llama_dims
+from aigc.interop.gguf import GGUFModel, find_packaged_gguf, open_gguf, read_gguf
+from aigc.interop.gguf_blocks import add_rows, block_layers, holds_blocks, stored_types
+from aigc.interop.hf import import_hf
+from aigc.interop.hf_files import (
+    read_hf_config,
+    read_hf_shapes,
+    read_hf_weights,
+    read_tokenizer_file,
+    shapes_of,
+    tokenizer_from_str,
+)
 from aigc.interop.llama import model_config_from_hf, state_dict_from_hf
 from aigc.models import GPT
+from aigc.models.qlinear import save_quantised
 from aigc.tokenizer import EOT, PAD, Tokenizer
 
 # Context the KV cache preallocates for imported models: SmolLM2 claims 8,192 positions, which would
@@ -39,50 +63,108 @@ assert set(PACKAGES) == set(BUILT_IN_MODELS)
 
 
 def pull(name: str, *, home: Path | None = None, context: int = DEFAULT_CONTEXT, overwrite: bool = False) -> Path:
-    """Convert a built-in model from its installed package into `home/name` (once); returns the folder."""
+    """Convert a built-in model from its installed package into `home/name` (once), as fp32: a pulled
+    model is the base that `aigc train --init-from` fine-tunes. Returns the folder."""
     if name not in PACKAGES:
-        raise AigcError(f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}")
+        raise AigcError(
+            f"unknown model {name!r}; built-in models: {', '.join(PACKAGES)}; Hub models: hf:ORG/NAME[@REVISION]"
+        )
     out = (home or models_home()) / name
-    if (out / "config.json").is_file() and not overwrite:
+    if is_complete(out) and not overwrite:
         return out
-    return import_gguf(find_packaged_gguf(PACKAGES[name]), out, context=context, overwrite=True)
+    source = find_packaged_gguf(PACKAGES[name])
+    with staged_dir(out) as staging:  # an interrupted pull leaves no half run at `out`
+        import_gguf(source, staging, context=context, overwrite=True, dequantize=True)
+    return out
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether a pulled folder holds a whole run (folders of versions that imported in place may not)."""
+    return all((run_dir / name).is_file() for name in (CONFIG, TOKENIZER, WEIGHTS))
 
 
 def import_model(
-    source: str | os.PathLike, out_dir: str | os.PathLike, *, context: int = DEFAULT_CONTEXT, overwrite: bool = False
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    overwrite: bool = False,
+    dequantize: bool = False,
 ) -> Path:
-    """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run."""
+    """Import a .gguf file or a Hugging Face folder (Llama-family or GPT-2) as a run. A GGUF file's
+    quantised weights stay quantised unless `dequantize` (then every weight becomes fp32)."""
     src = Path(source)
     if not src.exists():
         raise AigcError(
             f"{src} is not a folder or a .gguf file (it does not exist); pass a local model; nothing is downloaded"
         )
     if src.is_file() and src.suffix.lower() == ".gguf":
-        return import_gguf(src, out_dir, context=context, overwrite=overwrite)
+        return import_gguf(src, out_dir, context=context, overwrite=overwrite, dequantize=dequantize)
     if src.is_dir() and read_hf_config(src).get("model_type") != "gpt2":
         return import_hf_llama(src, out_dir, context=context, overwrite=overwrite)
     return import_hf(src, out_dir, overwrite=overwrite)
 
 
-def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
+def import_gguf(path: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool, dequantize: bool) -> Path:
     out = prepare_out_dir(out_dir, overwrite=overwrite)  # checked before minutes of dequantising
+    if not dequantize:
+        model, reader = open_gguf(path)
+        if holds_blocks(reader):
+            return _write_block_run(model, reader, out, context)
     model = read_gguf(path)
     source = {"format": "gguf", **model.source}
     return _write_run(model.hf_config, model.tensors, model.tokenizer_json, model.chat_template, source, out, context)
 
 
+def _write_block_run(model: GGUFModel, reader: GGUFReader, out: Path, context: int) -> Path:
+    """A quantised run of a GGUF file: its blocks kept (`gguf_blocks.py`), loaded by `models/qlinear.py`."""
+    if model.chat_template is not None:  # checked before anything is written, as in _write_run
+        check_chat_template(model.chat_template, f"of {model.source['path']}")
+    max_positions = int(model.hf_config.get("max_position_embeddings") or context)
+    config = model_config_from_hf(model.hf_config, block_size=min(context, max_positions))
+    layers, plain = block_layers(model, reader, config)
+    tokenizer, added_pad = _tokenizer_with_pad(model.tokenizer_json, out)
+    _check_tokenizer_fits(tokenizer.vocab_size - added_pad, sum(p.rows for p in layers["wte"]))
+    for name in ("wte", "lm_head") if added_pad else ():
+        if name in layers:
+            layers[name] = add_rows(layers[name], tokenizer.vocab_size - config.vocab_size)
+    config = dataclasses.replace(config, vocab_size=sum(p.rows for p in layers["wte"]))
+    source = {"format": "gguf", **model.source, "added_pad_token": added_pad}
+    quantization = {"method": "gguf-blocks", "weights_by_type": stored_types(layers), "source": source["path"]}
+    run_config = RunConfig(
+        model=config,
+        data={"labels": [], "tokenizer_fingerprint": tokenizer.vocab_fingerprint()},
+        weights=Weights(format="quantized", quantization=quantization),
+        extra={"imported_from": source},
+        chat_template_source={"from": "import", "path": source.get("path")} if model.chat_template else None,
+    )
+    # Weights first and config last, as save_run does: a failed --overwrite leaves no config that
+    # names weights which were never written.
+    save_quantised(out / WEIGHTS, layers, plain)
+    tokenizer.save(out / TOKENIZER)
+    save_config(out, run_config)
+    if model.chat_template:
+        write_text(out / CHAT_TEMPLATE, model.chat_template)
+    return out
+
+
 def import_hf_llama(src: Path, out_dir: str | os.PathLike, *, context: int, overwrite: bool) -> Path:
-    hf_config = read_hf_config(src)
-    model_config_from_hf(hf_config)  # an unsupported architecture is refused before anything is written
+    hf_config, where = read_hf_config(src), f"{src}/config.json"
+    model_config_from_hf(hf_config, where=where)  # an unsupported architecture is refused before anything is written
+    shapes = read_hf_shapes(src)  # from the headers: declared sizes are checked before any weight is read
+    if shapes is not None:
+        check_llama_dims(hf_config, shapes, where)
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     if not (src / "tokenizer.json").is_file():
         raise AigcError(f"{src} has no tokenizer.json; copy the model's tokenizer into it")
     template = _hf_chat_template(src)
     source = {"format": "hf", "path": str(src.resolve()), "model_type": hf_config.get("model_type")}
+    tensors = read_hf_weights(src)
+    check_llama_dims(hf_config, shapes_of(tensors), where)  # pytorch_model.bin: its shapes are known only now
     return _write_run(
         hf_config,
-        read_hf_weights(src),
-        (src / "tokenizer.json").read_text(encoding="utf-8"),
+        tensors,
+        read_tokenizer_file(src / "tokenizer.json").to_str(),
         template,
         source,
         out,
@@ -110,10 +192,13 @@ def _write_run(
     out: Path,
     context: int,
 ) -> Path:
+    if chat_template is not None:  # checked before anything is written: it will run on every chat request
+        check_chat_template(chat_template, f"of {source.get('path', 'the model')}")
     max_positions = int(hf_config.get("max_position_embeddings") or context)
     config = model_config_from_hf(hf_config, block_size=min(context, max_positions))
     state = state_dict_from_hf(tensors, config)
     tokenizer, added_pad = _tokenizer_with_pad(tokenizer_json, out)
+    _check_tokenizer_fits(tokenizer.vocab_size - added_pad, state["wte.weight"].shape[0])
     if added_pad:
         state = _grow_vocabulary(state, config, tokenizer.vocab_size)
     config = dataclasses.replace(config, vocab_size=state["wte.weight"].shape[0])
@@ -123,6 +208,7 @@ def _write_run(
         model=config,
         data={"labels": [], "tokenizer_fingerprint": tokenizer.vocab_fingerprint()},
         extra={"imported_from": {**source, "added_pad_token": added_pad}},
+        chat_template_source={"from": "import", "path": source.get("path")} if chat_template else None,
     )
     save_run(out, run_config, tokenizer, model)
     if chat_template:
@@ -131,13 +217,23 @@ def _write_run(
 
 
 def _tokenizer_with_pad(tokenizer_json: str, out: Path) -> tuple[Tokenizer, bool]:
-    hf = HFTokenizer.from_str(tokenizer_json)
+    hf = tokenizer_from_str(tokenizer_json, "the model's tokenizer")
     if hf.token_to_id(EOT) is None:
         raise AigcError(f"the model's tokenizer has no {EOT} token; aigc needs it as end of text ({out})")
     added_pad = hf.token_to_id(PAD) is None
     if added_pad:
         hf.add_special_tokens([AddedToken(PAD, special=True)])
     return Tokenizer(hf, labels=()), added_pad
+
+
+def _check_tokenizer_fits(tokens: int, rows: int) -> None:
+    """A tokenizer larger than the embedding is not the model's (and growing the embedding to fit it
+    would allocate rows x width for a few bytes of tokenizer file)."""
+    if tokens > rows:
+        raise AigcError(
+            f"the tokenizer has {tokens} tokens but the weights only {rows} embedding rows; "
+            "the tokenizer does not belong to these weights"
+        )
 
 
 def _grow_vocabulary(state: dict, config: ModelConfig, vocab_size: int) -> dict:

@@ -18,6 +18,7 @@ from aigc.artifacts.run import (
     WEIGHTS,
     Run,
     Weights,
+    copy_chat_template,
     prepare_out_dir,
     require_plain_weights,
     save_config,
@@ -30,7 +31,7 @@ def export_int8(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False
     """Write an int8 run folder: config (marked int8), tokenizer, int8 weights, metrics.
 
     LoRA adapters are folded in first (by `quantize_int8`); an int8 run is refused: precision is gone."""
-    if run.config.weights.format == "int8":
+    if run.config.weights.format in ("int8", "quantized"):
         require_plain_weights(run.config, run.path, "int8 export", verb="export")
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     tensors = int8_state(quantize_int8(run.model))
@@ -41,6 +42,7 @@ def export_int8(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False
     config = dataclasses.replace(run.config, weights=weights, extra=extra)
     write_with(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "aigc-int8"}))
     run.tokenizer.save(out / TOKENIZER)
+    copy_chat_template(run.path, out)
     if (run.path / METRICS).is_file():
         shutil.copyfile(run.path / METRICS, out / METRICS)
     save_config(out, config)

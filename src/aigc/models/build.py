@@ -1,13 +1,12 @@
-"""`build_model`: a freshly initialised model of the configured kind."""
+"""`build_model`: a freshly initialised model of the configured kind (the kinds are in `kinds.py`)."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
 from aigc.config import ModelConfig
-from aigc.models.gpt import GPT
-from aigc.models.lstm import LSTM
+from aigc.models.kinds import kind_of
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    return GPT(config) if config.kind == "gpt" else LSTM(config)
+    return kind_of(config).model_class(config)

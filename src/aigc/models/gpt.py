@@ -253,7 +253,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self, batch_size: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
-        weight = self.wte.weight
+        weight = self.ln_f.weight  # not wte's: a quantised run's embedding holds blocks, not floats
         return KVCache(self.config, batch_size, device or weight.device, dtype or weight.dtype)
 
     def forward(

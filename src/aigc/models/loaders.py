@@ -2,7 +2,7 @@
 
 full: build the model of config.json and fill it. lora: the base run named in config.json plus the
 stored adapters (`adapted.py`); runs written before adapters were stored apart hold the base too.
-int8: see `int8.py`.
+int8: see `int8.py`. quantized: GGML blocks kept as they are (`qlinear.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from aigc.models.adapted import load_lora_run
 from aigc.models.build import build_model
 from aigc.models.int8 import load_int8_model
 from aigc.models.lora import LoRASpec, apply_lora
+from aigc.models.qlinear import load_quantised_model
 
 
 def load_full(config: RunConfig, weights: Path) -> nn.Module:
@@ -37,3 +38,4 @@ def load_lora(config: RunConfig, weights: Path) -> nn.Module:
 register_weights_loader("full", load_full)
 register_weights_loader("lora", load_lora)
 register_weights_loader("int8", load_int8_model)
+register_weights_loader("quantized", load_quantised_model)

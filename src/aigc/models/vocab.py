@@ -64,6 +64,16 @@ def initial_rows(weight: torch.Tensor, tokenizer: Tokenizer, new_ids: range) -> 
     return torch.stack(rows).detach().clone()
 
 
+def grow_to(model: nn.Module, tokenizer: Tokenizer, vocab_size: int, frozen: bool) -> nn.Module:
+    """Grow a GPT's vocabulary to `vocab_size` in place (no change if it is that large already): the
+    rows of ids [current size, vocab_size) start from their label's word. `frozen`: `grow_frozen` (LoRA)."""
+    old = model.wte.num_embeddings
+    if vocab_size > old:
+        rows = initial_rows(model.wte.weight, tokenizer, range(old, vocab_size))
+        (grow_frozen if frozen else grow)(model, rows)
+    return model
+
+
 def _check_gpt(model: nn.Module) -> None:
     if not isinstance(getattr(model, "wte", None), nn.Embedding) or not hasattr(model, "lm_head"):
         raise AigcError("only a GPT's vocabulary can grow (new label tokens); fine-tune a GPT run or drop the labels")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from aigc.config import SampleConfig, ServeConfig
-from aigc.errors import AigcError
+from aigc.errors import AigcError, check_text
 from aigc.generate import Completion, Request, TokenEvent
 from aigc.serve.schemas import CompletionRequest
 from aigc.serve.structured_api import FieldError, json_fields, response_grammar
@@ -81,10 +81,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     for param, texts in (("prompt", prompts), ("stop", stops), ("negative_prompt", (body.negative_prompt,))):
-        if not all(_is_unicode(text) for text in texts):
-            raise ApiError(
-                400, f"{param} must be valid Unicode text; it holds a lone surrogate (e.g. \\ud800)", param=param
-            )
+        check_texts(param, texts)
     if body.n < 1 or body.n * len(prompts) > limits.max_batch:
         raise ApiError(
             400,
@@ -117,7 +114,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         Request(
             prompt=prompt,
             label=body.label,
-            config=_choice_config(config, j),
+            config=choice_config(config, j),
             negative_prompt=body.negative_prompt,
             negative_label=body.negative_label,
             grammar=grammar,
@@ -178,20 +175,21 @@ def config_error(exc: AigcError) -> ApiError:
     return ApiError(400, message, param=_FIELD_OF_FLAG[first.group(0)] if first else None)
 
 
-def _choice_config(config: SampleConfig, j: int) -> SampleConfig:
+def choice_config(config: SampleConfig, j: int) -> SampleConfig:
     """Choice j of a seeded request uses seed + j, so n choices differ yet stay reproducible."""
     if config.seed is None or j == 0:
         return config
     return replace(config, seed=(config.seed + j) % SEED_LIMIT)
 
 
-def _is_unicode(text: str) -> bool:
-    """JSON escapes can smuggle lone surrogates into a str; they cannot be encoded or tokenized."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def check_texts(param: str, texts: Sequence[str | None]) -> None:
+    """JSON escapes can smuggle lone surrogates into a str; they cannot be encoded or tokenized: 400."""
+    for i, text in enumerate(texts):
+        if text is not None:
+            try:
+                check_text(text, param if len(texts) == 1 else f"{param}[{i}]")
+            except AigcError as exc:
+                raise ApiError(400, str(exc), param=param) from None
 
 
 def _reject_unsupported(body: CompletionRequest) -> None:

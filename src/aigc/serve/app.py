@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
@@ -27,6 +28,7 @@ from aigc.artifacts.run import Run
 from aigc.chat import ChatTemplate, load_chat_template
 from aigc.config import ServeConfig
 from aigc.errors import AigcError
+from aigc.models import context_limit, describe_run
 from aigc.serve import api, chat_api
 from aigc.serve.api import ApiError
 from aigc.serve.guard import Guard, HostAllowList
@@ -156,7 +158,7 @@ def _add_completions_route(app: FastAPI, run: Run, config: ServeConfig, name: st
 
 def _add_chat_route(app: FastAPI, run: Run, config: ServeConfig, name: str, scheduler: Scheduler) -> None:
     template = _chat_template(run)
-    context = run.config.model.block_size if run.config.model.kind == "gpt" else None
+    context = context_limit(run.model)
     token_text = functools.lru_cache(maxsize=None)(lambda i: run.tokenizer.decode([i], skip_special=False))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: CHAT_STREAM})
@@ -164,7 +166,9 @@ def _add_chat_route(app: FastAPI, run: Run, config: ServeConfig, name: str, sche
         _check_model(body.model, name)
         if isinstance(template, AigcError):  # no template, or one that does not parse: say so, and how to fix
             raise ApiError(400, str(template), param="model", code="no_chat_template")
-        plan = chat_api.plan_chat(body, run.tokenizer, template, config, context)
+        # Off the event loop: rendering runs the model's template (up to its time limit) and tokenizing is
+        # CPU work; /health and the other requests keep being answered meanwhile.
+        plan = await run_in_threadpool(chat_api.plan_chat, body, run.tokenizer, template, config, context)
         job = _submit(scheduler, plan, want_events=body.stream or plan.want_logprobs)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         top = body.top_logprobs or 0
@@ -358,10 +362,14 @@ def run_summary(run: Run, name: str, config: ServeConfig) -> dict:
         log.warning("cannot read %s/metrics.jsonl (%s); serving without training figures", run.path, exc)
         evaluated = []
     last = evaluated[-1] if evaluated else {}
+    described = describe_run(run.config, run.model)
     return {
         "model": name,
         "kind": model.kind,
+        "family": described.family,
+        "description": described.line(),
         "params": int(run.model.num_params()),
+        "trainable": described.trainable,
         "n_layer": model.n_layer,
         "n_embd": model.n_embd,
         "block_size": model.block_size,

@@ -87,7 +87,7 @@ def plan_chat(
     max_new = asked or room_left(len(prompt.ids), context, limits.max_tokens_limit)
     config = _sample_config(body, max_new, tokenizer.vocab_size)
     rows = tuple(
-        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api._choice_config(config, j), grammar=grammar)
+        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api.choice_config(config, j), grammar=grammar)
         for j in range(body.n)
     )
     return ChatPlan(rows=rows, want_logprobs=body.logprobs, tools=tools)
@@ -111,8 +111,7 @@ def _sample_config(body: ChatCompletionRequest, max_new: int, vocab_size: int) -
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if not all(api._is_unicode(text) for text in stop):
-        raise ApiError(400, "stop must be valid Unicode text; it holds a lone surrogate", param="stop")
+    api.check_texts("stop", stop)
     try:
         return SampleConfig(
             max_new_tokens=max_new,

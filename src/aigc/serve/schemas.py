@@ -132,7 +132,10 @@ class RunSummary(BaseModel):
 
     model: str
     kind: str
+    family: str = Field(description='architecture family: "Llama", "GPT-2", "LSTM", ... (aigc.models.kinds)')
+    description: str = Field(description="the model in one line: family, total and trainable parameters, shape")
     params: int
+    trainable: int | None = Field(None, description="parameters fine-tuning trained, as training recorded them")
     n_layer: int
     n_embd: int
     block_size: int

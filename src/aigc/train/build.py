@@ -1,13 +1,12 @@
 """The model a training session starts from: fresh, the --init-from run's, or a frozen base with LoRA.
 
 Fine-tuning grows the base's vocabulary to the dataset's (label tokens that prepare appended), each new
-row initialised from its label's word (`models/vocab.py`). Under LoRA the base is loaded through its
+row initialised from its label's word (`models.kinds.grow_vocabulary`). Under LoRA the base is loaded through its
 hash-checked reference and stays frozen; only the adapters and the new rows train.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -15,7 +14,7 @@ import torch.nn as nn
 from aigc.artifacts.run import WEIGHTS, load_weights, read_run_config, resolve_run_dir
 from aigc.config import TrainConfig
 from aigc.errors import AigcError
-from aigc.models import adapted, build_model, lora, vocab
+from aigc.models import adapted, build_model, kinds, lora
 from aigc.train.setup import SessionPlan, freeze_embeddings
 
 
@@ -44,14 +43,7 @@ def _base_model(plan: SessionPlan) -> nn.Module:
     base_dir = resolve_run_dir(plan.init_from)
     model = build_model(read_run_config(base_dir).model)
     load_weights(model, base_dir / WEIGHTS)
-    return _grow(plan, model, vocab.grow)
-
-
-def _grow(plan: SessionPlan, model: nn.Module, how: Callable) -> nn.Module:
-    old, new = model.wte.num_embeddings, plan.model_config.vocab_size
-    if new > old:
-        how(model, vocab.initial_rows(model.wte.weight, plan.data.tokenizer, range(old, new)))
-    return model
+    return kinds.grow_vocabulary(model, plan.data.tokenizer, plan.model_config.vocab_size)
 
 
 def _lora_model(plan: SessionPlan, spec: lora.LoRASpec) -> TrainingModel:
@@ -68,4 +60,5 @@ def _lora_model(plan: SessionPlan, spec: lora.LoRASpec) -> TrainingModel:
         raise AigcError(f"{plan.run_dir} is a LoRA run from an older aigc (no base named); start it again")
     _, model = adapted.load_base(base_ref, base_sha)
     lora.apply_lora(model, spec)
-    return TrainingModel(_grow(plan, model, vocab.grow_frozen), spec, base_ref, base_sha)
+    grown = kinds.grow_vocabulary(model, plan.data.tokenizer, plan.model_config.vocab_size, frozen=True)
+    return TrainingModel(grown, spec, base_ref, base_sha)

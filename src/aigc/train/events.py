@@ -24,6 +24,7 @@ class TrainStart:
     model_config: ModelConfig
     train_config: TrainConfig
     num_params: int
+    description: str  # the model in one line for people (`aigc.models.describe`): family, size, shape
     device: str
     dtype: str  # "fp32" or "bf16"
     world_size: int

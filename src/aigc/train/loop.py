@@ -8,6 +8,7 @@ and one line of `metrics.jsonl`. Progress goes to the caller through `on_event`;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from aigc.artifacts.hardware import hardware
 from aigc.artifacts.run import (
     BEST,
     STATE,
@@ -30,8 +32,9 @@ from aigc.artifacts.run import (
 from aigc.artifacts.state import load_state, save_state
 from aigc.config import ModelConfig, TrainConfig
 from aigc.errors import AigcError
-from aigc.fsutil import file_digest
+from aigc.fsutil import file_digest, remove_stale_temp_files
 from aigc.models import adapted, lora
+from aigc.models.kinds import describe
 from aigc.plots import plot_runs
 from aigc.train import runtime as rt
 from aigc.train import setup
@@ -152,14 +155,19 @@ class Trainer:
             data=self.plan.data.provenance(),
             init_from=self.plan.init_from,
             weights=weights,
-            extra={"parameters": lora.parameter_counts(self.model)},
+            extra={
+                "parameters": lora.parameter_counts(self.model),
+                "hardware": hardware(self.runtime.device, self.runtime.dtype, self.runtime.world_size),
+            },
         )
         if self.plan.resume:
             self.log_truncate()
         elif overwrite:
             setup.clear_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.run_dir, run_config)
+        remove_stale_temp_files(self.run_dir)  # what a killed run left (.model.safetensors.*.tmp, .tmpXXXXXX)
+        chat_template = setup.carry_chat_template(self.plan)  # a fine-tuned chat model still chats
+        save_config(self.run_dir, dataclasses.replace(run_config, chat_template_source=chat_template))
         if not self.plan.resume:
             self.plan.data.tokenizer.save(self.run_dir / TOKENIZER)
 
@@ -447,6 +455,7 @@ class Trainer:
             model_config=self.plan.model_config,
             train_config=self.cfg,
             num_params=sum(p.numel() for p in self.model.parameters()),
+            description=describe(self.model).line(),
             device=self.runtime.describe(),
             dtype=self.runtime.dtype,
             world_size=self.runtime.world_size,

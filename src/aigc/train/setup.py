@@ -20,6 +20,7 @@ from aigc.artifacts.run import (
     STATE,
     TOKENIZER,
     RunConfig,
+    copy_chat_template,
     read_run_config,
     read_run_tokenizer,
     require_plain_weights,
@@ -27,6 +28,8 @@ from aigc.artifacts.run import (
 )
 from aigc.config import ModelConfig, TrainConfig, finetune_train_config, model_preset, train_preset
 from aigc.errors import AigcError
+from aigc.fsutil import is_stale_temp_file
+from aigc.models import kinds
 from aigc.tokenizer import Tokenizer
 from aigc.train.batches import check_split_size
 
@@ -126,7 +129,7 @@ def _finetune_model(data: Dataset, base: RunConfig, init_from: Path) -> ModelCon
     if data.info.get("base_tokenizer_fingerprint") != tokenizer.vocab_fingerprint():
         _check_same_tokenizer(data, tokenizer, init_from)
         return base.model
-    if base.model.kind != "gpt":
+    if not kinds.grows_vocabulary(base.model):
         raise AigcError(f"{data.path} adds label tokens to {init_from}'s vocabulary; only a GPT can grow it")
     return dataclasses.replace(base.model, vocab_size=max(base.model.vocab_size, data.tokenizer.vocab_size))
 
@@ -172,7 +175,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite"
             )
         files_to_clear(run_dir)
-    elif any(run_dir.iterdir()):
+    elif any(not is_stale_temp_file(path) for path in run_dir.iterdir()):  # temp files of a killed run: removed
         raise AigcError(f"{run_dir} exists and is not an aigc run; choose another --out (nothing was changed)")
 
 
@@ -206,6 +209,27 @@ def files_to_clear(run_dir: Path) -> list[Path]:
                         doomed.append(inner)
         doomed.append(path)
     return doomed
+
+
+def carry_chat_template(plan: SessionPlan) -> dict | None:
+    """Give a new run the chat template it was trained for, and say where it came from (for config.json).
+
+    Instruction data's template wins over the base's: the conversations were laid out by it, so it is
+    the format the run learned (and `aigc prepare` took it from a run that may not be the base). Plain
+    text teaches no format, so the base's (`--init-from`) is kept. A resumed run keeps what it has."""
+    if plan.resume:
+        return read_run_config(plan.run_dir).chat_template_source
+    prepared_from = plan.data.info.get("options", {}).get("chat_template_from")
+    candidates = [
+        (plan.data.path, {"from": "instruction data", "path": str(plan.data.path)}),
+        # Instruction data prepared before the dataset kept its template: the run it was rendered with.
+        (prepared_from, {"from": "instruction data", "path": str(plan.data.path), "template_of": prepared_from}),
+        (plan.init_from and resolve_run_dir(plan.init_from), {"from": "base", "path": str(plan.init_from)}),
+    ]
+    for folder, source in candidates:
+        if folder and copy_chat_template(Path(folder), plan.run_dir):
+            return source
+    return None
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -49,7 +49,9 @@ async function loadSummary() {
   const summary = $("summary");
   summary.textContent = "";
   addPart(summary, "run", run.model);
-  addPart(summary, "model", `${run.kind.toUpperCase()} ${formatCount(run.params)} params`);
+  const tuned = run.trainable !== null && run.trainable !== run.params ? `, ${formatCount(run.trainable)} trained` : "";
+  addPart(summary, "model", `${run.family} ${formatCount(run.params)} params${tuned}`);
+  summary.title = run.description;
   addPart(summary, "shape", `${run.n_layer} layers × ${run.n_embd}, context ${run.block_size}, vocab ${run.vocab_size}`);
   const data = run.data || {};
   const source = data.source || data.dataset || data.path || null;

@@ -1,5 +1,6 @@
-"""The demo's own report sections: its samples, the base and the fine-tuned run side by side (and the
-from-scratch run), the demo's targets checked against the evaluations, and how long each step took."""
+"""The demo's own report sections (added to the run report by `Demo.write_report`): its samples, the
+base and the fine-tuned run side by side (and the from-scratch run), the demo's targets checked
+against the evaluations, and how long each step took."""
 
 from __future__ import annotations
 

@@ -1,0 +1,157 @@
+"""Block-quantised weights: the PyTorch dequantiser against gguf's reference, and the native kernels
+(native and forced-AVX2 builds, one and two threads, odd shapes) against that dequantiser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as reference
+from gguf.quants import quantize
+
+from aigc.errors import AigcError
+from aigc.models import quant
+from aigc.models.qblocks import QUANTISED, TYPES, check_blocks, dequantize
+from aigc.models.qlinear import Part, QuantEmbedding, QuantLinear
+
+COMPILER = os.environ.get("CC") or "cc"
+ISAS = ["native", "avx2"] if " avx2" in quant.cpu_identity() else ["native"]
+# gguf's Python quantiser covers these; for the K-quants it only dequantises.
+GGUF_QUANTISES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def blocks_of(type_name: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Blocks of real weights where gguf can quantise them, else valid random blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    if type_name in GGUF_QUANTISES:
+        weights = torch.randn(rows, cols, generator=generator).numpy()
+        return torch.from_numpy(quantize(weights, GGMLQuantizationType[type_name]))
+    return quant.random_blocks(type_name, rows, cols, generator)
+
+
+@pytest.fixture(params=ISAS)
+def kernels(request, monkeypatch, tmp_path_factory):
+    if shutil.which(COMPILER) is None:
+        pytest.skip(f"no C compiler {COMPILER!r}")
+    monkeypatch.setenv("AIGC_QUANT_ISA", request.param)
+    found = quant.kernels()
+    assert found is not None, quant.unavailable_reason()
+    assert found.isa == request.param
+    return found
+
+
+@pytest.mark.parametrize("type_name", QUANTISED)
+def test_the_torch_dequantiser_equals_ggufs(type_name):
+    cols = 2 * TYPES[type_name].block
+    data = blocks_of(type_name, 3, cols)
+    expected = reference(data.numpy(), GGMLQuantizationType[type_name])
+    assert np.array_equal(dequantize(data, type_name, cols).numpy(), expected)
+
+
+@pytest.mark.parametrize("type_name", QUANTISED)
+def test_the_native_dequantiser_equals_the_torch_one(kernels, type_name):
+    cols = 3 * TYPES[type_name].block
+    data = blocks_of(type_name, 37, cols, seed=1)
+    assert torch.equal(kernels.dequantize(data, type_name, cols), dequantize(data, type_name, cols))
+
+
+@pytest.mark.parametrize("type_name", QUANTISED)
+@pytest.mark.parametrize("rows", [1, 2, 3, 15, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_equal_the_fallback_on_odd_shapes(kernels, monkeypatch, type_name, rows, threads):
+    """37 outputs over 3 blocks; up to 32 rows take the kernel (15 = groups of 8, 4, 2, 1), 40 the tiled
+    path (tiles of 8 weight rows here)."""
+    monkeypatch.setattr(quant, "THREADED_WEIGHTS", 0)
+    monkeypatch.setattr(quant, "TILE_FLOATS", 8 * 3 * TYPES[type_name].block)
+    cols = 3 * TYPES[type_name].block
+    data = blocks_of(type_name, 37, cols, seed=rows)
+    layer = QuantLinear([Part(type_name, data, 37, cols)], torch.randn(37))
+    x = torch.randn(rows, cols)
+    expected = F.linear(x, dequantize(data, type_name, cols), layer.bias)
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ours = layer(x)
+    finally:
+        torch.set_num_threads(2)
+    # float32 sums in another order: error bounded by a few ulps of the sum of |terms|
+    bound = 1e-5 * (x.abs() @ dequantize(data, type_name, cols).abs().T).max().item()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=bound)
+
+
+def test_a_layer_of_mixed_parts_writes_each_part_into_its_own_columns(kernels):
+    """q/k/v of different types, and an F32 part, fused into one layer (as GGUF's _M mixes need)."""
+    cols = 256
+    parts = [Part(t, blocks_of(t, r, cols, seed=r), r, cols) for t, r in (("Q4_K", 7), ("Q6_K", 5), ("Q8_0", 3))]
+    parts.append(Part("F32", torch.randn(2, cols), 2, cols))
+    layer = QuantLinear(parts, None)
+    weight = torch.cat([dequantize(p.data, p.type, cols) for p in parts])
+    for rows in (1, 2, 4, 9, 33):
+        x = torch.randn(rows, cols)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-4)
+    with torch.enable_grad():  # autograd: the PyTorch fallback
+        torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_the_embedding_expands_only_the_rows_it_looks_up():
+    cols = 64
+    parts = [Part("Q8_0", blocks_of("Q8_0", 10, cols), 10, cols), Part("F32", torch.randn(1, cols), 1, cols)]
+    table = torch.cat([dequantize(p.data, p.type, cols) for p in parts])
+    embedding = QuantEmbedding(parts)
+    idx = torch.tensor([[0, 10, 3], [9, 9, 10]])
+    assert torch.equal(embedding(idx), table[idx])
+    with pytest.raises(IndexError):
+        embedding(torch.tensor([[11]]))
+
+
+def test_without_native_kernels_the_fallback_computes(monkeypatch):
+    monkeypatch.setenv("AIGC_NATIVE_KERNELS", "0")
+    quant._kernels_for.cache_clear()
+    try:
+        assert quant.kernels() is None and "AIGC_NATIVE_KERNELS=0" in quant.unavailable_reason()
+        data = blocks_of("Q4_0", 4, 64)
+        x = torch.randn(1, 64)
+        with torch.no_grad():
+            out = QuantLinear([Part("Q4_0", data, 4, 64)], None)(x)
+        torch.testing.assert_close(out, x @ dequantize(data, "Q4_0", 64).T)
+    finally:
+        quant._kernels_for.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "data, type_name, rows, cols, message",
+    [
+        (torch.zeros(4, 18, dtype=torch.uint8), "Q4_0", 4, 48, "multiple of 32"),
+        (torch.zeros(4, 17, dtype=torch.uint8), "Q4_0", 4, 32, r"needs torch.uint8 \(4, 18\)"),
+        (torch.zeros(3, 18, dtype=torch.uint8), "Q4_0", 4, 32, r"holds uint8 \(3, 18\)"),
+        (torch.zeros(4, 144, dtype=torch.uint8), "Q4_K", 4, 256, None),
+        (torch.zeros(4, 144, dtype=torch.int8), "Q4_K", 4, 256, "holds int8"),
+        (torch.zeros(4, 32), "Q4_0", 4, 32, "holds float32"),
+        (torch.zeros(4, 34, dtype=torch.uint8), "Q3_K", 4, 256, "Q3_K' is not supported"),
+    ],
+)
+def test_blocks_of_the_wrong_size_or_type_are_refused_in_one_line(data, type_name, rows, cols, message):
+    if message is None:
+        check_blocks(data, type_name, rows, cols, "layer")
+        return
+    with pytest.raises(AigcError, match=message) as error:
+        check_blocks(data, type_name, rows, cols, "layer")
+    assert "\n" not in str(error.value)
+
+
+def test_the_kernel_wrappers_refuse_what_would_overrun(kernels):
+    data = blocks_of("Q8_0", 4, 64)
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.gemv(data, "Q8_0", torch.randn(1, 32), torch.empty(1, 4), 0)  # x narrower than the weights
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.gemv(data, "Q8_0", torch.randn(3, 64), torch.empty(2, 4), 0)  # more rows than the output
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.gemv(data, "Q8_0", torch.randn(1, 64), torch.empty(1, 4), 1)  # columns past the output
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.dequantize(data[:, :30], "Q8_0", 64)
