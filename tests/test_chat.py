@@ -127,7 +127,8 @@ def test_openai_text_parts_are_joined_and_other_parts_refused():
     "messages, message",
     [
         ([], "must be a non-empty list"),
-        ([{"role": "tool", "content": "x"}], r"messages\[0\]\.role must be one of system, user, assistant; got 'tool'"),
+        ([{"role": "robot", "content": "x"}], r"messages\[0\]\.role must be one of system, user, assistant, tool"),
+        ([{"role": "tool", "content": "x"}], r"messages\[0\] is a tool result: it needs tool_call_id"),
         ([{"role": "user"}], r"messages\[0\]\.content must be a string or a list of text parts, got NoneType"),
         ([{"role": "user", "content": 3}], "got int"),
         (["hi"], r"messages\[0\] must be an object"),
@@ -182,3 +183,35 @@ def test_generation_stops_at_the_end_of_turn_token(make_chat_run):
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
     assert stopped.prompt_tokens == len(prompt.ids)
+
+
+# A template that reads tools the way tool-aware templates (Qwen2's) do: the `tools` list, each assistant
+# turn's `tool_calls` (function name, arguments as an object) and `tool` turns.
+TOOLS_TEMPLATE = (
+    "{% if tools %}[tools]{% for t in tools %} {{ t.function.name }}={{ t.function.parameters | tojson }}"
+    "{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "</call>{% endfor %}{% if m.role == 'tool' %} ({{ m.tool_call_id }}){% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_tools_and_tool_calls_render_as_transformers_passes_them(tiny_tokenizer):
+    tools = [{"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": "AB1"}'}}
+    openai_messages = [
+        {"role": "user", "content": "Where is AB1?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "shipped"},
+    ]
+    # transformers expects the arguments as an object (its chat-template docs); OpenAI sends JSON text.
+    hf_call = {**call, "function": {"name": "lookup_order", "arguments": {"order_id": "AB1"}}}
+    hf_messages = [
+        openai_messages[0],
+        {**openai_messages[1], "content": "", "tool_calls": [hf_call]},
+        openai_messages[2],
+    ]
+    theirs = transformers_tokenizer(tiny_tokenizer, TOOLS_TEMPLATE)
+    expected = theirs.apply_chat_template(hf_messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    ours = ChatTemplate(TOOLS_TEMPLATE).render(parse_messages(openai_messages), tools=tools)
+    assert ours == expected and '<call>{"name": "lookup_order", "arguments": {"order_id": "AB1"}}</call>' in ours

@@ -21,7 +21,7 @@ LAYERS = (
     ("aigc.data", "aigc.chat"),
     ("aigc.plots",),
     ("aigc.train",),
-    ("aigc.textstream", "aigc.sampling", "aigc.guidance", "aigc.generate"),
+    ("aigc.textstream", "aigc.sampling", "aigc.structured", "aigc.guidance", "aigc.generate", "aigc.tools"),
     ("aigc.evaluate",),
     ("aigc.interop", "aigc.report"),
     ("aigc.demo",),

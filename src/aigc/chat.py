@@ -18,6 +18,7 @@ to end its turn with. A conversation longer than the model's context is an error
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,17 +35,29 @@ from aigc.jinja_sandbox import LimitedEnvironment, TemplateLimitError
 from aigc.jinja_sandbox import render as render_limited
 from aigc.tokenizer import EOT, Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _PROBE = "\u2063probe\u2063"  # text no template adds or changes: marks where the assistant's turn ends
 
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
+    # Assistant turns that called tools: ({"id", "name", "arguments": dict}, ...); tool turns: the id of
+    # the call they answer. Passed to templates the way `transformers` does (arguments as a dict).
+    tool_calls: tuple[dict, ...] = ()
+    tool_call_id: str | None = None
 
-    def to_json(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 def parse_messages(raw: Any, *, where: str = "messages") -> list[Message]:
@@ -59,9 +72,35 @@ def parse_messages(raw: Any, *, where: str = "messages") -> list[Message]:
         role = item.get("role")
         if role not in ROLES:
             raise AigcError(f"{where}[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
-        content = _text_content(item.get("content"), f"{where}[{i}].content")
-        messages.append(Message(role, check_text(content, f"{where}[{i}].content")))
+        calls = _tool_calls(item.get("tool_calls"), f"{where}[{i}].tool_calls") if role == "assistant" else ()
+        content = item.get("content")
+        text = "" if content is None and calls else _text_content(content, f"{where}[{i}].content")
+        call_id = item.get("tool_call_id")
+        if role == "tool" and not isinstance(call_id, str):
+            raise AigcError(f"{where}[{i}] is a tool result: it needs tool_call_id, the id of the call it answers")
+        text = check_text(text, f"{where}[{i}].content")
+        messages.append(Message(role, text, calls, call_id if role == "tool" else None))
     return messages
+
+
+def _tool_calls(raw: Any, where: str) -> tuple[dict, ...]:
+    """OpenAI's assistant `tool_calls` ({"id", "type": "function", "function": {"name", "arguments": JSON
+    text}}) as {"id", "name", "arguments": dict}."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise AigcError(f"{where} must be a list of tool calls")
+    calls = []
+    for j, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise AigcError(f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise AigcError(f"{where}[{j}].function.arguments must be a JSON object as text") from exc
+        calls.append({"id": str(call.get("id", f"call_{j}")), "name": function["name"], "arguments": arguments})
+    return tuple(calls)
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -130,18 +169,23 @@ class ChatTemplate:
             raise AigcError(f"chat template {self.origin} does not compile ({type(exc).__name__}: {exc})") from exc
         object.__setattr__(self, "_compiled", compiled)
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         """The conversation as text, ending with the assistant's cue when `add_generation_prompt`; within
-        the limits of `aigc.jinja_sandbox` (time, size, recursion), or a TemplateLimitError."""
+        the limits of `aigc.jinja_sandbox` (time, size, recursion), or a TemplateLimitError. `tools`:
+        OpenAI function definitions, for templates that read them (as `transformers` passes them)."""
         context = {
             "messages": [m.to_json() for m in messages],
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
-            "tools": None,
+            "tools": tools or None,
             "documents": None,
         }
         size = sum(len(m.content) + len(m.role) for m in messages) + len(self.bos_token) + len(self.eos_token)
+        # Tool definitions and calls are input the template may echo, as it echoes the messages' text.
+        size += len(json.dumps(tools or [])) + sum(len(json.dumps(m.tool_calls)) for m in messages if m.tool_calls)
         try:
             return render_limited(self._compiled, context, input_chars=size)
         except TemplateLimitError as exc:
@@ -257,11 +301,12 @@ def encode_chat(
     *,
     context: int | None,
     max_new_tokens: int = 0,
+    tools: list[dict] | None = None,
 ) -> ChatPrompt:
     """Render and encode a conversation; refuse one that leaves no room for `max_new_tokens` in `context`."""
     if not messages:
         raise AigcError("messages is empty; send at least one user message")
-    text = template.render(messages)
+    text = template.render(messages, tools=tools)
     ids = tuple(tokenizer.encode(text))
     if not ids:
         raise AigcError(f"chat template {template.origin} rendered these messages as empty text")

@@ -31,6 +31,7 @@ from aigc.errors import AigcError
 from aigc.guidance import GuidedBackend, NegativeRow
 from aigc.models import kinds
 from aigc.sampling import Sampler
+from aigc.structured import Grammar, GrammarState, allowed_tokens
 from aigc.textstream import TextStream
 from aigc.tokenizer import Tokenizer
 
@@ -48,6 +49,9 @@ class Request:
     # away from is <|endoftext|>, this label's control token, then this prompt (each may be left out).
     negative_prompt: str = ""
     negative_label: str | None = None
+    # Structured output (aigc.structured): every generated token keeps the text inside this grammar,
+    # and the row ends when the grammar is complete.
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class Completion:
     finish_reason: str  # "stop" (end-of-text or a stop string) | "length"
     prompt_tokens: int  # tokens fed before generation: <|endoftext|>, label token, prompt
     logprobs: tuple[TokenEvent, ...] | None = None  # when config.logprobs > 0
+    # Requests with a grammar: True when the text is a whole sentence of it (e.g. the JSON object closed);
+    # False when a length limit or a stop string cut it short. None without a grammar.
+    complete: bool | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +119,7 @@ class _Row:
     events: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
     negative: NegativeRow | None = None  # guided rows: the negative context (aigc.guidance)
+    grammar: GrammarState | None = None  # constrained rows: where the text stands in its grammar
 
     def window(self, limit: int) -> list[int]:
         """The prefix plus as many of the latest tokens as fit in `limit`."""
@@ -127,6 +135,7 @@ class _Row:
             finish_reason=self.finish_reason or "length",
             prompt_tokens=prompt_tokens,
             logprobs=tuple(self.events) if config.logprobs > 0 else None,
+            complete=None if self.grammar is None else self.grammar.complete and not self.stream.stopped,
         )
 
 
@@ -215,7 +224,8 @@ def _decode_rows(
     active, step = rows, 0
     while active:
         with torch.inference_mode():
-            tokens = sampler.pick(logits, step)  # (B,)
+            allowed = allowed_tokens([row.grammar for row in active], logits.size(-1))  # (B, V) or None
+            tokens = sampler.pick(logits, step, allowed)  # (B,)
             logprobs = logits.float().log_softmax(dim=-1)  # (B, V), temperature 1, before any processing
             chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
             alternatives = _top_alternatives(logprobs, sampler.configs, tokenizer)
@@ -248,6 +258,8 @@ def _start_row(index: int, request: Request, tokenizer: Tokenizer) -> _Row:
         if request.negative_label is not None:
             negative.append(tokenizer.label_id(request.negative_label))
         row.negative = NegativeRow(negative, tokenizer.encode(request.negative_prompt), row.generated)
+    if request.grammar is not None:
+        row.grammar = GrammarState(tokenizer, request.grammar, request.stop_ids)
     return row
 
 
@@ -257,6 +269,8 @@ def _advance(row: _Row, token: int, logprob: float, top, eot: int, token_bytes) 
     row.generated.append(token)
     row.body.append(token)
     ended = token == eot or token in row.request.stop_ids
+    if row.grammar is not None and not ended:
+        ended = row.grammar.advance(token)  # a complete grammar ends the row like end-of-text
     last = ended or len(row.generated) >= config.max_new_tokens
     text = row.stream.push(token_bytes(token), final=last)
     if ended or row.stream.stopped:

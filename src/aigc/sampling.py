@@ -31,6 +31,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Constrained decoding: only tokens a row's grammar allows stay possible. allowed (B, V) bool."""
+    return logits.masked_fill(~allowed, NEG_INF)
+
+
 def apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the k largest logits of each row (k (B,) long; 0 = keep all)."""
     vocab = logits.size(-1)
@@ -125,12 +130,16 @@ class Sampler:
         self.generators = [self.generators[i] for i in kept]
         self._summarise()
 
-    def pick(self, raw: torch.Tensor, step: int) -> torch.Tensor:
-        """raw (B, V) logits -> the chosen token of each row (B,)."""
+    def pick(self, raw: torch.Tensor, step: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """raw (B, V) logits -> the chosen token of each row (B,). allowed (B, V) bool: the tokens each
+        row's grammar permits (None: no row is constrained); applied before the penalty, top-k and top-p,
+        so those choose among permitted tokens only."""
         # A new (B, V) tensor: `raw` stays intact for the logprobs.
         logits = raw.float() + (self.ban_and_eot if self.least_min_new > step else self.ban)
         if self.least_min_new <= step < self.most_min_new:  # only some rows still suppress end-of-text
             logits[:, self.eot] = logits[:, self.eot].masked_fill(self.min_new > step, NEG_INF)
+        if allowed is not None:
+            logits = apply_allowed(logits, allowed.to(logits.device))
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
         if self.any_top_k:

@@ -88,7 +88,7 @@ def test_streaming_sends_role_deltas_finish_and_usage(client):
         ({"temperature": -1}, 400, "temperature must be"),
         ({"top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
         ({"n": 0}, 400, "n must be in"),
-        ({"tools": [{"type": "function"}]}, 400, "tools is not supported"),
+        ({"tools": [{"type": "function"}]}, 400, "tools[0] must be"),
         ({"model": "gpt-4o"}, 404, "not found"),
         ({"messages": "hi"}, 400, "messages"),
     ],

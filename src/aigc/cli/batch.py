@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, text
 from aigc.cli.generate import add_run_args, load
+from aigc.cli.structured import add_structured_args, grammar_from_args, json_columns
 from aigc.config import SampleConfig
 from aigc.errors import AigcError
 from aigc.fsutil import parse_jsonl_objects, read_user_text, write_text
@@ -58,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted --out, skipping its rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--batch-size", type=int, default=16, help="rows decoded together (1..256)")
+    add_structured_args(parser)
+    parser.add_argument(
+        "--json-columns", action="store_true", help="with --json-schema/--json-object: each field in its own column"
+    )
     add_dataclass_args(parser, SampleConfig)
     parser.set_defaults(handler=handle)
 
@@ -72,6 +77,9 @@ def handle(args: argparse.Namespace) -> int:
     prompts = [fill_template(args.template, row, n) for n, row in enumerate(rows, start=1)]
     labels = _labels(rows, args.label_field)
     done = _done_rows(args, rows)
+    grammar = grammar_from_args(args)
+    if args.json_columns and grammar is None:
+        raise AigcError("--json-columns needs --json-schema FILE or --json-object")
 
     # Deferred: a slow import that only this path needs.
     from tqdm import tqdm
@@ -90,14 +98,22 @@ def handle(args: argparse.Namespace) -> int:
         longest = max(range(len(rows)), key=lambda i: len(prompts[i]))
         warn_if_truncated(run, prompts[longest], labels[longest], "batch")
         base = [Request(prompts[i], labels[i], config) for i in range(len(rows))]
+    cut = 0  # rows whose JSON the token limit cut short
     with tqdm(total=len(rows), initial=len(done), unit="row", file=sys.stderr, desc="aigc batch") as progress:
         for start in range(len(done), len(rows), args.batch_size):
             chunk = range(start, min(start + args.batch_size, len(rows)))
-            requests = [dataclasses.replace(base[i], config=_row_config(base[i].config, i)) for i in chunk]
+            requests = [
+                dataclasses.replace(base[i], config=_row_config(base[i].config, i), grammar=grammar) for i in chunk
+            ]
             completions = generate(run.model, run.tokenizer, requests)
-            done += [{**rows[i], OUTPUT_COLUMN: c.text} for i, c in zip(chunk, completions)]
+            cut += sum(c.complete is False for c in completions)
+            taken = {OUTPUT_COLUMN, *(key for i in chunk for key in rows[i])}
+            fields = [json_columns(c.text, taken) if args.json_columns else {} for c in completions]
+            done += [{**rows[i], OUTPUT_COLUMN: c.text, **f} for i, c, f in zip(chunk, completions, fields)]
             write_rows(args.out, done)
             progress.update(len(chunk))
+    if cut:
+        print(f"aigc batch: {cut} row(s) have incomplete JSON (--max-new-tokens ran out inside it)", file=sys.stderr)
     print(f"aigc batch: wrote {len(done)} rows to {args.out}", file=sys.stderr)
     return 0
 

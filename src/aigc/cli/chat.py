@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, text
 from aigc.cli.generate import add_run_args, load
+from aigc.cli.structured import add_structured_args, grammar_from_args
 from aigc.config import SampleConfig
 from aigc.errors import AigcError, check_text
 from aigc.fsutil import write_text
@@ -43,17 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chat-template", type=Path, metavar="FILE", help="copy this Jinja chat template into RUN first (kept)"
     )
     add_dataclass_args(parser, SampleConfig, exclude=("logprobs",))
+    add_structured_args(parser)
     parser.set_defaults(handler=handle)
 
 
 class Session:
     """A conversation with a loaded run: its messages and one streamed answer at a time."""
 
-    def __init__(self, run, template, config: SampleConfig, system: str | None):
+    def __init__(self, run, template, config: SampleConfig, system: str | None, grammar=None):
         # Deferred: a slow import (torch) that only this path needs.
         from aigc.chat import Message
 
         self.run, self.template, self.config = run, template, config
+        self.grammar = grammar  # every answer is JSON of this grammar (--json-schema / --json-object)
         self.system = [Message("system", system)] if system else []
         self.turns: list = []
         self._message = Message
@@ -73,7 +76,7 @@ class Session:
         prompt = encode_chat(self.template, self.run.tokenizer, messages, context=context, max_new_tokens=1)
         max_new = room_left(len(prompt.ids), context, self.config.max_new_tokens)
         config = dataclasses.replace(self.config, max_new_tokens=max_new)  # never past the context
-        request = Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=config)
+        request = Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=config, grammar=self.grammar)
         stream = decode_stream(self.run.model, self.run.tokenizer, [request])
         parts = []
         try:
@@ -107,7 +110,8 @@ def handle(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         install_chat_template(args.run, args.chat_template)
     template = load_chat_template(args.run)  # before loading weights: a run without one fails fast
-    session = Session(load(args), template, config, args.system)
+    grammar = grammar_from_args(args)
+    session = Session(load(args), template, config, args.system, grammar)
     if args.message is not None:
         session.answer(args.message, _write)
         sys.stdout.write("\n")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from aigc.cli.args import add_dataclass_args, dataclass_from_args, text
+from aigc.cli.structured import add_structured_args, grammar_from_args
 from aigc.config import DEVICES, SampleConfig
 from aigc.errors import AigcError
 from aigc.fsutil import read_user_text
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample (JSON lines)")
+    add_structured_args(parser)
     add_dataclass_args(parser, SampleConfig)
     parser.set_defaults(handler=handle)
 
@@ -90,6 +92,7 @@ def handle(args: argparse.Namespace) -> int:
         raise AigcError(f"-n must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
     config = dataclass_from_args(args, SampleConfig)
     prompt = _read_prompt(args)
+    grammar = grammar_from_args(args)
 
     # Deferred: a slow import that only this path needs.
     from aigc.generate import Request, decode_stream, generate
@@ -103,6 +106,7 @@ def handle(args: argparse.Namespace) -> int:
             _nth_seed(config, i),
             negative_prompt=args.negative_prompt,
             negative_label=args.negative_label,
+            grammar=grammar,
         )
         for i in range(args.num_samples)
     ]
@@ -169,6 +173,12 @@ def _separator(index: int, total: int) -> None:
 
 
 def _print_completion(completion, args: argparse.Namespace, tokenizer) -> None:
+    if completion.complete is False:  # structured output cut short: say so, the text does not parse
+        print(
+            f"aigc generate: sample {completion.index}: the JSON is incomplete "
+            f"(finish_reason {completion.finish_reason}); raise --max-new-tokens or bound the schema's strings",
+            file=sys.stderr,
+        )
     if not args.json:
         if args.num_samples > 1:
             _separator(completion.index, args.num_samples)
@@ -184,6 +194,8 @@ def _print_completion(completion, args: argparse.Namespace, tokenizer) -> None:
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": len(completion.token_ids),
     }
+    if completion.complete is not None:
+        record["json_complete"] = completion.complete
     if completion.logprobs is not None:
         record["logprobs"] = [
             {

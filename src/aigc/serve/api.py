@@ -15,6 +15,7 @@ from aigc.config import SampleConfig, ServeConfig
 from aigc.errors import AigcError, check_text
 from aigc.generate import Completion, Request, TokenEvent
 from aigc.serve.schemas import CompletionRequest
+from aigc.serve.structured_api import FieldError, json_fields, response_grammar
 from aigc.tokenizer import Tokenizer
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; n > 1 adds the choice number
@@ -96,6 +97,7 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
         raise ApiError(400, f"seed must be in [0, 2**63 - 1], got {body.seed}", param="seed")
     config = sample_config(body, limits, vocab_size=tokenizer.vocab_size)
     _check_guidance(body)
+    grammar = checked_grammar(lambda: response_grammar((body.model_extra or {}).get("response_format")))
     # (field, text, control tokens before it): each prompt, then the context guidance steers away from
     contexts = [("prompt", prompt, int(body.label is not None)) for prompt in prompts]
     contexts.append(("negative_prompt", body.negative_prompt, int(body.negative_label is not None)))
@@ -115,11 +117,20 @@ def plan_request(body: CompletionRequest, tokenizer: Tokenizer, limits: ServeCon
             config=choice_config(config, j),
             negative_prompt=body.negative_prompt,
             negative_label=body.negative_label,
+            grammar=grammar,
         )
         for prompt in prompts
         for j in range(body.n)
     )
     return Plan(rows=rows, prompts=prompts, want_logprobs=body.logprobs is not None)
+
+
+def checked_grammar(build: Callable):
+    """What `build` returns; its FieldError (a bad response_format, tools, tool_choice) as a 400."""
+    try:
+        return build()
+    except FieldError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
 
 
 def sample_config(body: CompletionRequest, limits: ServeConfig, *, vocab_size: int) -> SampleConfig:
@@ -221,7 +232,8 @@ def completion_body(
     for c in sorted(completions, key=lambda c: c.index):
         prompt = plan.prompts[c.index // n]
         logprobs = logprobs_block(events[c.index], len(prompt)) if plan.want_logprobs else None
-        choices.append({"text": c.text, "index": c.index, "logprobs": logprobs, "finish_reason": c.finish_reason})
+        choice = {"text": c.text, "index": c.index, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        choices.append({**choice, **json_fields(c)})
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage(completions, n)}
 
 
@@ -231,9 +243,11 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def chunk(meta: dict, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
-    """One streamed choice fragment, in OpenAI's completions chunk format."""
-    choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+def chunk(
+    meta: dict, index: int, text: str, logprobs: dict | None, finish_reason: str | None, extra: dict | None = None
+) -> str:
+    """One streamed choice fragment, in OpenAI's completions chunk format (`extra`: extension fields)."""
+    choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason, **(extra or {})}
     return sse({**meta, "object": "text_completion", "choices": [choice]})
 
 

@@ -286,7 +286,8 @@ def _stream(job: Job, plan: api.Plan, n: int, meta: dict, include_usage: bool) -
 
     def closing_chunks(completions) -> list[str]:
         chunks = [
-            api.chunk(meta, c.index, "", None, c.finish_reason) for c in sorted(completions, key=lambda c: c.index)
+            api.chunk(meta, c.index, "", None, c.finish_reason, api.json_fields(c))
+            for c in sorted(completions, key=lambda c: c.index)
         ]
         if include_usage:
             chunks.append(

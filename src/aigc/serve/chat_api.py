@@ -18,7 +18,16 @@ from aigc.generate import Completion, Request, TokenEvent
 from aigc.serve import api
 from aigc.serve.api import ApiError
 from aigc.serve.schemas import ChatCompletionRequest
+from aigc.serve.structured_api import (
+    ToolCallStream,
+    ToolPlan,
+    assistant_message,
+    json_fields,
+    plan_tools,
+    response_grammar,
+)
 from aigc.tokenizer import Tokenizer
+from aigc.tools import fallback_messages, template_knows_tools
 
 MAX_TOP_LOGPROBS = 20
 # OpenAI fields this server does not implement: accepted only at their neutral value.
@@ -26,10 +35,7 @@ _UNSUPPORTED = {
     "presence_penalty": (0, 0.0, None),
     "frequency_penalty": (0, 0.0, None),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -37,6 +43,7 @@ _UNSUPPORTED = {
 class ChatPlan:
     rows: tuple[Request, ...]  # one per choice
     want_logprobs: bool
+    tools: ToolPlan | None = None  # the request's tools: replies may be tool calls
 
 
 def plan_chat(
@@ -50,13 +57,22 @@ def plan_chat(
         messages = parse_messages([m.model_dump(exclude_unset=True) for m in body.messages])
     except AigcError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
+    extra = body.model_extra or {}
+    response_format = extra.get("response_format")
+    tools = api.checked_grammar(lambda: plan_tools(extra.get("tools"), extra.get("tool_choice"), response_format))
+    grammar = api.checked_grammar(lambda: response_grammar(response_format))
+    if tools and tools.grammar:  # a call (required, named), or a call or the response_format's JSON (auto)
+        grammar = tools.grammar
+    tool_defs = [t.to_json() for t in tools.tools] if tools and tools.choice != "none" else None
+    if not template_knows_tools(template.source):  # written into the conversation as text instead
+        messages, tool_defs = fallback_messages(messages, tools.tools if tool_defs else ()), None
     if not 1 <= body.n <= limits.max_batch:
         raise ApiError(400, f"n must be in [1, {limits.max_batch}] (--max-batch), got {body.n}", param="n")
     if body.seed is not None and not 0 <= body.seed < api.SEED_LIMIT:
         raise ApiError(400, f"seed must be in [0, 2**63 - 1], got {body.seed}", param="seed")
     asked, param = _max_tokens(body, limits)
     try:
-        prompt = encode_chat(template, tokenizer, messages, context=context, max_new_tokens=asked or 1)
+        prompt = encode_chat(template, tokenizer, messages, context=context, max_new_tokens=asked or 1, tools=tool_defs)
     except AigcError as exc:
         code = "context_length_exceeded" if "too many" in str(exc) else None
         raise ApiError(400, str(exc), param=param if code and asked else "messages", code=code) from exc
@@ -71,10 +87,10 @@ def plan_chat(
     max_new = asked or room_left(len(prompt.ids), context, limits.max_tokens_limit)
     config = _sample_config(body, max_new, tokenizer.vocab_size)
     rows = tuple(
-        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api.choice_config(config, j))
+        Request(prompt_ids=prompt.ids, stop_ids=prompt.stop_ids, config=api.choice_config(config, j), grammar=grammar)
         for j in range(body.n)
     )
-    return ChatPlan(rows=rows, want_logprobs=body.logprobs)
+    return ChatPlan(rows=rows, want_logprobs=body.logprobs, tools=tools)
 
 
 def _max_tokens(body: ChatCompletionRequest, limits: ServeConfig) -> tuple[int | None, str]:
@@ -144,20 +160,19 @@ def chat_body(
     token_text: Callable[[int], str],
 ) -> dict:
     """The non-streaming response. `meta` holds id, created and model."""
-    choices = [
-        {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": logprobs_content(events[c.index], top, token_text) if plan.want_logprobs else None,
-            "finish_reason": c.finish_reason,
-        }
-        for c in sorted(completions, key=lambda c: c.index)
-    ]
+    choices = []
+    for c in sorted(completions, key=lambda c: c.index):
+        message, finish_reason = assistant_message(c, plan.tools)
+        logprobs = logprobs_content(events[c.index], top, token_text) if plan.want_logprobs else None
+        choice = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        choices.append({**choice, **json_fields(c)})
     return {**meta, "object": "chat.completion", "choices": choices, "usage": api.usage(completions, len(plan.rows))}
 
 
-def chat_chunk(meta: dict, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None) -> str:
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_chunk(
+    meta: dict, index: int, delta: dict, logprobs: dict | None, finish_reason: str | None, extra: dict | None = None
+) -> str:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **(extra or {})}
     return api.sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
 
@@ -174,13 +189,26 @@ def stream_chat(
     """Server-sent events: the assistant role per choice, one content delta per token, one closing chunk
     per choice with its finish_reason, the usage when asked, then `[DONE]`."""
 
+    calls = [ToolCallStream(plan.tools) for _ in plan.rows] if plan.tools else None
+
     def token_chunk(row: int, event) -> str | None:
         logprobs = logprobs_content([event], top, token_text) if plan.want_logprobs else None
+        if calls is not None:  # a reply that may be a tool call streams as delta.tool_calls
+            deltas = calls[row].feed(event.text)
+            return "".join(chat_chunk(meta, row, delta, logprobs, None) for delta in deltas) or None
         return chat_chunk(meta, row, {"content": event.text}, logprobs, None) if event.text or logprobs else None
+
+    def closing(c) -> list[str]:
+        if calls is None:
+            return [chat_chunk(meta, c.index, {}, None, c.finish_reason, json_fields(c))]
+        deltas, reason = calls[c.index].finish(c)
+        return [chat_chunk(meta, c.index, delta, None, None) for delta in deltas] + [
+            chat_chunk(meta, c.index, {}, None, reason, json_fields(c))
+        ]
 
     def closing_chunks(completions) -> list[str]:
         ordered = sorted(completions, key=lambda c: c.index)
-        chunks = [chat_chunk(meta, c.index, {}, None, c.finish_reason) for c in ordered]
+        chunks = [chunk for c in ordered for chunk in closing(c)]
         if include_usage:
             usage = api.usage(completions, len(plan.rows))
             chunks.append(api.sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}))

@@ -83,6 +83,10 @@ class Choice(BaseModel):
     index: int
     logprobs: Logprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    json_complete: bool | None = Field(
+        None, description="extension, with response_format: false when the JSON was cut short (it does not parse)"
+    )
+    warning: str | None = Field(None, description="extension: why the JSON is incomplete")
 
 
 class Usage(BaseModel):
@@ -178,10 +182,13 @@ class ChatMessage(BaseModel):
 
     # Typed str (so an unknown role gets aigc's message), documented as the enum it is.
     role: str = Field(
-        description="system, user or assistant", json_schema_extra={"enum": ["system", "user", "assistant"]}
+        description="system, user, assistant or tool",
+        json_schema_extra={"enum": ["system", "user", "assistant", "tool"]},
     )
-    content: str | list[ContentPart] | None = Field(description="text, or a list of text parts")
+    content: str | list[ContentPart] | None = Field(None, description="text, or a list of text parts")
     name: str | None = Field(None, description="accepted and ignored")
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="assistant turns: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool turns: the id of the call this result answers")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -226,16 +233,32 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text (they match the tool's parameters schema)")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    json_complete: bool | None = Field(
+        None, description="extension, with response_format or tools: false when the JSON was cut short"
+    )
+    warning: str | None = Field(None, description="extension: why the JSON is incomplete")
 
 
 class ChatCompletionResponse(BaseModel):
