@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.config import ModelConfig
-from aigc.models import native
+from aigc.models import fused, native
 from aigc.models.packed import Linear
 
 # Positions a fresh cache holds before it first grows (it doubles as needed, up to block_size).
@@ -110,7 +110,11 @@ class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` (same parameters and keys) that runs as one native call in CPU inference: 4.7 us
     against `F.rms_norm`'s 12.6 at SmolLM2's batch-16 decode shape (benchmarks/bench_native.py)."""
 
+    fused = True  # see `GPT.fused_training`
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training and torch.is_grad_enabled() and self.weight is not None:
+            return fused.rms_norm(x, self.weight, self.eps or torch.finfo(x.dtype).eps)
         kernels = native.for_inference(x)
         if kernels is None or self.weight is None or self.eps is None:
             return super().forward(x)
@@ -135,6 +139,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.fused = True  # see `GPT.fused_training`
 
     def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None, rope):
         B, T, C = x.shape
@@ -149,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # queries and keys are adjacent in qkv: rotate both in one call, then split
             heads = self.n_head + self.n_kv_head
             qk = qkv[..., : heads * self.head_dim].view(B, T, heads, self.head_dim).transpose(1, 2)
-            qk = apply_rotary(qk, *rope)  # (B, nh + nkv, T, hs)
+            qk = fused.rotary(qk, *rope) if self._fused_now() else apply_rotary(qk, *rope)  # (B, nh + nkv, T, hs)
             q, k = qk[:, : self.n_head], qk[:, self.n_head :]
         if cache is not None:
             start, stored = cache.length, cache.kv[layer]
@@ -159,6 +164,9 @@ class CausalSelfAttention(nn.Module):
                 stored[0, :, :, start : start + T], stored[1, :, :, start : start + T] = k, v
             k, v = stored[0, :, :, : start + T], stored[1, :, :, : start + T]  # (B, nkv, S, hs)
         dropout = self.dropout if self.training else 0.0
+        if cache is None and mask is None and dropout == 0.0 and T > 1 and self._fused_now():
+            y = fused.causal_attention(q, k, v)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         # Without a mask this is training or a prefill from position 0: the fused causal path. A single
         # new token attends to every cached key (causality holds trivially); `mask` drops padding.
         y = F.scaled_dot_product_attention(
@@ -171,6 +179,9 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _fused_now(self) -> bool:
+        return self.fused and self.training and torch.is_grad_enabled()
 
     @staticmethod
     def _native_cache(cache: KVCache, layer: int) -> bool:
@@ -198,11 +209,14 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.fused = True  # see `GPT.fused_training`
 
     def forward(self, x):
         h = self.c_fc(x)
         if not self.gated:
             h = F.gelu(h, approximate="tanh")
+        elif self.fused and self.training and torch.is_grad_enabled():
+            h = fused.swiglu(h)
         elif (kernels := native.for_inference(h)) is not None:
             h = kernels.silu_mul(h)  # one call, not chunk, silu and mul
         else:
@@ -226,6 +240,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """`fused_training` (default True): while training with gradients on, RMSNorm, rotary positions,
+    attention, SwiGLU and the output layer with its loss run as the functions of `aigc.models.fused`
+    (same maths, less time and memory); `set_fused_training(False)` gives the plain PyTorch
+    formulation (tests compare the two)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.kind == "gpt"
@@ -236,6 +255,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
+        self.fused_training = True
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
@@ -265,6 +285,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        return_logits: bool = True,
     ):
         """idx (B, T) token ids -> logits (B, T, V), loss (mean cross-entropy) if targets are given.
 
@@ -272,6 +293,8 @@ class GPT(nn.Module):
         positions (B, T): position ids (default: consecutive from `cache.length`).
         pad_mask (B, T): True for real tokens; padding is never attended to.
         last_only: logits (B, 1, V) of the last position only (a prefill needs no more); no loss.
+        return_logits: False lets a training step skip the (B, T, V) logits (None is returned): the
+        loss then comes from `fused.linear_cross_entropy`, chunk by chunk.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -299,11 +322,25 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = start + T
         x = self.ln_f(x[:, -1:] if last_only else x)
+        if targets is not None and not return_logits and self._fused_now():
+            head = self.lm_head
+            weights = head.weight_parts() if hasattr(head, "weight_parts") else (head.weight,)
+            return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T | 1, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _fused_now(self) -> bool:
+        return self.fused_training and self.training and torch.is_grad_enabled()
+
+    def set_fused_training(self, enabled: bool) -> None:
+        """Use the fused training functions (True, the default) or the plain PyTorch ones."""
+        self.fused_training = enabled
+        for module in self.modules():
+            if isinstance(module, (CausalSelfAttention, MLP, RMSNorm)):
+                module.fused = enabled
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:

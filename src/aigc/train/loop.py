@@ -97,6 +97,8 @@ class Trainer:
         built = build_training_model(plan, self.cfg)
         self.model = built.model.to(runtime.device).train()
         self.lora, self.base_ref, self.base_sha = built.lora, built.base_ref, built.base_sha
+        if runtime.dtype == "bf16" and self.lora is not None:  # LoRA's frozen base (never saved) in bf16:
+            lora.hold_frozen_in(self.model, torch.bfloat16)  # no per-step casts of it
         self.optimizer = build_optimizer(self.model, self.cfg, runtime.device)
         block = plan.seq_len
         self.sampler = BatchSampler(
@@ -315,7 +317,8 @@ class Trainer:
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with sync:
                 with self.runtime.autocast():
-                    logits, loss = self.wrapped(inputs, targets)  # (B, T, V), ()
+                    # Logits (B, T, V) only when accuracy is sampled; otherwise the fused loss skips them.
+                    logits, loss = self.wrapped(inputs, targets, return_logits=measure_acc)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             if measure_acc:
