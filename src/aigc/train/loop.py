@@ -156,6 +156,7 @@ class Trainer:
             weights=weights,
             extra={"parameters": lora.parameter_counts(self.model)},
         )
+        run_config.extra["precision"] = {"dtype": self.runtime.dtype, "reason": self.runtime.dtype_reason}
         if self.plan.resume:
             self.log_truncate()
         elif overwrite:
@@ -455,8 +456,13 @@ class Trainer:
             world_size=self.runtime.world_size,
             resumed=self.plan.resume,
             init_from=self.plan.init_from,
-            notes=(*self.notes, *((warning,) if warning else ())),
+            notes=(*self.notes, *((warning,) if warning else ()), *self._precision_note()),
         )
+
+    def _precision_note(self) -> tuple[str, ...]:
+        if self.cfg.dtype != "auto":
+            return ()
+        return (f"--dtype auto chose {self.runtime.dtype}: {self.runtime.dtype_reason}",)
 
     def _emit(self, event) -> None:
         """Hand an event to the callback; a KeyboardInterrupt from it means 'stop after this step'."""
