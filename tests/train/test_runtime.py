@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from aigc.artifacts import device
+from aigc.train import precision as device
 from aigc.train.loop import train
 from aigc.train.runtime import auto_threads, busy_cores
 from conftest import tiny_train_config

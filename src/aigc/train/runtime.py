@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from aigc.artifacts.device import choose_training_dtype, cpu_has_fast_bf16, pick_device
+from aigc.artifacts.device import cpu_has_fast_bf16, pick_device
+from aigc.train.precision import choose_training_dtype
 
 
 @dataclass(frozen=True)
