@@ -293,8 +293,9 @@ class GPT(nn.Module):
         positions (B, T): position ids (default: consecutive from `cache.length`).
         pad_mask (B, T): True for real tokens; padding is never attended to.
         last_only: logits (B, 1, V) of the last position only (a prefill needs no more); no loss.
-        return_logits: False lets a training step skip the (B, T, V) logits (None is returned): the
-        loss then comes from `fused.linear_cross_entropy`, chunk by chunk.
+        return_logits: False lets a training step (train mode, gradients on, `fused_training`) skip
+        the (B, T, V) logits: None is returned in their place and the loss comes from
+        `fused.linear_cross_entropy`, chunk by chunk. Elsewhere the logits are returned anyway.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
