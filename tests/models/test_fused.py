@@ -159,3 +159,13 @@ def test_evaluation_and_no_grad_use_the_plain_path():
     with torch.no_grad():
         logits, loss = model(idx, idx, return_logits=False)
     assert logits is not None and loss is not None  # without gradients the logits cost nothing extra
+
+
+def test_a_lora_model_with_its_base_in_bf16_runs_outside_autocast():
+    """Samples drawn during a bf16 LoRA run see bf16 base weights and fp32 adapters, without autocast."""
+    model = tiny_llama(lora=True)
+    hold_frozen_in(model, torch.bfloat16)
+    assert model.h[0].attn.c_attn.lora_A.dtype == torch.float32  # what trains keeps its precision
+    with torch.no_grad():
+        logits, _ = model.eval()(torch.tensor([[1, 2, 41]]))  # 41: a new vocabulary row
+    assert logits.dtype == torch.bfloat16 and logits.shape == (1, 3, 42) and torch.isfinite(logits).all()

@@ -95,11 +95,14 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(spec.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(self.dropout(x) if self.dropout.p else x, self.lora_A)  # (..., r)
+        # The adapters in x's dtype: a base held in bf16 (`hold_frozen_in`) gets bf16 inputs even
+        # outside autocast (e.g. samples drawn during training); under autocast this is its own cast.
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        low = F.linear(self.dropout(x) if self.dropout.p else x, lora_A)  # (..., r)
         base = F.linear(x, self.weight, self.bias)  # (..., out)
         # base + scaling * low B^T in one product that accumulates onto base (no separate scale and add).
         rows = torch.addmm(
-            base.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), self.lora_B.t(), alpha=self.scaling
+            base.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), lora_B.t(), alpha=self.scaling
         )  # (N, out)
         return rows.view(*x.shape[:-1], self.out_features)
 

@@ -51,7 +51,7 @@ class GrownHead(nn.Module):
         self.weight, self.new_rows = weight, new_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((F.linear(x, self.weight), F.linear(x, self.new_rows)), dim=-1)
+        return torch.cat((F.linear(x, self.weight), F.linear(x, self.new_rows.to(x.dtype))), dim=-1)
 
     def weight_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The output layer's rows in two parts, for a loss that takes them apart (no concatenation)."""
