@@ -148,13 +148,16 @@ class CausalSelfAttention(nn.Module):
             if kernels is not None:
                 return self._decode_natively(kernels, x, cache, layer, rope)
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs)
+        fused_step = self.dropout == 0.0 and cache is None and mask is None and T > 1 and self._fused_now()
+        if rope is not None and fused_step:
+            return self._fused_rotary_attention(qkv, rope)
         q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         kv = qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
         k, v = kv[0], kv[1]
         if rope is not None:  # queries and keys are adjacent in qkv: rotate both in one call, then split
             heads = self.n_head + self.n_kv_head
             qk = qkv[..., : heads * self.head_dim].view(B, T, heads, self.head_dim).transpose(1, 2)
-            qk = fused.rotary(qk, *rope) if self._fused_now() else apply_rotary(qk, *rope)  # (B, nh + nkv, T, hs)
+            qk = apply_rotary(qk, *rope)  # (B, nh + nkv, T, hs)
             q, k = qk[:, : self.n_head], qk[:, self.n_head :]
         if cache is not None:
             start, stored = cache.length, cache.kv[layer]
@@ -164,7 +167,7 @@ class CausalSelfAttention(nn.Module):
                 stored[0, :, :, start : start + T], stored[1, :, :, start : start + T] = k, v
             k, v = stored[0, :, :, : start + T], stored[1, :, :, : start + T]  # (B, nkv, S, hs)
         dropout = self.dropout if self.training else 0.0
-        if cache is None and mask is None and dropout == 0.0 and T > 1 and self._fused_now():
+        if fused_step:  # learned positions (GPT-2)
             y = fused.causal_attention(q, k, v)  # (B, nh, T, hs)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         # Without a mask this is training or a prefill from position 0: the fused causal path. A single
@@ -182,6 +185,18 @@ class CausalSelfAttention(nn.Module):
 
     def _fused_now(self) -> bool:
         return self.fused and self.training and torch.is_grad_enabled()
+
+    def _fused_rotary_attention(self, qkv: torch.Tensor, rope) -> torch.Tensor:
+        """The training path of `forward` with rotary positions, the same maths. Splitting qkv (rather
+        than slicing it) makes its gradient one concatenation instead of zero-filled (B, T, width)
+        tensors summed, one per slice."""
+        B, T, _ = qkv.shape
+        heads, hs = self.n_head + self.n_kv_head, self.head_dim
+        qk, v = qkv.split([heads * hs, self.n_kv_head * hs], dim=-1)
+        qk = fused.rotary(qk.view(B, T, heads, hs).transpose(1, 2), *rope)  # (B, nh + nkv, T, hs)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+        y = fused.causal_attention(q, k, v.view(B, T, self.n_kv_head, hs).transpose(1, 2))  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
 
     @staticmethod
     def _native_cache(cache: KVCache, layer: int) -> bool:
