@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.config import ModelConfig
-from aigc.models import native
+from aigc.models import fused, native
 from aigc.models.packed import Linear
 
 # Positions a fresh cache holds before it first grows (it doubles as needed, up to block_size).
@@ -110,7 +110,11 @@ class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` (same parameters and keys) that runs as one native call in CPU inference: 4.7 us
     against `F.rms_norm`'s 12.6 at SmolLM2's batch-16 decode shape (benchmarks/bench_native.py)."""
 
+    fused = True  # see `GPT.fused_training`
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training and torch.is_grad_enabled() and self.weight is not None:
+            return fused.rms_norm(x, self.weight, self.eps or torch.finfo(x.dtype).eps)
         kernels = native.for_inference(x)
         if kernels is None or self.weight is None or self.eps is None:
             return super().forward(x)
@@ -135,6 +139,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, width, bias=config.bias or config.qkv_bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.fused = True  # see `GPT.fused_training`
 
     def forward(self, x, cache: KVCache | None, layer: int, mask: torch.Tensor | None, rope):
         B, T, C = x.shape
@@ -143,6 +148,9 @@ class CausalSelfAttention(nn.Module):
             if kernels is not None:
                 return self._decode_natively(kernels, x, cache, layer, rope)
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs)
+        fused_step = self.dropout == 0.0 and cache is None and mask is None and T > 1 and self._fused_now()
+        if rope is not None and fused_step:
+            return self._fused_rotary_attention(qkv, rope)
         q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         kv = qkv[..., C:].view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
         k, v = kv[0], kv[1]
@@ -159,6 +167,9 @@ class CausalSelfAttention(nn.Module):
                 stored[0, :, :, start : start + T], stored[1, :, :, start : start + T] = k, v
             k, v = stored[0, :, :, : start + T], stored[1, :, :, : start + T]  # (B, nkv, S, hs)
         dropout = self.dropout if self.training else 0.0
+        if fused_step:  # learned positions (GPT-2)
+            y = fused.causal_attention(q, k, v)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         # Without a mask this is training or a prefill from position 0: the fused causal path. A single
         # new token attends to every cached key (causality holds trivially); `mask` drops padding.
         y = F.scaled_dot_product_attention(
@@ -171,6 +182,21 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _fused_now(self) -> bool:
+        return self.fused and self.training and torch.is_grad_enabled()
+
+    def _fused_rotary_attention(self, qkv: torch.Tensor, rope) -> torch.Tensor:
+        """The training path of `forward` with rotary positions, the same maths. Splitting qkv (rather
+        than slicing it) makes its gradient one concatenation instead of zero-filled (B, T, width)
+        tensors summed, one per slice."""
+        B, T, _ = qkv.shape
+        heads, hs = self.n_head + self.n_kv_head, self.head_dim
+        qk, v = qkv.split([heads * hs, self.n_kv_head * hs], dim=-1)
+        qk = fused.rotary(qk.view(B, T, heads, hs).transpose(1, 2), *rope)  # (B, nh + nkv, T, hs)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+        y = fused.causal_attention(q, k, v.view(B, T, self.n_kv_head, hs).transpose(1, 2))  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
 
     @staticmethod
     def _native_cache(cache: KVCache, layer: int) -> bool:
@@ -198,11 +224,14 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.fused = True  # see `GPT.fused_training`
 
     def forward(self, x):
         h = self.c_fc(x)
         if not self.gated:
             h = F.gelu(h, approximate="tanh")
+        elif self.fused and self.training and torch.is_grad_enabled():
+            h = fused.swiglu(h)
         elif (kernels := native.for_inference(h)) is not None:
             h = kernels.silu_mul(h)  # one call, not chunk, silu and mul
         else:
@@ -226,6 +255,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """`fused_training` (default True): while training with gradients on, RMSNorm, rotary positions,
+    attention, SwiGLU and the output layer with its loss run as the functions of `aigc.models.fused`
+    (same maths, less time and memory); `set_fused_training(False)` gives the plain PyTorch
+    formulation (tests compare the two)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.kind == "gpt"
@@ -236,6 +270,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
+        self.fused_training = True
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
@@ -265,6 +300,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        return_logits: bool = True,
     ):
         """idx (B, T) token ids -> logits (B, T, V), loss (mean cross-entropy) if targets are given.
 
@@ -272,6 +308,9 @@ class GPT(nn.Module):
         positions (B, T): position ids (default: consecutive from `cache.length`).
         pad_mask (B, T): True for real tokens; padding is never attended to.
         last_only: logits (B, 1, V) of the last position only (a prefill needs no more); no loss.
+        return_logits: False lets a training step (train mode, gradients on, `fused_training`) skip
+        the (B, T, V) logits: None is returned in their place and the loss comes from
+        `fused.linear_cross_entropy`, chunk by chunk. Elsewhere the logits are returned anyway.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -299,11 +338,25 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = start + T
         x = self.ln_f(x[:, -1:] if last_only else x)
+        if targets is not None and not return_logits and self._fused_now():
+            head = self.lm_head
+            weights = head.weight_parts() if hasattr(head, "weight_parts") else (head.weight,)
+            return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T | 1, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _fused_now(self) -> bool:
+        return self.fused_training and self.training and torch.is_grad_enabled()
+
+    def set_fused_training(self, enabled: bool) -> None:
+        """Use the fused training functions (True, the default) or the plain PyTorch ones."""
+        self.fused_training = enabled
+        for module in self.modules():
+            if isinstance(module, (CausalSelfAttention, MLP, RMSNorm)):
+                module.fused = enabled
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:

@@ -95,8 +95,16 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(spec.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out) via (..., r)
-        return F.linear(x, self.weight, self.bias) + self.scaling * update
+        # The adapters in x's dtype: a base held in bf16 (`hold_frozen_in`) gets bf16 inputs even
+        # outside autocast (e.g. samples drawn during training); under autocast this is its own cast.
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        low = F.linear(self.dropout(x) if self.dropout.p else x, lora_A)  # (..., r)
+        base = F.linear(x, self.weight, self.bias)  # (..., out)
+        # base + scaling * low B^T in one product that accumulates onto base (no separate scale and add).
+        rows = torch.addmm(
+            base.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), lora_B.t(), alpha=self.scaling
+        )  # (N, out)
+        return rows.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
@@ -136,6 +144,20 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> nn.Module:
                 raise AigcError(f"--lora-targets {name} is tied to the token embedding; target the block layers")
             _set_module(model, name, LoRALinear(module, spec))
     return model
+
+
+def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen parameter in `dtype` (e.g. bf16 for bf16 training), in place, so that no
+    step casts the base again; trainable ones keep their precision. Returns how many were cast.
+
+    Measured on SmolLM2-135M LoRA, batch 4 x 128, 2-core AMX Xeon: +13 % tokens/s over autocast's
+    per-step casts of the fp32 base, and 270 MB less memory (docs/benchmarks.md)."""
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def _matches(module_name: str, target: str) -> bool:

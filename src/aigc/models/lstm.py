@@ -44,8 +44,16 @@ class LSTM(nn.Module):
     def new_cache(self, batch_size: int, device=None, dtype=None) -> LSTMState:
         return LSTMState(batch_size)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: LSTMState | None = None):
-        """idx (B, T) -> logits (B, T, V); with `cache`, continue from (and update) its state."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: LSTMState | None = None,
+        return_logits: bool = True,
+    ):
+        """idx (B, T) -> logits (B, T, V); with `cache`, continue from (and update) its state.
+        return_logits is accepted for the training loop's sake; the logits are always returned."""
         x = self.embedding(idx)  # (B, T, E)
         hc = cache.hc if cache is not None else None
         out, new_hc = self.lstm(x, hc)  # (B, T, H)

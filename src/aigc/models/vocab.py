@@ -36,7 +36,7 @@ class GrownEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = F.embedding(idx.clamp(max=self.base_size - 1), self.weight)  # (B, T, C), no grad
         new = F.embedding((idx - self.base_size).clamp(min=0), self.new_rows)  # (B, T, C)
-        return torch.where((idx >= self.base_size).unsqueeze(-1), new, x)
+        return torch.where((idx >= self.base_size).unsqueeze(-1), new.to(x.dtype), x)  # in the base's dtype
 
     def full_weight(self) -> torch.Tensor:
         return torch.cat((self.weight, self.new_rows))  # (V + n, C)
@@ -51,7 +51,11 @@ class GrownHead(nn.Module):
         self.weight, self.new_rows = weight, new_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((F.linear(x, self.weight), F.linear(x, self.new_rows)), dim=-1)
+        return torch.cat((F.linear(x, self.weight), F.linear(x, self.new_rows.to(x.dtype))), dim=-1)
+
+    def weight_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer's rows in two parts, for a loss that takes them apart (no concatenation)."""
+        return self.weight, self.new_rows
 
 
 def initial_rows(weight: torch.Tensor, tokenizer: Tokenizer, new_ids: range) -> torch.Tensor:

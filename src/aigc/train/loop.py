@@ -100,6 +100,8 @@ class Trainer:
         built = build_training_model(plan, self.cfg)
         self.model = built.model.to(runtime.device).train()
         self.lora, self.base_ref, self.base_sha = built.lora, built.base_ref, built.base_sha
+        if runtime.dtype == "bf16" and self.lora is not None:  # LoRA's frozen base (never saved) in bf16:
+            lora.hold_frozen_in(self.model, torch.bfloat16)  # no per-step casts of it
         self.optimizer = build_optimizer(self.model, self.cfg, runtime.device)
         block = plan.seq_len
         self.sampler = BatchSampler(
@@ -160,6 +162,7 @@ class Trainer:
                 "hardware": hardware(self.runtime.device, self.runtime.dtype, self.runtime.world_size),
             },
         )
+        run_config.extra["precision"] = {"dtype": self.runtime.dtype, "reason": self.runtime.dtype_reason}
         if self.plan.resume:
             self.log_truncate()
         elif overwrite:
@@ -323,7 +326,8 @@ class Trainer:
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with sync:
                 with self.runtime.autocast():
-                    logits, loss = self.wrapped(inputs, targets)  # (B, T, V), ()
+                    # Logits (B, T, V) only when accuracy is sampled; otherwise the fused loss skips them.
+                    logits, loss = self.wrapped(inputs, targets, return_logits=measure_acc)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             if measure_acc:
@@ -461,8 +465,13 @@ class Trainer:
             world_size=self.runtime.world_size,
             resumed=self.plan.resume,
             init_from=self.plan.init_from,
-            notes=(*self.notes, *((warning,) if warning else ())),
+            notes=(*self.notes, *((warning,) if warning else ()), *self._precision_note()),
         )
+
+    def _precision_note(self) -> tuple[str, ...]:
+        if self.cfg.dtype != "auto":
+            return ()
+        return (f"--dtype auto chose {self.runtime.dtype}: {self.runtime.dtype_reason}",)
 
     def _emit(self, event) -> None:
         """Hand an event to the callback; a KeyboardInterrupt from it means 'stop after this step'."""

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from aigc.artifacts.device import cpu_has_fast_bf16, pick_device, pick_dtype
+from aigc.artifacts.device import cpu_has_fast_bf16, pick_device
+from aigc.train.precision import choose_training_dtype
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Runtime:
     world_size: int = 1
     owns_group: bool = False  # True when we created the process group (and must destroy it)
     threads_before: int = 0  # torch's CPU thread count before we changed it (restored by `stop`)
+    dtype_reason: str = ""  # why `dtype` (e.g. the --dtype auto probe's figures)
 
     def describe(self) -> str:
         """e.g. 'cpu (2 threads)' or 'cuda:0'."""
@@ -109,7 +111,9 @@ def start(device: str, dtype: str, threads: int = 0) -> Runtime:
     if torch_device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(threads or auto_threads(local_world))
-    return Runtime(torch_device, pick_dtype(dtype, torch_device), rank, world_size, owns_group, threads_before)
+    # After the threads are set: the --dtype auto probe times products with them.
+    choice = choose_training_dtype(dtype, torch_device)
+    return Runtime(torch_device, choice.dtype, rank, world_size, owns_group, threads_before, choice.reason)
 
 
 def stop(runtime: Runtime) -> None:
