@@ -125,7 +125,9 @@ def _model_line(run_dir: Path, config: dict) -> str:
 def _hardware(config: dict, train: dict, last: dict) -> str:
     recorded = config.get("extra", {}).get("hardware")
     if isinstance(recorded, dict):  # what training recorded (artifacts.hardware)
-        return describe_hardware(recorded)
+        precision = config.get("extra", {}).get("precision") or {}
+        why = precision.get("reason") if isinstance(precision, dict) else None
+        return describe_hardware(recorded) + (f" (precision: {why})" if why else "")  # train/precision.py's reason
     for source in (last, config.get("extra", {})):
         for key in ("hardware", "device"):
             if source.get(key):

@@ -40,3 +40,5 @@ def test_a_lora_run_records_counts_and_hardware_and_its_report_names_family_and_
     hardware_row = next(line for line in summary.splitlines() if line.startswith("| hardware |"))
     assert cpu_name() in hardware_row and "1 thread of" in hardware_row and "device cpu, fp32" in hardware_row
     assert "not recorded" not in hardware_row
+    assert extra["precision"] == {"dtype": "fp32", "reason": "--dtype fp32"}  # why this precision, shown too
+    assert "(precision: --dtype fp32)" in hardware_row
