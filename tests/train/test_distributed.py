@@ -80,29 +80,9 @@ def test_lora_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_model, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "aigc",
-        "train",
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "ddp"),
-        "--batch-size",
-        "2",
-        *ARGS,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun(tmp_path / "ddp", tiny_data, 2, ARGS)
     single = train(tiny_data, tmp_path / "single", tiny_model, tiny_train_config(batch_size=4))
-    ddp_metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    one_metrics = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    ddp_metrics, one_metrics = metrics(tmp_path / "ddp"), metrics(single)
     assert [m["step"] for m in ddp_metrics] == [m["step"] for m in one_metrics] == [3, 6]
     for a, b in zip(ddp_metrics, one_metrics):
         assert a["tokens"] == b["tokens"]
