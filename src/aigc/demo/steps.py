@@ -74,7 +74,7 @@ class DemoOptions:
     data: Path = Path("data/imdb-smol")
     out: Path = Path("runs/demo")
     steps: int = 180
-    minutes: float = 6.0
+    minutes: float = 4.5
     seed: int = 1337
     eval_samples: int = 16
     guidance_scale: float = GUIDANCE_SCALE
