@@ -41,8 +41,8 @@ LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
 # the fine-tuned run alike: the sentence alone leaves about a third of the reviews drifting to the
 # other sentiment (docs/generate.md has the figures for scales 1-5).
 GUIDANCE_SCALE = 3.0
-# Sequences of 128 tokens per fine-tuning step: 180 steps are 184,320 tokens, 4x what 90 steps at batch 4
-# fine-tuned in fp32 in the same minutes before bf16 training (--dtype auto) sped LoRA up.
+# Sequences of 128 tokens per fine-tuning step: 180 steps are 184,320 tokens, 4x the 90 steps of 4 x 128
+# fp32 fine-tuned before bf16 (--dtype auto) sped LoRA up; the minutes cap stops it sooner on a busy CPU.
 FINETUNE_BATCH = 8
 BASE_EVAL = "base.json"  # RUN/eval/base.json: the base's evaluation on the same documents
 SCRATCH_EVAL = "scratch.json"  # RUN/eval/scratch.json: the from-scratch run's, with --compare-scratch
