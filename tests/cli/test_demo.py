@@ -78,7 +78,17 @@ def test_demo_fine_tunes_the_base_compares_both_then_reuses_results(tmp_path, re
     report = (run / "report.md").read_text(encoding="utf-8")
     for heading in ("Demo samples", "Base and fine-tuned side by side", "Targets", "Timings"):
         assert f"## {heading}" in report
-    assert "control accuracy ≥ 85%" in report and "continuation" in report
+    assert "continuation" in report
+    # Unguided samples (the control token alone) are judged by the same classifier, per label.
+    unguided = tuned["control"]["unguided"]
+    assert {label: v["num_samples"] for label, v in unguided["per_label"].items()} == {"pos": 2, "neg": 2}
+    human = tuned["diversity"]["human"]
+    assert human["computed_on"]["documents"] == tuned["diversity"]["num_samples"] and 0 < human["distinct_2"] <= 1
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    without = rows["control accuracy without guidance ≥ 85% (the control token alone)"]
+    assert f"{unguided['accuracy']:.1%} (neg " in without and f"vs {tuned['control']['accuracy']:.1%} guided" in without
+    distinct = next(line for name, line in rows.items() if name.startswith("distinct-2 within 0.05 of held-out human"))
+    assert f"(human reviews: {human['distinct_2']:.4g})" in distinct
     assert "report:" in err.splitlines()[-3] and "aigc generate" in err
     for step in ("pull", "prepare", "evaluate base", "fine-tune", "generate", "evaluate fine-tuned", "report"):
         assert f"({step}: " in err, step

@@ -51,10 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="fine-tuned run folder")
     parser.add_argument(
-        "--steps", type=int, default=90, help="fine-tuning budget in optimizer steps (of 4 x 128 tokens)"
+        "--steps", type=int, default=180, help="fine-tuning budget in optimizer steps (of 8 x 128 tokens)"
     )
     parser.add_argument(
-        "--minutes", type=float, default=6.0, help="and at most this many wall-clock minutes (whichever comes first)"
+        "--minutes", type=float, default=4.5, help="and at most this many wall-clock minutes (whichever comes first)"
     )
     parser.add_argument("--seed", type=int, default=1337, help="seed for the split, training and sampling")
     parser.add_argument("--eval-samples", type=int, default=16, help="evaluation samples per label")

@@ -17,6 +17,7 @@ PPL = ("language_modelling", "split", "perplexity")
 JUDGE_PPL = ("fluency", "judge", "perplexity")
 SELF_PPL = ("fluency", "self", "perplexity")
 MIN_CONTROL = 0.85
+MAX_DISTINCT_GAP = 0.05  # samples' distinct-2 within this of human reviews' of the same count and lengths
 
 
 def report_sections(
@@ -72,14 +73,7 @@ def targets(base: dict, tuned: dict) -> list[tuple[str, str, bool | None]]:
             _all(b_bpb, t_bpb) and t_bpb < b_bpb,
         )
     )
-    control, base_control = lookup(tuned, ("control", "accuracy")), lookup(base, ("control", "accuracy"))
-    rows.append(
-        (
-            f"control accuracy ≥ {MIN_CONTROL:.0%}",
-            f"{_pct(control)} vs {_pct(base_control)} (the base: the label's sentence alone, no control token)",
-            _all(control) and control >= MIN_CONTROL,
-        )
-    )
+    rows += control_rows(base, tuned)
     judge, human = lookup(tuned, JUDGE_PPL), lookup(base, PPL)
     rows.append(
         (
@@ -88,10 +82,17 @@ def targets(base: dict, tuned: dict) -> list[tuple[str, str, bool | None]]:
             _all(judge, human) and judge <= human,
         )
     )
-    for key, name, higher in (("repeated_4gram_share", "repeated 4-grams", False), ("distinct_2", "distinct-2", True)):
-        b, t = lookup(base, ("diversity", key)), lookup(tuned, ("diversity", key))
-        met = _all(b, t) and (t >= b if higher else t <= b)
-        rows.append((f"{name} no worse than the base's", f"{fmt(t)} vs {fmt(b)}", met))
+    b, t = lookup(base, ("diversity", "repeated_4gram_share")), lookup(tuned, ("diversity", "repeated_4gram_share"))
+    rows.append(("repeated 4-gram share ≤ the base's", f"{fmt(t)} vs {fmt(b)}", _all(b, t) and t <= b))
+    t, b = lookup(tuned, ("diversity", "distinct_2")), lookup(base, ("diversity", "distinct_2"))
+    human = lookup(tuned, ("diversity", "human", "distinct_2"))
+    rows.append(
+        (
+            f"distinct-2 within {MAX_DISTINCT_GAP} of held-out human reviews' (as many, cut to the samples' lengths)",
+            f"{fmt(t)} vs {fmt(b)} (human reviews: {fmt(human)})",
+            _all(t, human) and abs(t - human) <= MAX_DISTINCT_GAP,
+        )
+    )
     span, min_span = lookup(tuned, ("memorisation", "max_longest_span")), lookup(tuned, ("memorisation", "min_span"))
     rows.append(
         (
@@ -101,6 +102,27 @@ def targets(base: dict, tuned: dict) -> list[tuple[str, str, bool | None]]:
         )
     )
     return [(name, value, None if met is None else bool(met)) for name, value, met in rows]
+
+
+def control_rows(base: dict, tuned: dict) -> list[tuple[str, str, bool | None]]:
+    """Control accuracy with guidance (each label's sentence, guided away from the other's) and without
+    it (the control token alone): the second says whether the labels were learnt, not forced."""
+    guided, base_guided = lookup(tuned, ("control", "accuracy")), lookup(base, ("control", "accuracy"))
+    plain = lookup(tuned, ("control", "unguided", "accuracy"))
+    per_label = lookup(tuned, ("control", "unguided", "per_label")) or {}
+    counts = ", ".join(f"{label} {_pct(v['accuracy'])} of {v['num_samples']}" for label, v in per_label.items())
+    return [
+        (
+            f"control accuracy without guidance ≥ {MIN_CONTROL:.0%} (the control token alone)",
+            f"{_pct(plain)}{f' ({counts})' if counts else ''} vs {_pct(guided)} guided",
+            _all(plain) and plain >= MIN_CONTROL,
+        ),
+        (
+            f"control accuracy with guidance ≥ {MIN_CONTROL:.0%} (the label's sentence, guided)",
+            f"{_pct(guided)} vs {_pct(base_guided)} (the base: the label's sentence alone, no control token)",
+            _all(guided) and guided >= MIN_CONTROL,
+        ),
+    ]
 
 
 def targets_markdown(rows: Sequence[tuple[str, str, bool | None]]) -> str:

@@ -41,6 +41,9 @@ LABEL_PROMPTS = {"pos": "I loved this movie.", "neg": "I hated this movie."}
 # the fine-tuned run alike: the sentence alone leaves about a third of the reviews drifting to the
 # other sentiment (docs/generate.md has the figures for scales 1-5).
 GUIDANCE_SCALE = 3.0
+# Sequences of 128 tokens per fine-tuning step: 180 steps are 184,320 tokens, 4x the 90 steps of 4 x 128
+# fp32 fine-tuned before bf16 (--dtype auto) sped LoRA up; the minutes cap stops it sooner on a busy CPU.
+FINETUNE_BATCH = 8
 BASE_EVAL = "base.json"  # RUN/eval/base.json: the base's evaluation on the same documents
 SCRATCH_EVAL = "scratch.json"  # RUN/eval/scratch.json: the from-scratch run's, with --compare-scratch
 # The same sampling for every evaluation, so the base, the fine-tuned and the scratch run compare. At
@@ -70,8 +73,8 @@ class DemoOptions:
     source: str = "imdb"
     data: Path = Path("data/imdb-smol")
     out: Path = Path("runs/demo")
-    steps: int = 90
-    minutes: float = 6.0
+    steps: int = 180
+    minutes: float = 4.5
     seed: int = 1337
     eval_samples: int = 16
     guidance_scale: float = GUIDANCE_SCALE
@@ -238,14 +241,20 @@ class Demo:
         return self._evaluate(base, self.eval_config(samples), data=o.data, judge=None, prompts=prompts)
 
     def finetune_config(self, base: Path) -> TrainConfig:
-        """LoRA (the defaults for an imported base) for `steps`, or `minutes` if that comes first. A step
-        budget, not a time budget alone: the same steps give the same run on a busy or an idle machine
-        (on the development CPU, 73 steps in 3.5 busy minutes gave the fine-tuned run 84-88 % control
-        accuracy, 81 steps 91-94 %)."""
+        """LoRA (the defaults for an imported base, `--dtype auto`) at batch `FINETUNE_BATCH` for `steps`,
+        or `minutes` if that comes first. A step budget, not a time budget alone: the same steps give the
+        same run on a busy or an idle machine; the minutes cap keeps the demo's time bounded on a CPU
+        that trains slower (docs/demo.md has the figures)."""
         o = self.options
         seq_len = min(FINETUNE_DEFAULTS["seq_len"], read_run_config(base).model.block_size)
         return finetune_train_config(
-            max_steps=o.steps, minutes=o.minutes, seed=o.seed, seq_len=seq_len, eval_every=40, sample_tokens=24
+            max_steps=o.steps,
+            minutes=o.minutes,
+            seed=o.seed,
+            seq_len=seq_len,
+            batch_size=FINETUNE_BATCH,
+            eval_every=max(1, o.steps // 2),
+            sample_tokens=24,
         )
 
     def finetune(self, base: Path, config: TrainConfig, on_event: EventCallback | None = None) -> None:
@@ -284,11 +293,12 @@ class Demo:
         saved = o.out / EVAL / "metrics.json"
         trained = max((p.stat().st_mtime for p in o.out.glob("*.safetensors")), default=0.0)
         newer = saved.is_file() and saved.stat().st_mtime > trained
-        if newer and not o.fresh and same_sampling(saved, o.guidance_scale):
+        unguided = newer and "unguided" in read_json(saved).get("control", {})
+        if unguided and not o.fresh and same_sampling(saved, o.guidance_scale):
             self.say(f"reusing {saved} (newer than the weights)")
             return read_json(saved)
         config = self.eval_config(o.eval_samples)
-        return self._evaluate(o.out, config, data=None, judge=base, prompts=label_prompts(o.data))
+        return self._evaluate(o.out, config, data=None, judge=base, prompts=label_prompts(o.data), unguided=True)
 
     def scratch_config(self) -> TrainConfig:
         o = self.options
@@ -330,7 +340,9 @@ class Demo:
         sections = report_sections(out, samples, evaluations, seconds)
         return write_report(out, sections, evaluation=evaluations.get("fine-tuned"))
 
-    def _evaluate(self, run_dir: Path, config: EvalConfig, *, data: Path | None, judge: Path | None, prompts) -> dict:
+    def _evaluate(
+        self, run_dir: Path, config: EvalConfig, *, data: Path | None, judge: Path | None, prompts, unguided=False
+    ) -> dict:
         # Deferred: a slow import that only this path needs.
         from aigc.evaluate.run import evaluate_run
 
@@ -342,6 +354,7 @@ class Demo:
             judge=judge,
             progress=self.say,
             sample_prompts=prompts,
+            unguided_control=unguided,
         )
 
 

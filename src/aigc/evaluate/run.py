@@ -21,7 +21,7 @@ from aigc.artifacts.dataset import DATASET_JSON, TOKENIZER, check_same_tokenizer
 from aigc.artifacts.device import pick_device
 from aigc.config import EvalConfig, SampleConfig, to_dict
 from aigc.errors import AigcError
-from aigc.evaluate import control, lm, memorise, privacy, reference, textstats
+from aigc.evaluate import control, human, lm, memorise, privacy, reference, textstats
 from aigc.generate import Request, encode_request, generate
 from aigc.models import Run, load_run
 from aigc.models.lora import has_lora, merge_lora
@@ -231,8 +231,11 @@ def language_modelling(run: Run, folder: Path, config: EvalConfig, text: str | o
     return result
 
 
-def control_section(run: Run, folder: Path, info: dict, config: EvalConfig, items: Sequence[Generated]) -> dict:
-    """Classifier trained on the train split, its held-out accuracy, then control accuracy of samples."""
+def control_section(
+    run: Run, folder: Path, info: dict, config: EvalConfig, items: Sequence[Generated], unguided=()
+) -> dict:
+    """Classifier trained on the train split, its held-out accuracy, then control accuracy of samples
+    (and, under "unguided", of the `unguided` samples: drawn from the control token alone)."""
     # A run without control tokens (a base) has samples filed under a label only when they were drawn
     # from that label's text prompt (`sample_prompts`): then the dataset's labels are the classes.
     labels = list(run.tokenizer.labels) or list(info.get("labels") or [])
@@ -255,6 +258,13 @@ def control_section(run: Run, folder: Path, info: dict, config: EvalConfig, item
         [t for t, i in zip(train_texts, train_ids) if i >= 0], train_ids[train_ids >= 0], labels, seed=config.seed
     )
     scores = control.control_accuracy(classifier, [s.text for s in samples], [s.label for s in samples])
+    if unguided:
+        plain = control.control_accuracy(classifier, [s.text for s in unguided], [s.label for s in unguided])
+        scores["unguided"] = {
+            "accuracy": plain["accuracy"],
+            "per_label": plain["per_label"],
+            "computed_on": f"{len(unguided)} samples from the control token alone: no sentence, no guidance",
+        }
     return {
         **scores,
         "classifier": {
@@ -322,8 +332,11 @@ def evaluate_run(
     judge: str | os.PathLike | None = None,
     progress: Progress | None = None,
     sample_prompts: dict[str, str] | None = None,
+    unguided_control: bool = False,
 ) -> dict:
-    """Evaluate one run; returns the dict that `aigc eval` writes to RUN/eval/metrics.json."""
+    """Evaluate one run; returns the dict that `aigc eval` writes to RUN/eval/metrics.json. With
+    `unguided_control` a labelled run also draws `config.samples` per label from its control token
+    alone (no sentence, no guidance): whether the label was learnt, not forced by guidance."""
 
     started = time.perf_counter()
     device = pick_device(config.device)
@@ -356,11 +369,17 @@ def evaluate_run(
         "language_modelling": lm_result,
     }
     result.update(stages.run("text metrics", _text_metrics, items, pairs, references, config))
+    lengths = [item.tokens for item in items if item.kind == "sample"]
+    split, reader = open_split(folder, config.split), reading_tokenizer(run, folder, info)
+    result["diversity"]["human"] = human.human_diversity(split, reader, lengths, seed=config.seed + 1)
+    plain = []
+    if unguided_control and run.tokenizer.labels:
+        plain = stages.run("unguided generation", draw, run, [], config, _replace(sampling, guidance_scale=1.0))
     self_fluency, self_ppl = stages.run("fluency", fluency, run, items, config.batch_size)
     result["fluency"] = {"self": self_fluency, "note": FLUENCY_NOTE}
     if judge_run is not None:
         result["fluency"]["judge"], _ = stages.run("judge fluency", fluency, judge_run, items, config.batch_size)
-    result["control"] = stages.run("control accuracy", control_section, run, folder, info, config, items)
+    result["control"] = stages.run("control accuracy", control_section, run, folder, info, config, items, plain)
     result["memorisation"] = stages.run("memorisation", memorisation_section, run, folder, config, items)
     result["privacy"] = privacy.redaction_check([item.text for item in items])
     result["samples"] = _sample_rows(items, self_ppl, result)
