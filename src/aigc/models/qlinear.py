@@ -58,20 +58,28 @@ def _fast(x: torch.Tensor) -> quant.QuantKernels | None:
     return quant.kernels()
 
 
-class QuantLinear(nn.Module):
+class _BlockParts(nn.Module):
+    """A module whose weight is the row-wise concatenation of quantised parts, held as buffers
+    `weight_0`, `weight_1`, ... (views of the run's memory-mapped file)."""
+
+    def _hold(self, parts: list[Part]) -> None:
+        self.types = [p.type for p in parts]
+        for i, part in enumerate(parts):
+            self.register_buffer(f"weight_{i}", part.data)
+
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        return [(t, getattr(self, f"weight_{i}")) for i, t in enumerate(self.types)]
+
+
+class QuantLinear(_BlockParts):
     """y = x W^T + b with W the row-wise concatenation of quantised parts; W is never stored expanded."""
 
     def __init__(self, parts: list[Part], bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features = parts[0].cols
         self.out_features = sum(p.rows for p in parts)
-        self.types = [p.type for p in parts]
-        for i, part in enumerate(parts):
-            self.register_buffer(f"weight_{i}", part.data)
+        self._hold(parts)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def parts(self) -> list[tuple[str, torch.Tensor]]:
-        return [(t, getattr(self, f"weight_{i}")) for i, t in enumerate(self.types)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
@@ -113,19 +121,14 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, types={self.types}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_BlockParts):
     """nn.Embedding over quantised rows: each call expands only the rows it looks up."""
 
     def __init__(self, parts: list[Part]) -> None:
         super().__init__()
         self.embedding_dim = parts[0].cols
         self.num_embeddings = sum(p.rows for p in parts)
-        self.types = [p.type for p in parts]
-        for i, part in enumerate(parts):
-            self.register_buffer(f"weight_{i}", part.data)
-
-    def parts(self) -> list[tuple[str, torch.Tensor]]:
-        return [(t, getattr(self, f"weight_{i}")) for i, t in enumerate(self.types)]
+        self._hold(parts)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         flat = idx.reshape(-1)  # (N,)
