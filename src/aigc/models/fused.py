@@ -237,5 +237,10 @@ def linear_cross_entropy(x: torch.Tensor, weights: tuple[torch.Tensor, ...], tar
     """`F.cross_entropy(x @ cat(weights)^T, targets, ignore_index=-1)` for x (N, C) and weights (V_i, C)
     (the output layer, possibly a frozen table and new trainable rows), never holding all the logits.
     Under autocast the products run in its dtype, as `F.linear` would."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return _LinearCrossEntropy.apply(x, targets, dtype, *weights)
+    return _LinearCrossEntropy.apply(x, targets, compute_dtype(x), *weights)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype products of `x` run in: autocast's where it is on, else x's (as `F.linear`'s)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
