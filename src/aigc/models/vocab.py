@@ -12,6 +12,8 @@ forms the (V, C) gradient of the table. Full fine-tuning grows a plain `nn.Embed
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -143,7 +145,7 @@ def grow_frozen(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tenso
     head_new = model.wte.new_rows if tied else nn.Parameter(wte_rows.clone() if head_rows is None else head_rows)
     model.lm_head.weight.requires_grad_(False)
     model.lm_head = GrownHead(model.lm_head.weight, head_new)
-    return model
+    return _resized(model)
 
 
 def _grow_quantised(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | None) -> nn.Module:
@@ -151,7 +153,7 @@ def _grow_quantised(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.T
     model.wte = GrownQuantEmbedding(model.wte, wte_rows)
     head_new = model.wte.new_rows if tied else nn.Parameter((wte_rows if head_rows is None else head_rows).float())
     model.lm_head = GrownQuantHead(model.lm_head, head_new)
-    return model
+    return _resized(model)
 
 
 def grow(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | None = None) -> nn.Module:
@@ -169,6 +171,12 @@ def grow(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | Non
         with torch.no_grad():
             head.weight.copy_(torch.cat((model.lm_head.weight.detach(), head_rows.to(embedding))))
     model.lm_head = head
+    return _resized(model)
+
+
+def _resized(model: nn.Module) -> nn.Module:
+    """Record the grown vocabulary in the model's config, which exporters read (GGUF's vocabulary)."""
+    model.config = dataclasses.replace(model.config, vocab_size=model.wte.num_embeddings)
     return model
 
 
