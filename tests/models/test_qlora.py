@@ -5,6 +5,8 @@ computes the loss and gradients of its float32 twin (the same weights, expanded)
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -70,6 +72,19 @@ def test_the_backward_pass_keeps_no_expanded_weight():
         layer(x).sum().backward()
     assert max(saved, default=0) < weight.numel(), saved
     torch.testing.assert_close(x.grad, weight.sum(0).expand(4, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernels_can_be_built_and_checked_inside_a_bf16_training_step():
+    """The first expansion may happen under autocast; the build's check against the PyTorch
+    dequantiser must still compare float32 with float32."""
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler")
+    quant._kernels_for.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert quant.kernels() is not None, quant.unavailable_reason()
+    finally:
+        quant._kernels_for.cache_clear()
 
 
 @pytest.fixture

@@ -116,7 +116,9 @@ def build(kernels_dir: Path, compiler: str, isa: str) -> QuantKernels:
         kernels = QuantKernels(library, isa)
     except (OSError, AttributeError) as error:
         raise KernelUnavailable(f"cannot load {library}: {error}") from error
-    _check(kernels)
+    # The first use may come inside a training step: the check's reference product must stay float32.
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        _check(kernels)
     return kernels
 
 
