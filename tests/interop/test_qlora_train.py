@@ -17,6 +17,7 @@ from aigc.artifacts.state import load_state
 from aigc.cli import main
 from aigc.config import model_preset
 from aigc.models import build_model, load_run
+from aigc.models.kinds import describe
 from aigc.models.lora import QuantLoRALinear, has_lora
 from aigc.models.qlayers import quantised_weights
 from aigc.models.vocab import GrownQuantEmbedding
@@ -61,7 +62,8 @@ def test_lora_on_a_quantised_base_learns_stores_only_what_trains_resumes_and_gen
     val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(val) == 3 and val[-1] < val[0] - 0.05, val  # measured: 5.92 -> 5.76 nats, steps 4 -> 12
 
-    saved = json.loads((out / "config.json").read_text())["weights"]
+    config = json.loads((out / "config.json").read_text())
+    saved, counts = config["weights"], config["extra"]["parameters"]
     assert (saved["format"], saved["base"], saved["base_sha256"]) == (
         "lora",
         str(quantised_base.resolve()),
@@ -70,6 +72,8 @@ def test_lora_on_a_quantised_base_learns_stores_only_what_trains_resumes_and_gen
     stored = load_file(out / "model.safetensors")
     assert set(stored) == {"wte.new_rows"} | {n for n in stored if ".lora_" in n}  # no base weight at all
     assert stored["wte.new_rows"].shape == (2, 64)
+    assert counts["trainable"] == sum(t.numel() for t in stored.values())
+    assert counts["total"] == describe(load_run(quantised_base).model).parameters + counts["trainable"]  # blocks too
     assert set(load_state(out)["model"]) == set(stored)
     assert hashlib.sha256((quantised_base / "model.safetensors").read_bytes()).hexdigest() == base_digest
 
