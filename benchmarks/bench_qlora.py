@@ -124,7 +124,8 @@ def train_once(base: str, args, out: Path) -> dict:
 def bench_train(args) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, base in (("fp32", args.fp32), ("quantised", args.quant)):
+        bases = [("fp32", args.fp32), ("quantised", args.quant)][1 if args.quantised_only else 0 :]
+        for name, base in bases:
             results[name] = train_once(base, args, Path(tmp) / name)
             row = results[name]
             print(
@@ -152,6 +153,7 @@ def main() -> None:
     train.add_argument("--dtype", default="auto")
     train.add_argument("--threads", type=int, default=0)
     train.add_argument("--json", help="also write the figures here")
+    train.add_argument("--quantised-only", action="store_true", help="train on the quantised base only")
     args = parser.parse_args()
     if args.what == "layers":
         if args.threads:

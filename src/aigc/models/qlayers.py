@@ -125,12 +125,15 @@ class QuantLinear(_BlockParts):
 
 
 class QuantEmbedding(_BlockParts):
-    """nn.Embedding over quantised rows: each call expands only the rows it looks up."""
+    """nn.Embedding over quantised rows: each call expands only the rows it looks up, in `dtype`
+    (float32; `lora.hold_frozen_in` sets bf16 so that a bf16 run's residual stream is bf16, as a
+    float table held in bf16 makes it)."""
 
     def __init__(self, parts: list[Part]) -> None:
         super().__init__()
         self.embedding_dim = parts[0].cols
         self.num_embeddings = sum(p.rows for p in parts)
+        self.dtype = torch.float32
         self._hold(parts)
 
     def _cols(self) -> int:
@@ -140,7 +143,7 @@ class QuantEmbedding(_BlockParts):
         flat = idx.reshape(-1)  # (N,)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token id outside the embedding's {self.num_embeddings} rows")
-        out = torch.empty(flat.numel(), self.embedding_dim, device=idx.device)
+        out = torch.empty(flat.numel(), self.embedding_dim, dtype=self.dtype, device=idx.device)
         start = 0
         for type_name, data in self.parts():
             inside = (flat >= start) & (flat < start + data.shape[0])

@@ -59,9 +59,9 @@ class GrownQuantEmbedding(GrownEmbedding):
         self.base_size = base.num_embeddings
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.base(idx.clamp(max=self.base_size - 1))  # (B, T, C) float32, no grad
+        x = self.base(idx.clamp(max=self.base_size - 1))  # (B, T, C) in the table's dtype, no grad
         new = F.embedding((idx - self.base_size).clamp(min=0), self.new_rows)  # (B, T, C)
-        return torch.where((idx >= self.base_size).unsqueeze(-1), new, x)
+        return torch.where((idx >= self.base_size).unsqueeze(-1), new.to(x.dtype), x)
 
     def full_weight(self) -> torch.Tensor:
         return torch.cat((self.base.dequantized(), self.new_rows))  # (V + n, C)
