@@ -13,7 +13,7 @@ import torch
 
 from aigc.cli import main
 from aigc.models import load_run, quant
-from aigc.models.lora import LoRASpec, QuantLoRALinear, apply_lora, has_lora, merge_lora
+from aigc.models.lora import LoRASpec, QuantLoRALinear, apply_lora, has_lora, hold_frozen_in, merge_lora
 from aigc.models.qblocks import TYPES, dequantize
 from aigc.models.qlayers import QuantEmbedding, QuantLinear, expand_quantised, quantised_weights
 from aigc.models.qlinear import Part
@@ -149,3 +149,17 @@ def test_merging_expands_the_base_and_folds_the_update_in(quantised_gpt):
     assert not has_lora(merged) and quantised_weights(merged) == 0
     assert merged.lm_head.weight is merged.wte.weight  # still tied
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_held_in_bf16_the_quantised_table_keeps_the_residual_stream_in_bf16(quantised_gpt):
+    """As a float table held in bf16 does (`hold_frozen_in`): an fp32 stream would double the
+    activations of a bf16 step."""
+    quantised, _ = quantised_gpt()
+    quantised, vocab = adapted(quantised, 3)
+    hold_frozen_in(quantised, torch.bfloat16)
+    idx = torch.tensor([[vocab, 3, 4, 5, vocab + 1, 6]])
+    assert quantised.wte(idx).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = quantised(idx, torch.roll(idx, -1, 1), return_logits=False)
+    loss.backward()
+    assert torch.isfinite(loss) and quantised.wte.new_rows.grad.abs().sum() > 0
