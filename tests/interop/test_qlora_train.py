@@ -120,3 +120,15 @@ def test_merge_and_exports_dequantise_the_base_and_fold_the_adapters_in(quantise
     assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
     assert main(["export", str(out), "--format", "q8_0", "--out", str(tmp_path / "q8")]) == 0
     assert load_run(tmp_path / "q8").config.weights.format == "quantized"
+
+
+def test_a_gpt2_shaped_qlora_run_exports_as_a_hugging_face_folder(make_run, reviews, tmp_path):
+    """GPT-2's shape (biases, learned positions) over Q8_0 blocks: the hf export merges as for a float base."""
+    assert main(["export", str(make_run(name="gpt2")), "--format", "q8_0", "--out", str(tmp_path / "q8")]) == 0
+    data = tmp_path / "data"
+    prepare = ["prepare", write_csv(tmp_path / "r.csv", reviews), "--out", str(data), "--label-column", "label"]
+    assert main([*prepare, "--tokenizer", str(tmp_path / "q8"), "--no-dedup", "--val-fraction", "0.1"]) == 0
+    assert train(tmp_path / "q8", data, tmp_path / "tuned", "--lora-rank", "2", "--max-steps", "2") == 0
+    assert main(["export", str(tmp_path / "tuned"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert tensors["transformer.h.0.attn.c_attn.weight"].dtype == torch.float32

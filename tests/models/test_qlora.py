@@ -91,8 +91,9 @@ def test_the_kernels_can_be_built_and_checked_inside_a_bf16_training_step():
 def quantised_gpt(make_run, tmp_path):
     """(quantised GPT, its float32 twin): a tiny Llama-style run exported as Q4_0 (tables in Q8_0)."""
 
-    def _make(**overrides):
-        source = make_run(name="fp32", **{"norm": "rmsnorm", "positions": "rotary", "mlp": "swiglu", **overrides})
+    def _make(gpt2: bool = False, **overrides):
+        llama = {} if gpt2 else {"norm": "rmsnorm", "positions": "rotary", "mlp": "swiglu", "bias": False}
+        source = make_run(name="fp32", **llama, **overrides)
         assert main(["export", str(source), "--format", "q4", "--out", str(tmp_path / "q4")]) == 0
         model = load_run(tmp_path / "q4").model
         assert isinstance(model.wte, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
@@ -114,10 +115,10 @@ def adapted(model, seed: int):
     return model.train(), vocab
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("style", [{}, {"tie_embeddings": False}, {"gpt2": True}])  # GPT-2: biases, learned positions
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_quantised_gpt_trains_as_its_float_twin(quantised_gpt, tied, fused):
-    quantised, twin = quantised_gpt(tie_embeddings=tied)
+def test_a_quantised_gpt_trains_as_its_float_twin(quantised_gpt, style, fused):
+    quantised, twin = quantised_gpt(**style)
     (quantised, vocab), (twin, _) = adapted(quantised, 1), adapted(twin, 1)
     assert isinstance(quantised.h[0].attn.c_attn, QuantLoRALinear)
     assert isinstance(quantised.wte, GrownQuantEmbedding) and isinstance(quantised.lm_head, GrownQuantHead)
