@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from aigc.models import quant
-from aigc.models.fused import _no_autocast, compute_dtype
+from aigc.models.fused import compute_dtype, no_autocast
 from aigc.models.qblocks import dequantize
 
 
@@ -49,7 +49,7 @@ class _FrozenProduct(torch.autograd.Function):
     only, grad_y W, from a second transient expansion of W."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, x, layer, dtype):  # x (N, in)
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         return x.to(dtype) @ layer.dequantized(dtype).T  # (N, out)
