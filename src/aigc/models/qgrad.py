@@ -9,9 +9,9 @@ time, never a float copy of the model. Keeping the forward's expansion for the b
 the second expansion but hold every layer's expanded weight for the whole step: the fp32 model we
 avoid. SmolLM2-135M Q4_0, one LoRA r16 step: docs/benchmarks.md has the timings and memory.
 
-`expanded` writes the weight tile by tile (`quant.TILE_FLOATS` floats of float32 at a time, through
-the native dequantiser where it was built, else `qblocks.dequantize`), so even the 49,152 x 576 output
-layer costs one tile of float32 on top of its expansion in the compute dtype.
+`expanded` writes the weight tile by tile (`quant.TILE_FLOATS` floats at a time, through the native
+dequantiser where it was built, else `qblocks.dequantize`): into bf16 the native kernels write each
+block's rounded values directly; other dtypes go through one float32 tile at a time.
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ def expanded(parts: list[tuple[str, torch.Tensor]], cols: int, dtype: torch.dtyp
     for type_name, data in parts:
         for start in range(0, data.shape[0], step):
             chunk = data[start : start + step]  # (n, row_bytes) uint8, or (n, cols) float32
+            rows_out = out[first + start : first + start + chunk.shape[0]]
+            if type_name != "F32" and dtype == torch.bfloat16 and kernels is not None and chunk.is_contiguous():
+                kernels.dequantize_bf16_into(chunk, type_name, rows_out)  # no float32 tile in between
+                continue
             if type_name == "F32":
                 tile = chunk
             elif kernels is not None and chunk.is_contiguous():
                 tile = kernels.dequantize(chunk, type_name, cols)
             else:
                 tile = dequantize(chunk, type_name, cols)
-            out[first + start : first + start + chunk.shape[0]] = tile  # cast to dtype on the copy
+            rows_out.copy_(tile)  # cast to dtype on the copy
         first += data.shape[0]
     return out
 
