@@ -188,6 +188,17 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
         }                                                                                                    \
     }
 
+/* float32 -> bf16 rounded to nearest even, as PyTorch's .to(torch.bfloat16) (NaN stays NaN): training
+ * on a quantised base expands its layers straight into bf16, without a float32 copy in between. */
+static inline void to_bf16(const float *restrict y, uint16_t *restrict out, int n) {
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, y + i, sizeof u);
+        uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        out[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
+    }
+}
+
 #define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                \
     DOT_ROWS(NAME, QK, BYTES, 8, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 4, WIDTH)                                                                      \
@@ -216,6 +227,17 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
         long blocks = n_in / QK;                                                                             \
         _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
             for (long b = 0; b < blocks; b++) dq_##NAME(w + (o * blocks + b) * BYTES, out + o * n_in + b * QK); \
+        }                                                                                                    \
+    }                                                                                                        \
+    WIDTH void aigc_dequant_bf16_##NAME(const uint8_t *restrict w, uint16_t *restrict out, long n_out,       \
+                                        long n_in, long ld_out, int threads) {                               \
+        long blocks = n_in / QK;                                                                             \
+        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
+            float y[QK];                                                                                     \
+            for (long b = 0; b < blocks; b++) {                                                              \
+                dq_##NAME(w + (o * blocks + b) * BYTES, y);                                                  \
+                to_bf16(y, out + o * ld_out + b * QK, QK);                                                   \
+            }                                                                                                \
         }                                                                                                    \
     }
 

@@ -51,15 +51,17 @@ class QuantKernels:
         self.library_path, self.isa = library_path, isa
         library = ctypes.CDLL(str(library_path))
         pointer, size, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        self._gemv, self._dequant = {}, {}
+        self._gemv, self._dequant, self._dequant_bf16 = {}, {}, {}
         for name in QUANTISED:
-            gemv, dequant = (
+            gemv, dequant, bf16 = (
                 getattr(library, f"aigc_gemv_{name.lower()}"),
                 getattr(library, f"aigc_dequant_{name.lower()}"),
+                getattr(library, f"aigc_dequant_bf16_{name.lower()}"),
             )
             gemv.restype, gemv.argtypes = None, [pointer] * 3 + [size] * 4 + [count]
             dequant.restype, dequant.argtypes = None, [pointer] * 2 + [size] * 2 + [count]
-            self._gemv[name], self._dequant[name] = gemv, dequant
+            bf16.restype, bf16.argtypes = None, [pointer] * 2 + [size] * 3 + [count]
+            self._gemv[name], self._dequant[name], self._dequant_bf16[name] = gemv, dequant, bf16
 
     def gemv(self, blocks: torch.Tensor, type_name: str, x: torch.Tensor, out: torch.Tensor, column: int) -> None:
         """out[:, column : column + n_out] = x W^T for W (n_out, n_in) of `type_name` blocks;
@@ -81,6 +83,17 @@ class QuantKernels:
         out = torch.empty(blocks.shape[0], n_in, dtype=torch.float32)
         self._dequant[type_name](blocks.data_ptr(), out.data_ptr(), blocks.shape[0], n_in, _threads(out.numel()))
         return out
+
+    def dequantize_bf16_into(self, blocks: torch.Tensor, type_name: str, out: torch.Tensor) -> None:
+        """uint8 (n_out, row_bytes) blocks -> `out`, bf16 (n_out, n_in) rows of unit stride (the rows of
+        a larger tensor may be given), rounded as `.to(torch.bfloat16)` rounds the float32 expansion."""
+        n_out, n_in = out.shape
+        fits = blocks.dim() == 2 and blocks.shape == (n_out, TYPES[type_name].row_bytes(n_in))
+        _require(fits and n_in % TYPES[type_name].block == 0, "shapes")
+        _require(blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.is_cpu, "contiguous inputs")
+        _require(out.dtype == torch.bfloat16 and out.is_cpu and out.stride(1) == 1, "a bf16 output of unit stride")
+        function = self._dequant_bf16[type_name]
+        function(blocks.data_ptr(), out.data_ptr(), n_out, n_in, out.stride(0), _threads(out.numel()))
 
 
 def _threads(weights: int) -> int:
@@ -116,7 +129,9 @@ def build(kernels_dir: Path, compiler: str, isa: str) -> QuantKernels:
         kernels = QuantKernels(library, isa)
     except (OSError, AttributeError) as error:
         raise KernelUnavailable(f"cannot load {library}: {error}") from error
-    _check(kernels)
+    # The first use may come inside a training step: the check's reference product must stay float32.
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        _check(kernels)
     return kernels
 
 
@@ -146,7 +161,10 @@ def _check(kernels: QuantKernels) -> None:
         out = torch.zeros(CHECK_ROWS, n_out + 1)
         kernels.gemv(blocks, name, x, out, 1)
         wrong_product = not torch.allclose(out[:, 1:], x @ expected.T, rtol=1e-4, atol=1e-4)
-        if wrong_product or not torch.equal(kernels.dequantize(blocks, name, n_in), expected):
+        bf16 = torch.empty(n_out, n_in, dtype=torch.bfloat16)
+        kernels.dequantize_bf16_into(blocks, name, bf16)
+        wrong_expansion = not torch.equal(kernels.dequantize(blocks, name, n_in), expected)
+        if wrong_product or wrong_expansion or not torch.equal(bf16, expected.to(torch.bfloat16)):
             raise KernelUnavailable(f"{kernels.library_path.name} computes {name} wrong on this machine")
 
 
