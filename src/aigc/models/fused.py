@@ -19,6 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from aigc.models import native_train
+
 # Longest sequence for which `causal_attention` keeps the (B, h, T, T) probabilities for the backward
 # pass; longer ones use PyTorch's flash kernel, which recomputes them. At T = 128, batch 4, SmolLM2's 9
 # heads, forward + backward took 3.2 ms against flash's 19.6 ms (bf16, 2-core Xeon with AMX).
@@ -103,6 +105,11 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def forward(ctx, x, weight, eps: float):
+        kernels = native_train.kernels_for(x, weight)
+        if kernels is not None:  # one native pass; rstd (rows,) fp32
+            out, rstd = native_train.rms_norm_forward(kernels, x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd.view(*x.shape[:-1], 1))
+            return out
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
         rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -111,6 +118,10 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        kernels = native_train.kernels_for(x, weight, grad)
+        if kernels is not None and not ctx.needs_input_grad[1]:  # a frozen weight (LoRA): one native pass
+            return native_train.rms_norm_backward(kernels, x, weight, rstd, grad), None, None
         r = rstd.to(x.dtype)
         gw = grad * weight  # (..., C)
         # d/dx of x * rstd * w: rstd * (gw - x * rstd^2 * mean(gw * x))
@@ -135,6 +146,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def forward(ctx, h):
+        kernels = native_train.kernels_for(h)
+        if kernels is not None:  # one native pass each way, silu recomputed in the backward: keeps h only
+            ctx.save_for_backward(h)
+            return native_train.swiglu_forward(kernels, h)
         gate, up = h.chunk(2, dim=-1)
         silu = F.silu(gate)
         ctx.save_for_backward(h, silu)
@@ -142,7 +157,10 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        h, silu = ctx.saved_tensors
+        h, *kept = ctx.saved_tensors
+        if not kept:
+            return native_train.swiglu_backward(native_train.kernels_for(h), h, grad.contiguous())
+        silu = kept[0]
         gate, up = h.chunk(2, dim=-1)
         return torch.cat((torch.ops.aten.silu_backward(grad * up, gate), grad * silu), dim=-1)
 
@@ -239,3 +257,46 @@ def linear_cross_entropy(x: torch.Tensor, weights: tuple[torch.Tensor, ...], tar
     Under autocast the products run in its dtype, as `F.linear` would."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     return _LinearCrossEntropy.apply(x, targets, dtype, *weights)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """x W^T + b + s (x A^T) B^T for a frozen W, b and trainable A (r, in), B (out, r).
+
+    Eager autograd copies the base product to add the update (`addmm`), adds the input gradient of the
+    base and of the adapter as a third (N, in) pass, and casts A and B once per use; here the update
+    and the adapter's input gradient accumulate in place onto the (N, out) and (N, in) products, and
+    A and B are cast once per step. Frozen W and b get no gradient (a LoRA base never trains)."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # (r, in), (out, r)
+        low = rows @ a.t()  # (N, r)
+        out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())  # (N, out)
+        out.addmm_(low, b.t(), alpha=scaling)
+        ctx.save_for_backward(rows, weight, a, b, low)
+        ctx.scaling, ctx.dtypes, ctx.shape_in = scaling, (lora_A.dtype, lora_B.dtype), x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, a, b, low = ctx.saved_tensors
+        grad = grad.reshape(-1, weight.shape[0])  # (N, out)
+        grad_low = (grad @ b).mul_(ctx.scaling)  # (N, r)
+        grad_x = (grad @ weight).addmm_(grad_low, a)  # (N, in)
+        grad_a = (grad_low.t() @ rows).to(ctx.dtypes[0])  # (r, in)
+        grad_b = (grad.t() @ low).mul_(ctx.scaling).to(ctx.dtypes[1])  # (out, r)
+        return grad_x.view(*ctx.shape_in), None, None, grad_a, grad_b, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """`F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_A), lora_B)` with weight and bias
+    frozen; under autocast in its dtype, as `F.linear` would be."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_linear trains only the adapters; the base weight and bias must be frozen")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling)

@@ -355,8 +355,8 @@ class GPT(nn.Module):
         """Use the fused training functions (True, the default) or the plain PyTorch ones."""
         self.fused_training = enabled
         for module in self.modules():
-            if isinstance(module, (CausalSelfAttention, MLP, RMSNorm)):
-                module.fused = enabled
+            if isinstance(module, (CausalSelfAttention, MLP, RMSNorm)) or hasattr(module, "fused"):
+                module.fused = enabled  # hasattr: the adapted layers of `models.lora` too
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:
