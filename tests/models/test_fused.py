@@ -135,6 +135,24 @@ def test_lora_linear_refuses_a_trainable_base():
         fused.lora_linear(torch.randn(1, 2), weight, None, torch.randn(1, 2), torch.randn(3, 1), 1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_rotary_gives_the_rotated_heads_and_their_gradient(dtype, kernels):
+    torch.manual_seed(0)
+    B, T, H, G, D = 2, 7, 6, 2, 8
+    qkv, cos_sin = leaf(B, T, (H + 2 * G) * D, dtype=dtype), rotary_tables(torch.arange(T)[None], D, 1e4, dtype)
+    out = fused.qkv_rotary(qkv, *cos_sin, (H, G))
+    if kernels == "pytorch":
+        assert out is None  # the caller keeps to `rotary` and views
+        return
+    heads = qkv.float().view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H + 2 G, T, D)
+    rotated = apply_rotary(heads[:, : H + G], *(t.float() for t in cos_sin))
+    reference = rotated[:, :H], rotated[:, H:], heads[:, H + G :]
+    assert all(o.is_contiguous() for o in out) and [o.shape for o in out] == [r.shape for r in reference]
+    assert_close(out, reference, dtype)
+    g = [torch.randn(r.shape).to(dtype) for r in reference]
+    assert_close(grads(out, qkv, g), grads(reference, qkv, [x.float() for x in g]), dtype)
+
+
 def tiny_llama(seed: int = 0, lora: bool = False):
     """42 tokens either way: 40 + 2 new rows under LoRA."""
     torch.manual_seed(seed)

@@ -196,6 +196,33 @@ def _rotate(x, cos, sin, sign: float):
     return out
 
 
+class _QKVRotary(torch.autograd.Function):
+    """qkv (B, T, (H + 2 G) D) -> rotated q (B, H, T, D), rotated k and v (B, G, T, D), contiguous, in one
+    native pass each way (`native_train.qkv_rotary`): the rotation and the head-major layout that
+    attention's batched products read, without the transposed copies and the split's concatenation."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, qkv, cos, sin, heads: tuple[int, int]):  # cos, sin (T, D) float32
+        ctx.save_for_backward(cos, sin)
+        return native_train.qkv_rotary(native_train.kernels_for(qkv), qkv, cos, sin, heads)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grads = [g.contiguous() for g in (grad_q, grad_k, grad_v)]
+        return native_train.qkv_rotary_backward(native_train.kernels_for(*grads), grads, cos, sin), None, None, None
+
+
+def qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int]):
+    """Queries (B, H, T, D), keys and values (B, G, T, D) from qkv (B, T, (H + 2 G) D), the queries and
+    keys rotated by the tables cos, sin (1, 1, T, D); None where the native kernels cannot serve."""
+    if cos.dim() != 4 or cos.shape[0] != 1 or native_train.kernels_for(qkv) is None:
+        return None
+    tables = [t[0, 0].float().contiguous() for t in (cos, sin)]  # (T, D)
+    return _QKVRotary.apply(qkv, *tables, heads)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`gpt.apply_rotary` for (B, h, T, hs) queries or keys, tables (B | 1, 1, T, hs)."""
     return _Rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))

@@ -192,6 +192,9 @@ class CausalSelfAttention(nn.Module):
         tensors summed, one per slice."""
         B, T, _ = qkv.shape
         heads, hs = self.n_head + self.n_kv_head, self.head_dim
+        if (native := fused.qkv_rotary(qkv, *rope, (self.n_head, self.n_kv_head))) is not None:
+            y = fused.causal_attention(*native)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
         qk, v = qkv.split([heads * hs, self.n_kv_head * hs], dim=-1)
         qk = fused.rotary(qk.view(B, T, heads, hs).transpose(1, 2), *rope)  # (B, nh + nkv, T, hs)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)

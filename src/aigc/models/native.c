@@ -274,3 +274,67 @@ SWIGLU_FORWARD(f32, float)
 SWIGLU_FORWARD(bf16, uint16_t)
 SWIGLU_BACKWARD(f32, float)
 SWIGLU_BACKWARD(bf16, uint16_t)
+
+/* Rotary positions for training, with the layout change that attention needs: qkv (B, T, (H + 2 G) D)
+ * holds each token's H query heads, G key heads, G value heads; q (B, H, T, D), k and v (B, G, T, D)
+ * receive the rotated queries and keys and the values. Hugging Face Llama's layout: pair (i, i + D/2)
+ * turns by the angle of position t; cos, sin: (T, D) float32. */
+#define QKV_ROTARY(SUFFIX, T)                                                                                    \
+    void aigc_qkv_rotary_##SUFFIX(const T *restrict qkv, const float *restrict cos, const float *restrict sin, \
+                                   T *restrict q, T *restrict k, T *restrict v, long B, long n, long H, long G, \
+                                   long D, int threads) {                                                      \
+        long half = D / 2, width = (H + 2 * G) * D;                                                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)") for (long bt = 0; bt < B * n; bt++) { \
+            long b = bt / n, t = bt % n;                                                                       \
+            const float *c = cos + t * D, *s = sin + t * D;                                                    \
+            for (long head = 0; head < H + 2 * G; head++) {                                                    \
+                const T *x = qkv + bt * width + head * D;                                                      \
+                T *out = head < H       ? q + ((b * H + head) * n + t) * D                                     \
+                         : head < H + G ? k + ((b * G + head - H) * n + t) * D                                 \
+                                        : v + ((b * G + head - H - G) * n + t) * D;                            \
+                if (head >= H + G) {                                                                           \
+                    _Pragma("omp simd") for (long i = 0; i < D; i++) out[i] = x[i];                            \
+                    continue;                                                                                  \
+                }                                                                                              \
+                _Pragma("omp simd") for (long i = 0; i < half; i++) {                                          \
+                    float first = load_##SUFFIX(x, i), second = load_##SUFFIX(x, i + half);                    \
+                    store_##SUFFIX(out, i, first * c[i] - second * s[i]);                                      \
+                    store_##SUFFIX(out, i + half, second * c[i + half] + first * s[i + half]);                 \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+/* The backward of `aigc_qkv_rotary`: the inverse rotation of the query and key gradients and the value
+ * gradients, written back into one (B, T, (H + 2 G) D) gradient of qkv. */
+#define QKV_ROTARY_BACKWARD(SUFFIX, T)                                                                           \
+    void aigc_qkv_rotary_backward_##SUFFIX(const T *restrict gq, const T *restrict gk, const T *restrict gv,   \
+                                            const float *restrict cos, const float *restrict sin,              \
+                                            T *restrict gqkv, long B, long n, long H, long G, long D,          \
+                                            int threads) {                                                     \
+        long half = D / 2, width = (H + 2 * G) * D;                                                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)") for (long bt = 0; bt < B * n; bt++) { \
+            long b = bt / n, t = bt % n;                                                                       \
+            const float *c = cos + t * D, *s = sin + t * D;                                                    \
+            for (long head = 0; head < H + 2 * G; head++) {                                                    \
+                T *out = gqkv + bt * width + head * D;                                                         \
+                const T *g = head < H       ? gq + ((b * H + head) * n + t) * D                                \
+                             : head < H + G ? gk + ((b * G + head - H) * n + t) * D                            \
+                                            : gv + ((b * G + head - H - G) * n + t) * D;                       \
+                if (head >= H + G) {                                                                           \
+                    _Pragma("omp simd") for (long i = 0; i < D; i++) out[i] = g[i];                            \
+                    continue;                                                                                  \
+                }                                                                                              \
+                _Pragma("omp simd") for (long i = 0; i < half; i++) {                                          \
+                    float first = load_##SUFFIX(g, i), second = load_##SUFFIX(g, i + half);                    \
+                    store_##SUFFIX(out, i, first * c[i] + second * s[i + half]);                               \
+                    store_##SUFFIX(out, i + half, second * c[i + half] - first * s[i]);                        \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+QKV_ROTARY(f32, float)
+QKV_ROTARY(bf16, uint16_t)
+QKV_ROTARY_BACKWARD(f32, float)
+QKV_ROTARY_BACKWARD(bf16, uint16_t)

@@ -91,6 +91,8 @@ class Kernels:
             signatures[f"aigc_rms_norm_backward_{suffix}"] = [pointer] * 5 + [size] * 2 + [count]
             signatures[f"aigc_swiglu_forward_{suffix}"] = [pointer] * 2 + [size] * 2 + [count]
             signatures[f"aigc_swiglu_backward_{suffix}"] = [pointer] * 3 + [size] * 2 + [count]
+            signatures[f"aigc_qkv_rotary_{suffix}"] = [pointer] * 6 + [size] * 5 + [count]
+            signatures[f"aigc_qkv_rotary_backward_{suffix}"] = [pointer] * 6 + [size] * 5 + [count]
         for name, argtypes in signatures.items():
             function = getattr(library, name)
             function.restype, function.argtypes = None, argtypes

@@ -1,5 +1,6 @@
-"""The training step's elementwise passes from `native.c`: RMSNorm and SwiGLU, forward and backward, in
-float32 and bfloat16, one pass over memory each.
+"""The training step's elementwise passes from `native.c`: RMSNorm, SwiGLU and rotary positions (with
+the split of qkv into head-major q, k, v), forward and backward, in float32 and bfloat16, one pass over
+memory each.
 
 Why: in PyTorch each of these is several ops (RMSNorm's forward five and its backward seven, SwiGLU's
 backward three and a concatenation), each a pass over a (B, T, width) tensor, and on a 2-core CPU a
@@ -7,7 +8,8 @@ LoRA step of SmolLM2-135M spends more time in such passes than in its matrix pro
 row does the same arithmetic with the row in L1: forward + backward at batch 4 x 128 (one thread,
 2-core Xeon with AMX, 2026-12-03) SwiGLU 1.1 ms against 5.5 (fp32) and 1.6 against 4.3 (bf16),
 RMSNorm 0.22 against 1.33 (fp32) and 0.26 against 1.34 (bf16) for `aigc.models.fused`'s PyTorch
-functions, which remain the fallback (docs/benchmarks.md has the whole step).
+functions, which remain the fallback. Rotary positions with the split of qkv: +6 % on the whole bf16
+LoRA step of SmolLM2-135M (docs/benchmarks.md has each change's A/B).
 
 The library is `native.kernels()` (built, cached and checked as that module says); these kernels are
 checked against PyTorch once more before their first use here, and `kernels_for(x)` is None where they
@@ -87,6 +89,43 @@ def swiglu_backward(kernels, h: torch.Tensor, grad: torch.Tensor) -> torch.Tenso
     return out
 
 
+def qkv_rotary(kernels, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int]):
+    """qkv (B, T, (H + 2 G) D) -> rotated q (B, H, T, D), rotated k and v (B, G, T, D), all contiguous;
+    cos, sin (T, D) float32 contiguous; heads = (H, G)."""
+    (B, T, width), (H, G) = qkv.shape, heads
+    D = width // (H + 2 * G)
+    assert width == (H + 2 * G) * D and cos.shape == sin.shape == (T, D) and cos.dtype == torch.float32
+    q, k, v = qkv.new_empty(B, H, T, D), qkv.new_empty(B, G, T, D), qkv.new_empty(B, G, T, D)
+    run = _call(kernels, "qkv_rotary", qkv.dtype)
+    run(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        B,
+        T,
+        H,
+        G,
+        D,
+        _threads(qkv),
+    )
+    return q, k, v
+
+
+def qkv_rotary_backward(kernels, grads, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient (B, T, (H + 2 G) D) of qkv in `qkv_rotary` for the gradients of q, k, v (contiguous)."""
+    grad_q, grad_k, grad_v = grads
+    (B, H, T, D), G = grad_q.shape, grad_k.shape[1]
+    assert grad_k.shape == grad_v.shape == (B, G, T, D)
+    out = grad_q.new_empty(B, T, (H + 2 * G) * D)
+    run = _call(kernels, "qkv_rotary_backward", grad_q.dtype)
+    pointers = (grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), cos.data_ptr(), sin.data_ptr())
+    run(*pointers, out.data_ptr(), B, T, H, G, D, _threads(out))
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _checked() -> native.Kernels | None:
     """The library when all four kernels match PyTorch in both dtypes on odd widths (the vector loops'
@@ -106,8 +145,29 @@ def _checked() -> native.Kernels | None:
             x.requires_grad_(), h.requires_grad_()
             ref_y, ref_s = F.rms_norm(x, (45,), weight, 1e-5), F.silu(h[:, :37]) * h[:, 37:]
             theirs = [ref_y, torch.autograd.grad(ref_y, x, g_x)[0], ref_s, torch.autograd.grad(ref_s, h, g_h)[0]]
+        for a, b in _rotary_pairs(kernels, dtype, generator):
+            ours.append(a), theirs.append(b)
         for a, b in zip(ours, theirs):
             if not torch.allclose(a.float(), b.detach(), rtol=tolerance, atol=tolerance):
                 native.log.warning("aigc: native training kernels compute wrong results here; using PyTorch's")
                 return None
     return kernels
+
+
+def _rotary_pairs(kernels, dtype: torch.dtype, generator: torch.Generator):
+    """(ours, PyTorch's) for q, k, v and qkv's gradient of `qkv_rotary`: 2 rows of 5 tokens, 4 query
+    heads, 2 key/value heads of width 6."""
+    qkv = torch.randn(2, 5, 8 * 6, generator=generator).to(dtype).float()
+    grads = [torch.randn(2, h, 5, 6, generator=generator).to(dtype).float() for h in (4, 2, 2)]
+    angles = torch.randn(5, 3, generator=generator).repeat(1, 2)  # (T, D): both halves turn alike
+    cos, sin = angles.cos(), angles.sin()
+    ours = list(qkv_rotary(kernels, qkv.to(dtype), cos, sin, (4, 2)))
+    ours.append(qkv_rotary_backward(kernels, [g.to(dtype) for g in grads], cos, sin))
+    with torch.enable_grad():
+        qkv.requires_grad_()
+        x = qkv.view(2, 5, 8, 6).transpose(1, 2)  # (B, heads, T, D)
+        first, second = x[:, :6].chunk(2, dim=-1)
+        rotated = x[:, :6] * cos + torch.cat((-second, first), dim=-1) * sin
+        theirs = [rotated[:, :4], rotated[:, 4:], x[:, 6:]]
+        theirs.append(torch.autograd.grad(theirs, qkv, grads)[0])
+    return list(zip(ours, theirs))
