@@ -153,6 +153,23 @@ def test_qkv_rotary_gives_the_rotated_heads_and_their_gradient(dtype, kernels):
     assert_close(grads(out, qkv, g), grads(reference, qkv, [x.float() for x in g]), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("uses_sum", [True, False], ids=["sum-used", "sum-unused"])
+def test_add_rms_norm_matches_the_add_then_the_norm(dtype, uses_sum, kernels):
+    torch.manual_seed(0)
+    x, delta, weight = leaf(3, 5, 16, dtype=dtype), leaf(3, 5, 16, dtype=dtype), (1 + 0.1 * torch.randn(16)).to(dtype)
+    g_sum, g_out = torch.randn(3, 5, 16).to(dtype), torch.randn(3, 5, 16).to(dtype)
+    total, out = fused.add_rms_norm(x, delta, weight, 1e-5)
+    reference_total = x.float() + delta.float()
+    reference = F.rms_norm(reference_total, (16,), weight.float(), 1e-5)
+    assert_close([total, out], [reference_total, reference], dtype)
+    outputs = ([total] if uses_sum else []) + [out]  # the last block's sum feeds nothing but the norm
+    ours = torch.autograd.grad(outputs, (x, delta), ([g_sum] if uses_sum else []) + [g_out])
+    outputs = ([reference_total] if uses_sum else []) + [reference]
+    theirs = torch.autograd.grad(outputs, (x, delta), ([g_sum.float()] if uses_sum else []) + [g_out.float()])
+    assert_close(ours, theirs, dtype, scale=4)
+
+
 def tiny_llama(seed: int = 0, lora: bool = False):
     """42 tokens either way: 40 + 2 new rows under LoRA."""
     torch.manual_seed(seed)

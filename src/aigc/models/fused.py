@@ -107,7 +107,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         kernels = native_train.kernels_for(x, weight)
         if kernels is not None:  # one native pass; rstd (rows,) fp32
-            out, rstd = native_train.rms_norm_forward(kernels, x, weight, eps)
+            _, out, rstd = native_train.rms_norm_forward(kernels, x, weight, eps)
             ctx.save_for_backward(x, weight, rstd.view(*x.shape[:-1], 1))
             return out
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
@@ -136,6 +136,39 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, (C,), weight, eps)`; under autocast in the input's dtype, as the residual stream is."""
     return _RMSNorm.apply(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, eps)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """(s, rms_norm(s)) for s = x + delta, the residual add and the next norm in one native pass each way
+    (a frozen norm weight only: LoRA). The backward adds the gradient that reaches s by the residual path
+    to the norm's, in the same pass, and hands it to both x and delta."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, x, delta, weight, eps: float):
+        s, out, rstd = native_train.rms_norm_forward(native_train.kernels_for(x, delta, weight), x, weight, eps, delta)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused s (the last block's) gets no zero-filled gradient
+        return s, out
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_out):
+        s, weight, rstd = ctx.saved_tensors
+        grad_out = torch.zeros_like(s) if grad_out is None else grad_out.contiguous()
+        grad_s = None if grad_s is None else grad_s.contiguous()
+        grad = native_train.rms_norm_backward(native_train.kernels_for(s), s, weight, rstd, grad_out, grad_s)
+        return grad, grad, None, None
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + delta, `rms_norm(x + delta, weight, eps)`), the residual stream and its norm; one native pass
+    where the kernels serve and the weight is frozen."""
+    dtype = torch.promote_types(x.dtype, delta.dtype)  # as `x + delta` would give
+    x, delta, weight = x.to(dtype), delta.to(dtype), weight.to(dtype)
+    if weight.requires_grad or native_train.kernels_for(x, delta, weight) is None:
+        s = x + delta
+        return s, rms_norm(s, weight, eps)
+    return _AddRMSNorm.apply(x, delta, weight, eps)
 
 
 class _SwiGLU(torch.autograd.Function):

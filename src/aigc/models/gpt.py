@@ -120,6 +120,10 @@ class RMSNorm(nn.RMSNorm):
             return super().forward(x)
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)) for training: the residual add fused into the norm."""
+        return fused.add_rms_norm(x, delta, self.weight, self.eps or torch.finfo(x.dtype).eps)
+
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
@@ -256,6 +260,14 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, layer, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
+    def residual_forward(self, x, delta, rope):
+        """Training (RMSNorm, fused functions): `forward` with the residual adds fused into the norms
+        after them. x + delta is the input (delta: the previous block's pending MLP output, or None);
+        returns this block's (x, delta) likewise."""
+        x, h = (x, self.ln_1(x)) if delta is None else self.ln_1.add_forward(x, delta)
+        x, h = self.ln_2.add_forward(x, self.attn(h, None, 0, None, rope))
+        return x, self.mlp(h)
+
 
 class GPT(nn.Module):
     """`fused_training` (default True): while training with gradients on, RMSNorm, rotary positions,
@@ -336,11 +348,18 @@ class GPT(nn.Module):
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if self.training:  # Dropout is the identity in eval: skip the call
             x = self.drop(x)
-        for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, mask, rope)
+        residual = cache is None and mask is None and not last_only and isinstance(self.ln_f, RMSNorm)
+        if residual and self._fused_now() and len(self.h):
+            delta = None  # the residual adds fused into the norms after them
+            for block in self.h:
+                x, delta = block.residual_forward(x, delta, rope)
+            x = self.ln_f.add_forward(x, delta)[1]
+        else:
+            for layer, block in enumerate(self.h):
+                x = block(x, cache, layer, mask, rope)
+            x = self.ln_f(x[:, -1:] if last_only else x)
         if cache is not None:
             cache.length = start + T
-        x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None and not return_logits and self._fused_now():
             head = self.lm_head
             weights = head.weight_parts() if hasattr(head, "weight_parts") else (head.weight,)

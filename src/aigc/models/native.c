@@ -198,14 +198,23 @@ static inline void store_bf16(uint16_t *p, long i, float v) {
     p[i] = (uint16_t)(v != v ? 0x7fc0u : rounded); /* NaN stays NaN */
 }
 
-/* RMSNorm forward: rstd = 1 / sqrt(mean(x^2) + eps) per row (kept for the backward, float32),
- * y = x * rstd * w.  x, y: (rows, n); w: (n); rstd: (rows). */
+/* RMSNorm forward, optionally after a residual add: with d non-NULL, s = x + d is written (rounded to
+ * the storage type) and normalised, else s = x. rstd = 1 / sqrt(mean(s^2) + eps) per row (kept for the
+ * backward, float32), y = s * rstd * w.  x, d, s, y: (rows, n); w: (n); rstd: (rows). */
 #define RMS_NORM_FORWARD(SUFFIX, T)                                                                              \
-    void aigc_rms_norm_forward_##SUFFIX(const T *restrict x, const T *restrict w, T *restrict y,              \
-                                         float *restrict rstd, long rows, long n, float eps, int threads) {    \
+    void aigc_rms_norm_forward_##SUFFIX(const T *restrict x, const T *restrict d, const T *restrict w,         \
+                                         T *restrict s, T *restrict y, float *restrict rstd, long rows, long n, \
+                                         float eps, int threads) {                                             \
         _Pragma("omp parallel for schedule(static) num_threads(threads)") for (long r = 0; r < rows; r++) {    \
             const T *xr = x + r * n;                                                                           \
             T *yr = y + r * n;                                                                                 \
+            if (d) {                                                                                           \
+                const T *dr = d + r * n;                                                                       \
+                T *sr = s + r * n;                                                                             \
+                _Pragma("omp simd") for (long i = 0; i < n; i++)                                               \
+                    store_##SUFFIX(sr, i, load_##SUFFIX(xr, i) + load_##SUFFIX(dr, i));                        \
+                xr = sr;                                                                                       \
+            }                                                                                                  \
             float sum = 0.0f;                                                                                  \
             _Pragma("omp simd reduction(+ : sum)") for (long i = 0; i < n; i++) {                              \
                 float v = load_##SUFFIX(xr, i);                                                                \
@@ -218,10 +227,12 @@ static inline void store_bf16(uint16_t *p, long i, float v) {
         }                                                                                                      \
     }
 
-/* RMSNorm backward for the input: gx = rstd * (g w - x rstd^2 mean(g w x)).  x, g, gx: (rows, n). */
+/* RMSNorm backward for the input: gx = rstd * (g w - x rstd^2 mean(g w x)) + g_res, where g_res (the
+ * gradient that reaches x by the residual path) may be NULL.  x, g, g_res, gx: (rows, n). */
 #define RMS_NORM_BACKWARD(SUFFIX, T)                                                                             \
     void aigc_rms_norm_backward_##SUFFIX(const T *restrict x, const T *restrict w, const float *restrict rstd, \
-                                          const T *restrict g, T *restrict gx, long rows, long n, int threads) { \
+                                          const T *restrict g, const T *restrict g_res, T *restrict gx,        \
+                                          long rows, long n, int threads) {                                    \
         _Pragma("omp parallel for schedule(static) num_threads(threads)") for (long r = 0; r < rows; r++) {    \
             const T *xr = x + r * n, *gr = g + r * n;                                                          \
             T *out = gx + r * n;                                                                               \
@@ -229,9 +240,17 @@ static inline void store_bf16(uint16_t *p, long i, float v) {
             _Pragma("omp simd reduction(+ : dot)") for (long i = 0; i < n; i++)                                \
                 dot += load_##SUFFIX(gr, i) * load_##SUFFIX(w, i) * load_##SUFFIX(xr, i);                      \
             float c = dot * s * s / (float)n;                                                                  \
-            _Pragma("omp simd") for (long i = 0; i < n; i++) {                                                 \
-                float gw = load_##SUFFIX(gr, i) * load_##SUFFIX(w, i);                                         \
-                store_##SUFFIX(out, i, s * (gw - load_##SUFFIX(xr, i) * c));                                   \
+            if (g_res) {                                                                                       \
+                const T *res = g_res + r * n;                                                                  \
+                _Pragma("omp simd") for (long i = 0; i < n; i++) {                                             \
+                    float gw = load_##SUFFIX(gr, i) * load_##SUFFIX(w, i);                                     \
+                    store_##SUFFIX(out, i, s * (gw - load_##SUFFIX(xr, i) * c) + load_##SUFFIX(res, i));       \
+                }                                                                                              \
+            } else {                                                                                           \
+                _Pragma("omp simd") for (long i = 0; i < n; i++) {                                             \
+                    float gw = load_##SUFFIX(gr, i) * load_##SUFFIX(w, i);                                     \
+                    store_##SUFFIX(out, i, s * (gw - load_##SUFFIX(xr, i) * c));                               \
+                }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
     }

@@ -48,24 +48,32 @@ def _threads(x: torch.Tensor) -> int:
     return torch.get_num_threads() if x.numel() >= native.THREADED_ELEMENTS else 1
 
 
-def rms_norm_forward(kernels, x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """y = x / rms(x) * weight over the last dim, and the (rows,) float32 reciprocal rms for the backward."""
+def rms_norm_forward(kernels, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
+    """(s, y, rstd): s = x + delta (x itself when delta is None), y = s / rms(s) * weight over the last dim,
+    and the (rows,) float32 reciprocal rms for the backward."""
     rows, width = x.numel() // x.shape[-1], x.shape[-1]
-    assert weight.shape == (width,), (weight.shape, width)
+    assert weight.shape == (width,) and (delta is None or delta.shape == x.shape), (weight.shape, x.shape)
+    s = x if delta is None else torch.empty_like(x)
     y, rstd = torch.empty_like(x), x.new_empty(rows, dtype=torch.float32)
-    run = _call(kernels, "rms_norm_forward", x.dtype)
-    run(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, width, eps, _threads(x))
-    return y, rstd
+    pointers = (x.data_ptr(), _pointer(delta), weight.data_ptr(), s.data_ptr(), y.data_ptr(), rstd.data_ptr())
+    _call(kernels, "rms_norm_forward", x.dtype)(*pointers, rows, width, eps, _threads(x))
+    return s, y, rstd
 
 
-def rms_norm_backward(kernels, x, weight, rstd, grad) -> torch.Tensor:
-    """The input's gradient of `rms_norm_forward` for `grad` shaped like x."""
+def rms_norm_backward(kernels, x, weight, rstd, grad, grad_residual=None) -> torch.Tensor:
+    """The input's gradient of `rms_norm_forward` (x: its s) for `grad` shaped like x, plus
+    `grad_residual` when given (what reaches s by the residual path)."""
     rows, width = x.numel() // x.shape[-1], x.shape[-1]
     assert grad.shape == x.shape and rstd.numel() == rows
+    assert grad_residual is None or grad_residual.shape == x.shape
     out = torch.empty_like(x)
-    run = _call(kernels, "rms_norm_backward", x.dtype)
-    run(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), out.data_ptr(), rows, width, _threads(x))
+    pointers = (x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), _pointer(grad_residual))
+    _call(kernels, "rms_norm_backward", x.dtype)(*pointers, out.data_ptr(), rows, width, _threads(x))
     return out
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def swiglu_forward(kernels, h: torch.Tensor) -> torch.Tensor:
@@ -138,7 +146,7 @@ def _checked() -> native.Kernels | None:
         # Drawn in float32 and rounded to `dtype`, so that the reference sees the same inputs.
         h, x, g_h, g_x = (torch.randn(*s, generator=generator).to(dtype).float() for s in SHAPES)
         weight = x[0] + 2
-        y, rstd = rms_norm_forward(kernels, x.to(dtype), weight.to(dtype), 1e-5)
+        _, y, rstd = rms_norm_forward(kernels, x.to(dtype), weight.to(dtype), 1e-5)
         ours = [y, rms_norm_backward(kernels, x.to(dtype), weight.to(dtype), rstd, g_x.to(dtype))]
         ours += [swiglu_forward(kernels, h.to(dtype)), swiglu_backward(kernels, h.to(dtype), g_h.to(dtype))]
         with torch.enable_grad():  # the first use may come inside an autograd Function's forward
