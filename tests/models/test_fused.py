@@ -62,6 +62,29 @@ def test_linear_cross_entropy_matches_logits_and_cross_entropy(dtype, monkeypatc
     assert_close(grads(2 * loss, (x, rows), None), grads(2 * reference, (x, rows), None), dtype, scale=0.1)
 
 
+def test_a_grown_head_keeps_its_concatenation_current():
+    """The (V + n, C) table that the loss multiplies by is built once and follows both parts."""
+    model = tiny_llama(lora=True)
+    head, table = model.lm_head, model.lm_head.joined(torch.bfloat16)
+    assert table.dtype == torch.bfloat16
+    assert torch.equal(table, torch.cat(head.weight_parts()).bfloat16())
+    with torch.no_grad():
+        head.new_rows.add_(1.0)  # an optimizer step on the new rows
+        head.weight[0].add_(1.0)  # a change of the frozen part (a reload, say)
+    again = head.joined(torch.bfloat16)
+    assert torch.equal(again, torch.cat(head.weight_parts()).bfloat16())
+    idx = torch.randint(0, 42, (2, 9))
+    losses = []
+    for keep in (True, False):
+        if not keep:
+            head.joined = None  # the concatenation formed anew inside the loss
+        loss = model(idx, idx, return_logits=False)[1]
+        loss.backward()
+        losses.append((loss.detach(), head.new_rows.grad.clone()))
+        head.new_rows.grad = None
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+
+
 def test_linear_cross_entropy_gives_no_gradient_to_a_frozen_table():
     x, table = leaf(6, 4, dtype=torch.float32), torch.randn(9, 4)
     loss = fused.linear_cross_entropy(x, (table,), torch.randint(0, 9, (6,)))

@@ -271,11 +271,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, x, targets, dtype, *weights):  # x (N, C), targets (N,), weights (V_i, C)
+    def forward(ctx, x, targets, dtype, joined, *weights):  # x (N, C), targets (N,), weights (V_i, C)
         x = x.to(dtype)
-        weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)  # (V, C)
+        if joined is not None:  # the caller's cat(weights) in dtype
+            weight = joined(dtype)
+        else:
+            weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)  # (V, C)
         ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
-        trained = [i for i, w in enumerate(weights) if ctx.needs_input_grad[3 + i]]
+        trained = [i for i, w in enumerate(weights) if ctx.needs_input_grad[4 + i]]
         valid = targets != -1
         scale = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
         grad_x = torch.empty_like(x)
@@ -308,15 +311,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * ctx.count
         for i, grad in zip(ctx.trained, saved):
             grads[i] = (grad * grad_loss).to(ctx.dtypes[i])
-        return grad_x * grad_loss.to(grad_x.dtype), None, None, *grads
+        return grad_x * grad_loss.to(grad_x.dtype), None, None, None, *grads
 
 
-def linear_cross_entropy(x: torch.Tensor, weights: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], targets: torch.Tensor, joined=None
+) -> torch.Tensor:
     """`F.cross_entropy(x @ cat(weights)^T, targets, ignore_index=-1)` for x (N, C) and weights (V_i, C)
     (the output layer, possibly a frozen table and new trainable rows), never holding all the logits.
-    Under autocast the products run in its dtype, as `F.linear` would."""
+    Under autocast the products run in its dtype, as `F.linear` would. joined: optionally a function
+    of the dtype that gives cat(weights) in it (a caller that keeps the concatenation between steps)."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return _LinearCrossEntropy.apply(x, targets, dtype, *weights)
+    return _LinearCrossEntropy.apply(x, targets, dtype, joined, *weights)
 
 
 class _LoRALinear(torch.autograd.Function):

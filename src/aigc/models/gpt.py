@@ -363,7 +363,8 @@ class GPT(nn.Module):
         if targets is not None and not return_logits and self._fused_now():
             head = self.lm_head
             weights = head.weight_parts() if hasattr(head, "weight_parts") else (head.weight,)
-            return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1))
+            joined = getattr(head, "joined", None)  # the parts' concatenation, kept between steps
+            return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1), joined)
         logits = self.lm_head(x)  # (B, T | 1, V)
         if targets is None:
             return logits, None
