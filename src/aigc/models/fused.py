@@ -3,13 +3,16 @@ step keeps fewer activations, makes fewer passes over memory and never holds a f
 logits tensor.
 
 Each is an `torch.autograd.Function` over ordinary PyTorch ops (matrix products and a few elementwise
-passes); tests/models/test_fused.py checks outputs and gradients against the eager formulation in fp32
-(tight) and bf16 (looser). They compute in the dtype of their inputs (bf16 stays bf16, with fp32 for
-the reductions that need it). `GPT` uses them while training with gradients on (`GPT.fused_training`).
+passes), RMSNorm (with the residual add before it), SwiGLU and rotary over the native kernels of
+`native_train` where those serve (PyTorch's ops otherwise); tests/models/test_fused.py checks outputs
+and gradients of both against the eager formulation in fp32 (tight) and bf16 (looser). They compute
+in the dtype of their inputs (bf16 stays bf16, with fp32 for the reductions that need it). `GPT` uses
+them while training with gradients on (`GPT.fused_training`).
 
 Why own functions rather than `torch.compile`: on a 2-core Xeon (AMX, torch 2.13, 2026-12-03) a compile
 of the whole SmolLM2-135M LoRA loss took 93 s for +7 % on top of bf16 weights, i.e. it pays back only
-after a run of many minutes; these functions cost nothing to start (docs/benchmarks.md has the A/B).
+after a run of many minutes; these functions, and the native kernels (built once per machine in under a
+second or two and cached), cost nothing to start (docs/benchmarks.md has the A/B).
 """
 
 from __future__ import annotations
