@@ -11,8 +11,8 @@ them while training with gradients on (`GPT.fused_training`).
 
 Why own functions rather than `torch.compile`: on a 2-core Xeon (AMX, torch 2.13, 2026-12-03) a compile
 of the whole SmolLM2-135M LoRA loss took 93 s for +7 % on top of bf16 weights, i.e. it pays back only
-after a run of many minutes; these functions, and the native kernels (built once per machine in under a
-second or two and cached), cost nothing to start (docs/benchmarks.md has the A/B).
+after a run of many minutes; these functions, and the native kernels (compiled once per machine, about a
+second of compiler time, and cached), cost nothing to start (docs/benchmarks.md has the A/B).
 """
 
 from __future__ import annotations
