@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc.config import model_preset
-from aigc.models import build_model, fused
+from aigc.models import build_model, fused, native, native_train
 from aigc.models.gpt import apply_rotary, rotary_tables
 from aigc.models.lora import LoRASpec, apply_lora, hold_frozen_in
 from aigc.models.vocab import grow_frozen
@@ -62,6 +62,29 @@ def test_linear_cross_entropy_matches_logits_and_cross_entropy(dtype, monkeypatc
     assert_close(grads(2 * loss, (x, rows), None), grads(2 * reference, (x, rows), None), dtype, scale=0.1)
 
 
+def test_a_grown_head_keeps_its_concatenation_current():
+    """The (V + n, C) table that the loss multiplies by is built once and follows both parts."""
+    model = tiny_llama(lora=True)
+    head, table = model.lm_head, model.lm_head.joined(torch.bfloat16)
+    assert table.dtype == torch.bfloat16
+    assert torch.equal(table, torch.cat(head.weight_parts()).bfloat16())
+    with torch.no_grad():
+        head.new_rows.add_(1.0)  # an optimizer step on the new rows
+        head.weight[0].add_(1.0)  # a change of the frozen part (a reload, say)
+    again = head.joined(torch.bfloat16)
+    assert torch.equal(again, torch.cat(head.weight_parts()).bfloat16())
+    idx = torch.randint(0, 42, (2, 9))
+    losses = []
+    for keep in (True, False):
+        if not keep:
+            head.joined = None  # the concatenation formed anew inside the loss
+        loss = model(idx, idx, return_logits=False)[1]
+        loss.backward()
+        losses.append((loss.detach(), head.new_rows.grad.clone()))
+        head.new_rows.grad = None
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+
+
 def test_linear_cross_entropy_gives_no_gradient_to_a_frozen_table():
     x, table = leaf(6, 4, dtype=torch.float32), torch.randn(9, 4)
     loss = fused.linear_cross_entropy(x, (table,), torch.randint(0, 9, (6,)))
@@ -69,8 +92,27 @@ def test_linear_cross_entropy_gives_no_gradient_to_a_frozen_table():
     assert x.grad is not None and table.grad is None
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def kernels(request, monkeypatch):
+    """Both ways of the RMSNorm and SwiGLU functions: the native kernels (where they build) and PyTorch."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(native_train, "kernels_for", lambda *tensors: None)
+    elif native_train.kernels_for(torch.zeros(1)) is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    return request.param
+
+
+def test_native_training_kernels_serve_float32_and_bfloat16_only():
+    if native.kernels() is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    x = torch.zeros(4, 6)
+    assert native_train.kernels_for(x) is not None and native_train.kernels_for(x.bfloat16()) is not None
+    assert native_train.kernels_for(x.half()) is None and native_train.kernels_for(x.t()) is None
+    assert native_train.kernels_for(x, x.bfloat16()) is None  # mixed dtypes
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_swiglu_and_rotary_match_eager(dtype):
+def test_rms_norm_swiglu_and_rotary_match_eager(dtype, kernels):
     torch.manual_seed(0)
     x, weight = leaf(3, 5, 16, dtype=dtype), (1 + 0.1 * torch.randn(16)).to(dtype).requires_grad_()
     g = torch.randn(3, 5, 16).to(dtype)
@@ -89,6 +131,66 @@ def test_rms_norm_swiglu_and_rotary_match_eager(dtype):
     out, reference = fused.rotary(x, cos, sin), apply_rotary(x.float(), cos.float(), sin.float())
     assert_close([out], [reference], dtype)
     assert_close(grads(out, x, g), grads(reference, x, g.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_matches_the_eager_adapter(dtype, bias):
+    torch.manual_seed(0)
+    x, g = leaf(3, 5, 12, dtype=dtype), torch.randn(3, 5, 10).to(dtype)
+    weight, b = torch.randn(10, 12).to(dtype) / 4, torch.randn(10).to(dtype) if bias else None
+    lora_A, lora_B = leaf(4, 12, dtype=torch.float32, scale=0.3), leaf(10, 4, dtype=torch.float32, scale=0.3)
+    out = fused.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+    reference = F.linear(x.float(), weight.float(), None if b is None else b.float())
+    reference = reference + 2.0 * F.linear(F.linear(x.float(), lora_A), lora_B)
+    assert_close([out], [reference], dtype, scale=2)
+    ours, theirs = grads(out, (x, lora_A, lora_B), g), grads(reference, (x, lora_A, lora_B), g.float())
+    assert ours[1].dtype == ours[2].dtype == torch.float32  # the adapters' gradients in their own precision
+    assert_close([ours[0]], [theirs[0]], dtype, scale=2)
+    tolerance = TOLERANCE[dtype] * 4
+    for a, b_ in zip(ours[1:], theirs[1:]):
+        torch.testing.assert_close(a, b_, atol=tolerance, rtol=tolerance)
+
+
+def test_lora_linear_refuses_a_trainable_base():
+    weight = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        fused.lora_linear(torch.randn(1, 2), weight, None, torch.randn(1, 2), torch.randn(3, 1), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_rotary_gives_the_rotated_heads_and_their_gradient(dtype, kernels):
+    torch.manual_seed(0)
+    B, T, H, G, D = 2, 7, 6, 2, 8
+    qkv, cos_sin = leaf(B, T, (H + 2 * G) * D, dtype=dtype), rotary_tables(torch.arange(T)[None], D, 1e4, dtype)
+    out = fused.qkv_rotary(qkv, *cos_sin, (H, G))
+    if kernels == "pytorch":
+        assert out is None  # the caller keeps to `rotary` and views
+        return
+    heads = qkv.float().view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H + 2 G, T, D)
+    rotated = apply_rotary(heads[:, : H + G], *(t.float() for t in cos_sin))
+    reference = rotated[:, :H], rotated[:, H:], heads[:, H + G :]
+    assert all(o.is_contiguous() for o in out) and [o.shape for o in out] == [r.shape for r in reference]
+    assert_close(out, reference, dtype)
+    g = [torch.randn(r.shape).to(dtype) for r in reference]
+    assert_close(grads(out, qkv, g), grads(reference, qkv, [x.float() for x in g]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("uses_sum", [True, False], ids=["sum-used", "sum-unused"])
+def test_add_rms_norm_matches_the_add_then_the_norm(dtype, uses_sum, kernels):
+    torch.manual_seed(0)
+    x, delta, weight = leaf(3, 5, 16, dtype=dtype), leaf(3, 5, 16, dtype=dtype), (1 + 0.1 * torch.randn(16)).to(dtype)
+    g_sum, g_out = torch.randn(3, 5, 16).to(dtype), torch.randn(3, 5, 16).to(dtype)
+    total, out = fused.add_rms_norm(x, delta, weight, 1e-5)
+    reference_total = x.float() + delta.float()
+    reference = F.rms_norm(reference_total, (16,), weight.float(), 1e-5)
+    assert_close([total, out], [reference_total, reference], dtype)
+    outputs = ([total] if uses_sum else []) + [out]  # the last block's sum feeds nothing but the norm
+    ours = torch.autograd.grad(outputs, (x, delta), ([g_sum] if uses_sum else []) + [g_out])
+    outputs = ([reference_total] if uses_sum else []) + [reference]
+    theirs = torch.autograd.grad(outputs, (x, delta), ([g_sum.float()] if uses_sum else []) + [g_out.float()])
+    assert_close(ours, theirs, dtype, scale=4)
 
 
 def tiny_llama(seed: int = 0, lora: bool = False):
@@ -121,36 +223,44 @@ def test_a_fused_step_gives_the_loss_and_gradients_of_the_plain_one(lora):
         torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def fifty_lora_steps(fused: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The loss curve of 50 LoRA steps of `tiny_llama` over a small set of batches, revisited (it learns)."""
+    torch.manual_seed(2)
+    batches = [torch.randint(0, 42, (4, 17)) for _ in range(5)]
+    model = tiny_llama(lora=True)
+    model.set_fused_training(fused)
+    if dtype == torch.bfloat16:
+        hold_frozen_in(model, torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    curve = []
+    for step in range(50):
+        x = batches[step % len(batches)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:], return_logits=not fused)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(loss.item())
+    return torch.tensor(curve)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fifty_lora_steps_follow_the_same_loss_curve_fused_or_not(dtype):
     """Same seed, same batches: the curves agree within rounding (bf16: the base held in bf16 both ways)."""
-    torch.manual_seed(2)
-    batches = [torch.randint(0, 42, (4, 17)) for _ in range(5)]  # a small set, revisited: the loss falls
-    curves = []
-    for enabled in (True, False):
-        model = tiny_llama(lora=True)
-        model.set_fused_training(enabled)
-        if dtype == torch.bfloat16:
-            hold_frozen_in(model, torch.bfloat16)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
-        curve = []
-        for step in range(50):
-            x = batches[step % len(batches)]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = model(x[:, :-1], x[:, 1:], return_logits=not enabled)[1]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.append(loss.item())
-        curves.append(torch.tensor(curve))
-    fused_curve, plain_curve = curves
+    fused_curve, plain_curve = fifty_lora_steps(True, dtype), fifty_lora_steps(False, dtype)
     assert plain_curve[-5:].mean() < plain_curve[:5].mean() - 0.2  # it learns: the match is not trivial
     gap = (fused_curve - plain_curve).abs()
     if dtype == torch.float32:
         assert gap.max() < 1e-4
-    else:  # bf16 rounds differently in the two formulations, and 50 steps compound it
-        assert gap.mean() < 0.03 and gap.max() < 0.15, gap
-        assert abs(fused_curve[-10:].mean() - plain_curve[-10:].mean()) < 0.03
+    else:
+        # bf16 rounds differently in the two formulations (the native kernels round once per output,
+        # PyTorch's ops once per op), and 50 steps compound it: the plain bf16 curve itself strays from
+        # the fp32 one by up to 0.24 on some seeds. So: close on average, and no further from fp32 than
+        # plain bf16 is.
+        reference = fifty_lora_steps(False, torch.float32)
+        assert gap.mean() < 0.03, gap
+        drift = (fused_curve - reference).abs().mean(), (plain_curve - reference).abs().mean()
+        assert drift[0] < 1.25 * drift[1] + 0.002, drift
 
 
 def test_evaluation_and_no_grad_use_the_plain_path():

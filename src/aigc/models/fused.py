@@ -3,13 +3,16 @@ step keeps fewer activations, makes fewer passes over memory and never holds a f
 logits tensor.
 
 Each is an `torch.autograd.Function` over ordinary PyTorch ops (matrix products and a few elementwise
-passes); tests/models/test_fused.py checks outputs and gradients against the eager formulation in fp32
-(tight) and bf16 (looser). They compute in the dtype of their inputs (bf16 stays bf16, with fp32 for
-the reductions that need it). `GPT` uses them while training with gradients on (`GPT.fused_training`).
+passes), RMSNorm (with the residual add before it), SwiGLU and rotary over the native kernels of
+`native_train` where those serve (PyTorch's ops otherwise); tests/models/test_fused.py checks outputs
+and gradients of both against the eager formulation in fp32 (tight) and bf16 (looser). They compute
+in the dtype of their inputs (bf16 stays bf16, with fp32 for the reductions that need it). `GPT` uses
+them while training with gradients on (`GPT.fused_training`).
 
 Why own functions rather than `torch.compile`: on a 2-core Xeon (AMX, torch 2.13, 2026-12-03) a compile
 of the whole SmolLM2-135M LoRA loss took 93 s for +7 % on top of bf16 weights, i.e. it pays back only
-after a run of many minutes; these functions cost nothing to start (docs/benchmarks.md has the A/B).
+after a run of many minutes; these functions, and the native kernels (compiled once per machine, about a
+second of compiler time, and cached), cost nothing to start (docs/benchmarks.md has the A/B).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from aigc.models import native_train
 
 # Longest sequence for which `causal_attention` keeps the (B, h, T, T) probabilities for the backward
 # pass; longer ones use PyTorch's flash kernel, which recomputes them. At T = 128, batch 4, SmolLM2's 9
@@ -103,6 +108,11 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     @no_autocast
     def forward(ctx, x, weight, eps: float):
+        kernels = native_train.kernels_for(x, weight)
+        if kernels is not None:  # one native pass; rstd (rows,) fp32
+            _, out, rstd = native_train.rms_norm_forward(kernels, x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd.view(*x.shape[:-1], 1))
+            return out
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
         rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -111,6 +121,10 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        kernels = native_train.kernels_for(x, weight, grad)
+        if kernels is not None and not ctx.needs_input_grad[1]:  # a frozen weight (LoRA): one native pass
+            return native_train.rms_norm_backward(kernels, x, weight, rstd, grad), None, None
         r = rstd.to(x.dtype)
         gw = grad * weight  # (..., C)
         # d/dx of x * rstd * w: rstd * (gw - x * rstd^2 * mean(gw * x))
@@ -127,6 +141,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, eps)
 
 
+class _AddRMSNorm(torch.autograd.Function):
+    """(s, rms_norm(s)) for s = x + delta, the residual add and the next norm in one native pass each way
+    (a frozen norm weight only: LoRA). The backward adds the gradient that reaches s by the residual path
+    to the norm's, in the same pass, and hands it to both x and delta."""
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, x, delta, weight, eps: float):
+        s, out, rstd = native_train.rms_norm_forward(native_train.kernels_for(x, delta, weight), x, weight, eps, delta)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused s (the last block's) gets no zero-filled gradient
+        return s, out
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_out):
+        s, weight, rstd = ctx.saved_tensors
+        grad_out = torch.zeros_like(s) if grad_out is None else grad_out.contiguous()
+        grad_s = None if grad_s is None else grad_s.contiguous()
+        grad = native_train.rms_norm_backward(native_train.kernels_for(s), s, weight, rstd, grad_out, grad_s)
+        return grad, grad, None, None
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + delta, `rms_norm(x + delta, weight, eps)`), the residual stream and its norm; one native pass
+    where the kernels serve and the weight is frozen."""
+    dtype = torch.promote_types(x.dtype, delta.dtype)  # as `x + delta` would give
+    x, delta, weight = x.to(dtype), delta.to(dtype), weight.to(dtype)
+    if weight.requires_grad or native_train.kernels_for(x, delta, weight) is None:
+        s = x + delta
+        return s, rms_norm(s, weight, eps)
+    return _AddRMSNorm.apply(x, delta, weight, eps)
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up for h = [gate | up] (..., 2H); keeps h and silu(gate) (as the eager form does)
     and runs the gate's backward as one `silu_backward` pass: 3.09 ms forward + backward against 3.68
@@ -135,6 +182,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     @no_autocast
     def forward(ctx, h):
+        kernels = native_train.kernels_for(h)
+        if kernels is not None:  # one native pass each way, silu recomputed in the backward: keeps h only
+            ctx.save_for_backward(h)
+            return native_train.swiglu_forward(kernels, h)
         gate, up = h.chunk(2, dim=-1)
         silu = F.silu(gate)
         ctx.save_for_backward(h, silu)
@@ -142,7 +193,10 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        h, silu = ctx.saved_tensors
+        h, *kept = ctx.saved_tensors
+        if not kept:
+            return native_train.swiglu_backward(native_train.kernels_for(h), h, grad.contiguous())
+        silu = kept[0]
         gate, up = h.chunk(2, dim=-1)
         return torch.cat((torch.ops.aten.silu_backward(grad * up, gate), grad * silu), dim=-1)
 
@@ -178,6 +232,33 @@ def _rotate(x, cos, sin, sign: float):
     return out
 
 
+class _QKVRotary(torch.autograd.Function):
+    """qkv (B, T, (H + 2 G) D) -> rotated q (B, H, T, D), rotated k and v (B, G, T, D), contiguous, in one
+    native pass each way (`native_train.qkv_rotary`): the rotation and the head-major layout that
+    attention's batched products read, without the transposed copies and the split's concatenation."""
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, qkv, cos, sin, heads: tuple[int, int]):  # cos, sin (T, D) float32
+        ctx.save_for_backward(cos, sin)
+        return native_train.qkv_rotary(native_train.kernels_for(qkv), qkv, cos, sin, heads)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grads = [g.contiguous() for g in (grad_q, grad_k, grad_v)]
+        return native_train.qkv_rotary_backward(native_train.kernels_for(*grads), grads, cos, sin), None, None, None
+
+
+def qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int]):
+    """Queries (B, H, T, D), keys and values (B, G, T, D) from qkv (B, T, (H + 2 G) D), the queries and
+    keys rotated by the tables cos, sin (1, 1, T, D); None where the native kernels cannot serve."""
+    if cos.dim() != 4 or cos.shape[0] != 1 or native_train.kernels_for(qkv) is None:
+        return None
+    tables = [t[0, 0].float().contiguous() for t in (cos, sin)]  # (T, D)
+    return _QKVRotary.apply(qkv, *tables, heads)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`gpt.apply_rotary` for (B, h, T, hs) queries or keys, tables (B | 1, 1, T, hs)."""
     return _Rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
@@ -193,11 +274,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @no_autocast
-    def forward(ctx, x, targets, dtype, *weights):  # x (N, C), targets (N,), weights (V_i, C)
+    def forward(ctx, x, targets, dtype, joined, *weights):  # x (N, C), targets (N,), weights (V_i, C)
         x = x.to(dtype)
-        weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)  # (V, C)
+        if joined is not None:  # the caller's cat(weights) in dtype
+            weight = joined(dtype)
+        else:
+            weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)  # (V, C)
         ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
-        trained = [i for i, w in enumerate(weights) if ctx.needs_input_grad[3 + i]]
+        trained = [i for i, w in enumerate(weights) if ctx.needs_input_grad[4 + i]]
         valid = targets != -1
         scale = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
         grad_x = torch.empty_like(x)
@@ -230,17 +314,63 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * ctx.count
         for i, grad in zip(ctx.trained, saved):
             grads[i] = (grad * grad_loss).to(ctx.dtypes[i])
-        return grad_x * grad_loss.to(grad_x.dtype), None, None, *grads
+        return grad_x * grad_loss.to(grad_x.dtype), None, None, None, *grads
 
 
-def linear_cross_entropy(x: torch.Tensor, weights: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], targets: torch.Tensor, joined=None
+) -> torch.Tensor:
     """`F.cross_entropy(x @ cat(weights)^T, targets, ignore_index=-1)` for x (N, C) and weights (V_i, C)
     (the output layer, possibly a frozen table and new trainable rows), never holding all the logits.
-    Under autocast the products run in its dtype, as `F.linear` would."""
-    return _LinearCrossEntropy.apply(x, targets, compute_dtype(x), *weights)
+    Under autocast the products run in its dtype, as `F.linear` would. joined: optionally a function
+    of the dtype that gives cat(weights) in it (a caller that keeps the concatenation between steps)."""
+    return _LinearCrossEntropy.apply(x, targets, compute_dtype(x), joined, *weights)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype products of `x` run in: autocast's where it is on, else x's (as `F.linear`'s)."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class _LoRALinear(torch.autograd.Function):
+    """x W^T + b + s (x A^T) B^T for a frozen W, b and trainable A (r, in), B (out, r).
+
+    Eager autograd copies the base product to add the update (`addmm`), adds the input gradient of the
+    base and of the adapter as a third (N, in) pass, and casts A and B once per use; here the update
+    and the adapter's input gradient accumulate in place onto the (N, out) and (N, in) products, and
+    A and B are cast once per step. Frozen W and b get no gradient (a LoRA base never trains)."""
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # (r, in), (out, r)
+        low = rows @ a.t()  # (N, r)
+        out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())  # (N, out)
+        out.addmm_(low, b.t(), alpha=scaling)
+        ctx.save_for_backward(rows, weight, a, b, low)
+        ctx.scaling, ctx.dtypes, ctx.shape_in = scaling, (lora_A.dtype, lora_B.dtype), x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, a, b, low = ctx.saved_tensors
+        grad = grad.reshape(-1, weight.shape[0])  # (N, out)
+        grad_low = (grad @ b).mul_(ctx.scaling)  # (N, r)
+        grad_x = (grad @ weight).addmm_(grad_low, a)  # (N, in)
+        grad_a = (grad_low.t() @ rows).to(ctx.dtypes[0])  # (r, in)
+        grad_b = (grad.t() @ low).mul_(ctx.scaling).to(ctx.dtypes[1])  # (out, r)
+        return grad_x.view(*ctx.shape_in), None, None, grad_a, grad_b, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """`F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_A), lora_B)` with weight and bias
+    frozen; under autocast in its dtype, as `F.linear` would be."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_linear trains only the adapters; the base weight and bias must be frozen")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling)

@@ -120,6 +120,10 @@ class RMSNorm(nn.RMSNorm):
             return super().forward(x)
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)) for training: the residual add fused into the norm."""
+        return fused.add_rms_norm(x, delta, self.weight, self.eps or torch.finfo(x.dtype).eps)
+
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
@@ -192,6 +196,9 @@ class CausalSelfAttention(nn.Module):
         tensors summed, one per slice."""
         B, T, _ = qkv.shape
         heads, hs = self.n_head + self.n_kv_head, self.head_dim
+        if (native := fused.qkv_rotary(qkv, *rope, (self.n_head, self.n_kv_head))) is not None:
+            y = fused.causal_attention(*native)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
         qk, v = qkv.split([heads * hs, self.n_kv_head * hs], dim=-1)
         qk = fused.rotary(qk.view(B, T, heads, hs).transpose(1, 2), *rope)  # (B, nh + nkv, T, hs)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
@@ -252,6 +259,14 @@ class Block(nn.Module):
     def forward(self, x, cache, layer, mask, rope):
         x = x + self.attn(self.ln_1(x), cache, layer, mask, rope)
         return x + self.mlp(self.ln_2(x))
+
+    def residual_forward(self, x, delta, rope):
+        """Training (RMSNorm, fused functions): `forward` with the residual adds fused into the norms
+        after them. x + delta is the input (delta: the previous block's pending MLP output, or None);
+        returns this block's (x, delta) likewise."""
+        x, h = (x, self.ln_1(x)) if delta is None else self.ln_1.add_forward(x, delta)
+        x, h = self.ln_2.add_forward(x, self.attn(h, None, 0, None, rope))
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -333,16 +348,24 @@ class GPT(nn.Module):
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if self.training:  # Dropout is the identity in eval: skip the call
             x = self.drop(x)
-        for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, mask, rope)
+        residual = cache is None and mask is None and not last_only and isinstance(self.ln_f, RMSNorm)
+        if residual and self._fused_now() and len(self.h):
+            delta = None  # the residual adds fused into the norms after them
+            for block in self.h:
+                x, delta = block.residual_forward(x, delta, rope)
+            x = self.ln_f.add_forward(x, delta)[1]
+        else:
+            for layer, block in enumerate(self.h):
+                x = block(x, cache, layer, mask, rope)
+            x = self.ln_f(x[:, -1:] if last_only else x)
         if cache is not None:
             cache.length = start + T
-        x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None and not return_logits and self._fused_now():
             head = self.lm_head
             parts = getattr(head, "weight_parts", None)  # a grown or quantised output layer
             weights = parts(fused.compute_dtype(x)) if parts is not None else (head.weight,)
-            return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1))
+            joined = getattr(head, "joined", None)  # the parts' concatenation, kept between steps
+            return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1), joined)
         logits = self.lm_head(x)  # (B, T | 1, V)
         if targets is None:
             return logits, None
@@ -356,8 +379,8 @@ class GPT(nn.Module):
         """Use the fused training functions (True, the default) or the plain PyTorch ones."""
         self.fused_training = enabled
         for module in self.modules():
-            if isinstance(module, (CausalSelfAttention, MLP, RMSNorm)):
-                module.fused = enabled
+            if isinstance(module, (CausalSelfAttention, MLP, RMSNorm)) or hasattr(module, "fused"):
+                module.fused = enabled  # hasattr: the adapted layers of `models.lora` too
 
     @staticmethod
     def _attention_mask(cache, start, T, pad_mask, device) -> torch.Tensor | None:

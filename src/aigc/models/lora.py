@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from aigc.config import LORA_TARGETS, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
-from aigc.models import vocab
+from aigc.models import fused, vocab
 from aigc.models.packed import Linear
 from aigc.models.qlayers import QuantEmbedding, QuantLinear, expand_quantised, quantised_weights
 
@@ -98,12 +98,16 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scaling = spec.scaling
         self.dropout = nn.Dropout(spec.dropout)
+        self.fused = True  # `fused.lora_linear` while training (see `GPT.set_fused_training`)
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., out)."""
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if self.fused and frozen and not self.dropout.p and torch.is_grad_enabled():
+            return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         # The adapters in x's dtype: a base held in bf16 (`hold_frozen_in`) gets bf16 inputs even
         # outside autocast (e.g. samples drawn during training); under autocast this is its own cast.
         lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)

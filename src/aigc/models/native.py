@@ -86,6 +86,13 @@ class Kernels:
             "aigc_rope_append_f32": [pointer] * 3 + [size, pointer] + [size] * 6,
             "aigc_decode_attention_f32": [pointer, size, pointer, pointer, size] + [pointer] * 2 + [size] * 6 + [count],
         }
+        for suffix in ("f32", "bf16"):  # training's elementwise passes, wrapped by `native_train`
+            signatures[f"aigc_rms_norm_forward_{suffix}"] = [pointer] * 6 + [size] * 2 + [real, count]
+            signatures[f"aigc_rms_norm_backward_{suffix}"] = [pointer] * 6 + [size] * 2 + [count]
+            signatures[f"aigc_swiglu_forward_{suffix}"] = [pointer] * 2 + [size] * 2 + [count]
+            signatures[f"aigc_swiglu_backward_{suffix}"] = [pointer] * 3 + [size] * 2 + [count]
+            signatures[f"aigc_qkv_rotary_{suffix}"] = [pointer] * 6 + [size] * 5 + [count]
+            signatures[f"aigc_qkv_rotary_backward_{suffix}"] = [pointer] * 6 + [size] * 5 + [count]
         for name, argtypes in signatures.items():
             function = getattr(library, name)
             function.restype, function.argtypes = None, argtypes

@@ -74,6 +74,7 @@ class GrownHead(nn.Module):
     def __init__(self, weight: nn.Parameter, new_rows: nn.Parameter):
         super().__init__()
         self.weight, self.new_rows = weight, new_rows
+        self._joined: tuple[tuple, torch.Tensor] | None = None  # see `joined`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat((F.linear(x, self.weight), F.linear(x, self.new_rows.to(x.dtype))), dim=-1)
@@ -82,9 +83,27 @@ class GrownHead(nn.Module):
         """The output layer's rows in two parts, for a loss that takes them apart (no concatenation)."""
         return self.weight, self.new_rows
 
+    @torch.no_grad()
+    def joined(self, dtype: torch.dtype) -> torch.Tensor:
+        """cat(weight, new_rows) (V + n, C) in `dtype`, kept between calls: the frozen (V, C) part is copied
+        once (again only if it changes), the few new rows on each call. Concatenating SmolLM2's 49,152 rows
+        anew took 35 ms a step (bf16, one thread, 2-core Xeon), mostly the fresh 57 MB's page faults."""
+        key = (self.weight.data_ptr(), self.weight._version, dtype, self.weight.device)
+        if self._joined is None or self._joined[0] != key:
+            table = torch.empty(
+                len(self.weight) + len(self.new_rows), self.weight.shape[1], dtype=dtype, device=self.weight.device
+            )
+            table[: len(self.weight)] = self.weight
+            self._joined = key, table
+        table = self._joined[1]
+        table[len(self.weight) :] = self.new_rows
+        return table
+
 
 class GrownQuantHead(GrownHead):
     """`GrownHead` over a block-quantised output layer, held as the module `base`."""
+
+    joined = None  # the base rows are expanded per step (`weight_parts`), not kept joined
 
     def __init__(self, base: QuantLinear, new_rows: nn.Parameter):
         nn.Module.__init__(self)
