@@ -41,6 +41,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -226,8 +227,13 @@ def speed(args) -> list[dict]:
     for round_ in range(args.rounds):
         for (gguf, run), figures in zip(files, best):
             for job in jobs(gguf, run, args)[:: -1 if round_ % 2 else 1]:
-                for key, value in job().items():
+                started = time.perf_counter()
+                result = job()
+                for key, value in result.items():
                     figures[key] = max(figures.get(key, 0.0), value)
+                shown = ", ".join(f"{key} {value:.1f}" for key, value in result.items())
+                seconds = time.perf_counter() - started
+                print(f"round {round_ + 1}, {gguf.name}: {shown} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     return [memory(gguf, run, args) | figures for (gguf, run), figures in zip(files, best)]
 
 
