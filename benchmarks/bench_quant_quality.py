@@ -29,13 +29,18 @@ def reviews(count: int) -> list[str]:
     return texts[-count:]
 
 
+def token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Each text's ids, cut to its first `max_tokens` (what every scorer of these texts is given)."""
+    return [tokenizer.encode(text)[:max_tokens] for text in texts]
+
+
 def nll(run_dir: Path, texts: list[str], max_tokens: int) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of predicted tokens."""
     run = load_run(run_dir)
     total, count = 0.0, 0
     with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor([run.tokenizer.encode(text)[:max_tokens]])
+        for row in token_ids(run.tokenizer, texts, max_tokens):
+            ids = torch.tensor([row])
             logits = run.model(ids)[0][0, :-1].float()
             total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             count += ids.shape[1] - 1
