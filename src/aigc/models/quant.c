@@ -3,7 +3,9 @@
  * Compiled on the user's machine by aigc/models/quant.py, twice from this one source: with
  * -march=native (AVX-512 where the CPU has it) and with -march=haswell (AVX2 + FMA), chosen at run
  * time. Plain C: each block is expanded to float32 in registers and multiplied in float32, so a
- * result differs from "dequantise, then F.linear" by float32 rounding only.
+ * result differs from "dequantise, then F.linear" by float32 rounding only. These are the products
+ * of AIGC_QUANT_ACTIVATIONS=float and of builds without AVX2; qdot.c's integer products are the
+ * default. The expansion to float32 (aigc_dequant_*) serves the tiled products of long prefills.
  *
  * A weight matrix is (n_out, n_in) logically and (n_out, n_in / QK * BYTES) uint8 as stored: each
  * row is a run of blocks of QK weights along the input dimension. Block layouts (little-endian,
@@ -19,35 +21,8 @@
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
 
-
-static inline float f16(const uint8_t *p) {
-    uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
-#if defined(__F16C__) /* one instruction (AVX2 and AVX-512 machines have it) instead of the branches below */
-    return _cvtsh_ss((unsigned short)h);
-#endif
-    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0 && man == 0) {
-        bits = sign;
-    } else if (exp == 0) { /* subnormal: shift the mantissa up to an implicit 1 */
-        exp = 113;
-        while (!(man & 0x400)) {
-            man <<= 1;
-            exp--;
-        }
-        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "quant.h"
 
 static inline void dq_q8_0(const uint8_t *restrict b, float *restrict y) {
     float d = f16(b);
@@ -71,10 +46,6 @@ static inline void dq_q4_1(const uint8_t *restrict b, float *restrict y) {
     for (int j = 0; j < 16; j++) y[j + 16] = d * (float)(qs[j] >> 4) + m;
 }
 
-static inline uint32_t u32(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
 static inline void dq_q5_0(const uint8_t *restrict b, float *restrict y) {
     float d = f16(b);
     uint32_t qh = u32(b + 2);
@@ -96,17 +67,6 @@ static inline void dq_q5_1(const uint8_t *restrict b, float *restrict y) {
         int hi = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4);
         y[j] = d * (float)lo + m;
         y[j + 16] = d * (float)hi + m;
-    }
-}
-
-/* The 6-bit scale and min of group g (0-7) of a Q4_K / Q5_K block from its 12 packed bytes. */
-static inline void scale_min(const uint8_t *s, int g, int *sc, int *m) {
-    if (g < 4) {
-        *sc = s[g] & 63;
-        *m = s[g + 4] & 63;
-    } else {
-        *sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4);
-        *m = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
     }
 }
 
