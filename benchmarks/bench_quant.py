@@ -8,6 +8,10 @@ For each run folder given, in a fresh process each (so peak memory is that run's
 - the process's peak resident memory (`ru_maxrss`) after all of it.
 
     python benchmarks/bench_quant.py RUN [RUN ...] [--threads 1] [--new-tokens 32] [--prompt-tokens 128] [--batch 1]
+        [--busy 1]
+
+`--busy N` runs N competing processes (`python -c 'while True: pass'`) while each run is measured,
+to see whether the threads of the kernels collapse when another program holds a core.
 
 Make the runs with `aigc import FILE.gguf --out Q` (blocks kept), `aigc import FILE.gguf --dequantize
 --out F` (fp32), `aigc export F --format int8|q8_0|q4 --out ...`. Prints a markdown table and a JSON
@@ -52,7 +56,14 @@ print(json.dumps({"load_s": load_s, "prefill_s": best_prefill, "decode_tok_s": b
 
 def measure(run: Path, args: argparse.Namespace) -> dict:
     numbers = [str(v) for v in (args.threads, args.new_tokens, args.prompt_tokens, args.repeats, args.batch)]
-    done = subprocess.run([sys.executable, "-c", CHILD, str(run), *numbers], capture_output=True, text=True, check=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        command = [sys.executable, "-c", CHILD, str(run), *numbers]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
     result = json.loads(done.stdout.strip().splitlines()[-1])
     config = json.loads((run / "config.json").read_text())
     quantization = config["weights"].get("quantization") or {}
@@ -69,6 +80,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (tokens/s is their total)")
+    parser.add_argument("--busy", type=int, default=0, help="competing busy processes while measuring")
     args = parser.parse_args()
     rows = [measure(run, args) for run in args.runs]
     shape = f"{args.batch} x {args.prompt_tokens}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -205,3 +206,27 @@ def test_the_kernel_wrappers_refuse_what_would_overrun(kernels):
         kernels.gemv(data, "Q8_0", torch.randn(1, 64), torch.empty(1, 4), 1)  # columns past the output
     with pytest.raises(ValueError, match="shapes"):
         kernels.dequantize(data[:, :30], "Q8_0", 64)
+
+
+def test_products_from_two_python_threads_at_once_are_right(kernels, monkeypatch):
+    """The worker pool runs one job at a time; a caller that finds it busy computes inline (ctypes
+    releases the GIL, so the serve layer's threads can call at once)."""
+    monkeypatch.setattr(quant, "THREADED_WEIGHTS", 0)
+    data = blocks_of("Q4_1", 301, 256, seed=5)
+    x = torch.randn(3, 256)
+    expected = torch.empty(3, 301)
+    kernels.gemv(data, "Q4_1", x, expected, 0)
+    wrong = []
+
+    def products() -> None:
+        for _ in range(200):
+            out = torch.empty(3, 301)
+            kernels.gemv(data, "Q4_1", x, out, 0)
+            wrong.append(not torch.equal(out, expected))
+
+    callers = [threading.Thread(target=products) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(wrong) == 600 and not any(wrong)

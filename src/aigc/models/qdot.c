@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pool.h"
 #include "quant.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -188,37 +189,57 @@ static inline group_t group_q6_k(const uint8_t *b, int g) {
         for (int r = 0; r < N; r++) y[r * ld_y] = hsum(acc[r]) + off[r];                                     \
     }
 
+/* The arguments of one product, for the pool's chunks of output rows. */
+typedef struct {
+    const uint8_t *w;
+    const int8_t *xq;
+    const float *xd, *xs;
+    float *y;
+    long n_rows, n_in, ld_y, row_bytes;
+} qdot_job;
+
+#define CHUNK_ROWS 16 /* output rows per chunk a thread claims */
+
 /* aigc_qdot_NAME: y[r, o] (rows ld_y apart) for x (n_rows, n_in) float32 and W (n_out, n_in) of
- * blocks; output rows split over `threads` OpenMP threads. Returns -1 when the rounded rows cannot
- * be allocated, else 0. */
+ * blocks; output rows split over `threads` threads (pool.c). Returns -1 when the rounded rows
+ * cannot be allocated, else 0. */
 #define QDOT_KERNELS(NAME, QK, BYTES, SIGNED)                                                                \
     QDOT_ROWS(NAME, QK, BYTES, SIGNED, 8)                                                                    \
     QDOT_ROWS(NAME, QK, BYTES, SIGNED, 4)                                                                    \
     QDOT_ROWS(NAME, QK, BYTES, SIGNED, 2)                                                                    \
     QDOT_ROWS(NAME, QK, BYTES, SIGNED, 1)                                                                    \
+    static void qdot_rows_##NAME(void *ctx, long begin, long end) {                                          \
+        const qdot_job *j = ctx;                                                                             \
+        long n_in = j->n_in, groups = n_in / 32, ld_y = j->ld_y;                                             \
+        for (long o = begin; o < end; o++) {                                                                 \
+            const uint8_t *row = j->w + o * j->row_bytes;                                                    \
+            const int8_t *xq = j->xq;                                                                        \
+            const float *xd = j->xd, *xs = j->xs;                                                            \
+            float *y = j->y + o;                                                                             \
+            long r = 0;                                                                                      \
+            for (; r + 8 <= j->n_rows; r += 8)                                                               \
+                qdot8_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y, ld_y); \
+            if (r + 4 <= j->n_rows) {                                                                        \
+                qdot4_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y, ld_y); \
+                r += 4;                                                                                      \
+            }                                                                                                \
+            if (r + 2 <= j->n_rows) {                                                                        \
+                qdot2_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y, ld_y); \
+                r += 2;                                                                                      \
+            }                                                                                                \
+            if (r < j->n_rows)                                                                               \
+                qdot1_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y, ld_y); \
+        }                                                                                                    \
+    }                                                                                                        \
     int aigc_qdot_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows,   \
                          long n_out, long n_in, long ld_y, int threads) {                                    \
-        long groups = n_in / 32, row_bytes = n_in / QK * BYTES;                                              \
+        long groups = n_in / 32;                                                                             \
         int8_t *xq = aligned_alloc(64, (size_t)((n_rows * n_in + 2 * 4 * n_rows * groups + 63) / 64 * 64));  \
         if (!xq) return -1;                                                                                  \
         float *xd = (float *)(xq + n_rows * n_in), *xs = xd + n_rows * groups;                               \
         aigc_quantise_rows(x, n_rows, n_in, xq, xd, xs);                                                     \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            const uint8_t *row = w + o * row_bytes;                                                          \
-            long r = 0;                                                                                      \
-            for (; r + 8 <= n_rows; r += 8)                                                                  \
-                qdot8_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y + o, ld_y); \
-            if (r + 4 <= n_rows) {                                                                           \
-                qdot4_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y + o, ld_y); \
-                r += 4;                                                                                      \
-            }                                                                                                \
-            if (r + 2 <= n_rows) {                                                                           \
-                qdot2_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y + o, ld_y); \
-                r += 2;                                                                                      \
-            }                                                                                                \
-            if (r < n_rows)                                                                                  \
-                qdot1_##NAME(row, xq + r * n_in, xd + r * groups, xs + r * groups, n_in, y + r * ld_y + o, ld_y); \
-        }                                                                                                    \
+        qdot_job job = {w, xq, xd, xs, y, n_rows, n_in, ld_y, n_in / QK * BYTES};                            \
+        pool_run(qdot_rows_##NAME, &job, n_out, CHUNK_ROWS, threads);                                        \
         free(xq);                                                                                            \
         return 0;                                                                                            \
     }

@@ -1,6 +1,6 @@
 /* Kernels over GGML block-quantised weights (the layouts of GGUF files), for CPU inference.
  *
- * Compiled on the user's machine by aigc/models/quant.py, twice from this one source: with
+ * Compiled on the user's machine by aigc/models/quant.py (with qdot.c and pool.c into one library), twice: with
  * -march=native (AVX-512 where the CPU has it) and with -march=haswell (AVX2 + FMA), chosen at run
  * time. Plain C: each block is expanded to float32 in registers and multiplied in float32, so a
  * result differs from "dequantise, then F.linear" by float32 rounding only. These are the products
@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pool.h"
 #include "quant.h"
 
 static inline void dq_q8_0(const uint8_t *restrict b, float *restrict y) {
@@ -124,7 +125,7 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
  * Each block is expanded once per group of up to 8 input rows; the partial sums stay in 32 lanes per
  * row until the weight row ends (one horizontal sum per output, not per block). The row count of a
  * group is a compile-time constant (8, 4, 2, 1), so the compiler keeps the sums in registers. Output
- * rows are split over `threads` OpenMP threads.
+ * rows are split over `threads` threads (pool.c).
  * w: (n_out, n_in / QK * BYTES) uint8, x: (n_rows, n_in), y: (n_rows, ld_y); out: (n_out, n_in). */
 #define DOT_ROWS(NAME, QK, BYTES, N, WIDTH)                                                                  \
     WIDTH static inline void dot##N##_##NAME(const uint8_t *restrict row, const float *restrict x, long n_in, \
@@ -148,35 +149,55 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
         }                                                                                                    \
     }
 
+/* The arguments of one product or expansion, for the pool's chunks of output rows (pool.c). */
+typedef struct {
+    const uint8_t *w;
+    const float *x;
+    float *y;
+    long n_rows, n_in, ld_y;
+} gemv_job;
+
 #define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                \
     DOT_ROWS(NAME, QK, BYTES, 8, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 4, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 2, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 1, WIDTH)                                                                      \
-    WIDTH void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows, \
-                                long n_out, long n_in, long ld_y, int threads) {                             \
-        long blocks = n_in / QK;                                                                             \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            const uint8_t *row = w + o * blocks * BYTES;                                                     \
+    WIDTH static void gemv_rows_##NAME(void *ctx, long begin, long end) {                                    \
+        const gemv_job *j = ctx;                                                                             \
+        long n_in = j->n_in, blocks = n_in / QK, ld_y = j->ld_y;                                             \
+        for (long o = begin; o < end; o++) {                                                                 \
+            const uint8_t *row = j->w + o * blocks * BYTES;                                                  \
+            const float *x = j->x;                                                                           \
+            float *y = j->y + o;                                                                             \
             long r = 0;                                                                                      \
-            for (; r + 8 <= n_rows; r += 8) dot8_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y); \
-            if (r + 4 <= n_rows) {                                                                           \
-                dot4_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);                        \
+            for (; r + 8 <= j->n_rows; r += 8) dot8_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y); \
+            if (r + 4 <= j->n_rows) {                                                                        \
+                dot4_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y);                            \
                 r += 4;                                                                                      \
             }                                                                                                \
-            if (r + 2 <= n_rows) {                                                                           \
-                dot2_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);                        \
+            if (r + 2 <= j->n_rows) {                                                                        \
+                dot2_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y);                            \
                 r += 2;                                                                                      \
             }                                                                                                \
-            if (r < n_rows) dot1_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);            \
+            if (r < j->n_rows) dot1_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y);             \
+        }                                                                                                    \
+    }                                                                                                        \
+    void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows,   \
+                          long n_out, long n_in, long ld_y, int threads) {                                   \
+        gemv_job job = {w, x, y, n_rows, n_in, ld_y};                                                        \
+        pool_run(gemv_rows_##NAME, &job, n_out, 16, threads);                                                \
+    }                                                                                                        \
+    static void dequant_rows_##NAME(void *ctx, long begin, long end) {                                       \
+        const gemv_job *j = ctx;                                                                             \
+        long blocks = j->n_in / QK;                                                                          \
+        for (long o = begin; o < end; o++) {                                                                 \
+            for (long b = 0; b < blocks; b++) dq_##NAME(j->w + (o * blocks + b) * BYTES, j->y + o * j->n_in + b * QK); \
         }                                                                                                    \
     }                                                                                                        \
     void aigc_dequant_##NAME(const uint8_t *restrict w, float *restrict out, long n_out, long n_in,          \
                              int threads) {                                                                  \
-        long blocks = n_in / QK;                                                                             \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            for (long b = 0; b < blocks; b++) dq_##NAME(w + (o * blocks + b) * BYTES, out + o * n_in + b * QK); \
-        }                                                                                                    \
+        gemv_job job = {w, 0, out, 0, n_in, 0};                                                              \
+        pool_run(dequant_rows_##NAME, &job, n_out, 16, threads);                                             \
     }
 
 /* Vector width per type, where the compiler takes a hint (GCC and Clang on x86): measured on a

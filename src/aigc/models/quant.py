@@ -38,9 +38,10 @@ from aigc.fsutil import atomic_path
 from aigc.models.native import KernelUnavailable, cpu_identity
 from aigc.models.qblocks import QUANTISED, TYPES, dequantize
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant.c", "qdot.c", "quant.h"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant.c", "qdot.c", "pool.c", "quant.h", "pool.h"))
 ISA_FLAGS = {"native": ("-march=native", "-mtune=native"), "avx2": ("-march=haswell", "-mtune=haswell")}
-COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# -fopenmp-simd: quant.c's `omp simd` hints, without OpenMP's threads (pool.c has its own, see there)
+COMMON_FLAGS = ("-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
 # Up to this many rows a product streams the blocks through the kernel (expanding each block once per
 # 8 rows); more rows (a prefill) expand the layer in tiles for PyTorch's GEMM. SmolLM2-135M Q4_0 decode
 # steps, one thread under load: 201 ms against the tiles' 574 at batch 8, 322 against 477 at batch 16.
