@@ -4,7 +4,9 @@ For each run folder given, in a fresh process each (so peak memory is that run's
 - the run folder's size on disk,
 - `load_run` seconds (config, tokenizer, weights: mapped for a quantised run, read for the others),
 - prefill seconds for --batch prompts of --prompt-tokens, and decode tokens/s in all at that batch
-  (greedy, the model's own KV cache, --new-tokens steps; best of --repeats),
+  (greedy, the model's own KV cache, --new-tokens steps; best of --repeats), and decode tokens per
+  second of the process's CPU time (on a shared machine wall time measures the CPU share the
+  scheduler gave; CPU time the work, for one thread; with more, it counts spinning workers too),
 - the process's peak resident memory (`ru_maxrss`) after all of it.
 
     python benchmarks/bench_quant.py RUN [RUN ...] [--threads 1] [--new-tokens 32] [--prompt-tokens 128] [--batch 1]
@@ -37,7 +39,7 @@ run = load_run(sys.argv[1])
 load_s = time.perf_counter() - started
 model = run.model
 prompt = torch.randint(0, 1000, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
-best_prefill, best_decode = float("inf"), float("inf")
+best_prefill, best_decode, best_cpu = float("inf"), float("inf"), float("inf")
 with torch.no_grad():
     for _ in range(repeats):
         cache = model.new_cache(batch)
@@ -45,11 +47,13 @@ with torch.no_grad():
         logits = model(prompt, cache=cache, last_only=True)[0]
         best_prefill = min(best_prefill, time.perf_counter() - started)
         token = logits[:, -1].argmax(-1, keepdim=True)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(new_tokens):
             token = model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
         best_decode = min(best_decode, time.perf_counter() - started)
+        best_cpu = min(best_cpu, time.process_time() - cpu_started)
 print(json.dumps({"load_s": load_s, "prefill_s": best_prefill, "decode_tok_s": batch * new_tokens / best_decode,
+                  "decode_tok_per_cpu_s": batch * new_tokens / best_cpu,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
