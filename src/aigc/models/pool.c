@@ -19,6 +19,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,7 +32,7 @@
 
 #define MAX_WORKERS 63
 #define MAX_CHUNKS 0xffff /* the ticket holds a chunk index in 16 bits */
-#define SPIN_NS 20000     /* a decode step's gaps between products are tens of microseconds */
+#define SPIN_NS 20000     /* default; AIGC_QUANT_SPIN_US overrides it (read once) */
 
 static struct {
     _Atomic uint64_t ticket;  /* job number (32 bits) | next chunk (16) | chunks (16) */
@@ -43,6 +44,7 @@ static struct {
     void *ctx;                /* when the caller cannot be writing the next job */
     long n, chunk;
     int started;              /* workers created; caller side, under run_lock */
+    long spin_ns;             /* how long an idle worker spins before it sleeps; set before the first worker starts */
     uint32_t jobs;
     pthread_mutex_t run_lock;
 } pool = {.run_lock = PTHREAD_MUTEX_INITIALIZER};
@@ -73,7 +75,7 @@ static uint32_t wait_for_bell(uint32_t heard) {
     for (int i = 1;; i++) {
         uint32_t bell = atomic_load(&pool.bell);
         if (bell != heard) return bell;
-        if (i % 64 == 0 && now_ns() - start > SPIN_NS) break;
+        if (i % 64 == 0 && now_ns() - start > pool.spin_ns) break;
         RELAX();
     }
     atomic_fetch_add(&pool.sleeping, 1);
@@ -95,6 +97,10 @@ static void *worker(void *arg) {
 }
 
 static void start_workers(int wanted) {
+    if (pool.started == 0) {
+        const char *spin_us = getenv("AIGC_QUANT_SPIN_US");
+        pool.spin_ns = spin_us ? 1000 * atol(spin_us) : SPIN_NS;
+    }
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);

@@ -17,7 +17,9 @@ name hashed from the sources, compiler, flags and CPU; written atomically; check
 PyTorch references before first use), but twice: "native" (-march=native: AVX-512 and VNNI where
 the CPU has them) and "avx2" (-march=haswell). `AIGC_QUANT_ISA=avx2` picks the AVX2 build (the tests
 force it so that both paths are covered on an AVX-512 machine); `AIGC_NATIVE_KERNELS=0` turns both
-off, and the PyTorch fallback computes instead.
+off, and the PyTorch fallback computes instead. The products use `pool.c`'s threads (not OpenMP's);
+`AIGC_QUANT_SPIN_US` sets how long an idle one spins before it sleeps (default 20; longer spins were
+slower on a loaded 2-core host, docs/benchmarks.md).
 """
 
 from __future__ import annotations
