@@ -175,6 +175,24 @@ def test_without_native_kernels_the_fallback_computes(monkeypatch):
         quant._kernels_for.cache_clear()
 
 
+def test_float_activations_can_be_chosen_by_the_environment(monkeypatch):
+    """AIGC_QUANT_ACTIVATIONS=float keeps the float32 products: a decode row then equals the fallback's."""
+    if shutil.which(COMPILER) is None:
+        pytest.skip(f"no C compiler {COMPILER!r}")
+    monkeypatch.setenv("AIGC_QUANT_ACTIVATIONS", "float")
+    quant._kernels_for.cache_clear()
+    try:
+        found = quant.kernels()
+        assert found is not None and not found.integer
+        data = blocks_of("Q4_1", 9, 64)
+        x = torch.randn(1, 64)
+        with torch.no_grad():
+            out = QuantLinear([Part("Q4_1", data, 9, 64)], None)(x)
+        torch.testing.assert_close(out, x @ dequantize(data, "Q4_1", 64).T, rtol=1e-5, atol=1e-5)
+    finally:
+        quant._kernels_for.cache_clear()
+
+
 @pytest.mark.parametrize(
     "data, type_name, rows, cols, message",
     [

@@ -198,20 +198,28 @@ CHECK_ROWS = 15  # 8 + 4 + 2 + 1: every row-group kernel
 
 
 def _check(kernels: QuantKernels) -> None:
-    """Every type's kernels against the PyTorch dequantiser on random blocks with sane scales."""
+    """Every type's kernels (float32 and, where built, integer products) against the PyTorch references
+    on random blocks with sane scales."""
     generator = torch.Generator().manual_seed(0)
-    for name in QUANTISED:
-        kind = TYPES[name]
-        n_out, n_in = 5, 2 * kind.block
-        blocks = random_blocks(name, n_out, n_in, generator)
-        x = torch.randn(CHECK_ROWS, n_in, generator=generator)
-        expected = dequantize(blocks, name, n_in)
-        out = torch.zeros(CHECK_ROWS, n_out + 1)
-        kernels.gemv(blocks, name, x, out, 1)
-        seen = rounded(x) if kernels.integer else x  # the integer products see x rounded to 8 bits
-        wrong_product = not torch.allclose(out[:, 1:], seen @ expected.T, rtol=1e-4, atol=1e-4)
-        if wrong_product or not torch.equal(kernels.dequantize(blocks, name, n_in), expected):
-            raise KernelUnavailable(f"{kernels.library_path.name} computes {name} wrong on this machine")
+    chosen = kernels.integer
+    try:
+        for name in QUANTISED:
+            kind = TYPES[name]
+            n_out, n_in = 5, 2 * kind.block
+            blocks = random_blocks(name, n_out, n_in, generator)
+            x = torch.randn(CHECK_ROWS, n_in, generator=generator)
+            expected = dequantize(blocks, name, n_in)
+            wrong = not torch.equal(kernels.dequantize(blocks, name, n_in), expected)
+            for integer in (False, True) if kernels.dot else (False,):
+                kernels.integer = integer
+                out = torch.zeros(CHECK_ROWS, n_out + 1)
+                kernels.gemv(blocks, name, x, out, 1)
+                seen = rounded(x) if integer else x  # the integer products see x rounded to 8 bits
+                wrong = wrong or not torch.allclose(out[:, 1:], seen @ expected.T, rtol=1e-4, atol=1e-4)
+            if wrong:
+                raise KernelUnavailable(f"{kernels.library_path.name} computes {name} wrong on this machine")
+    finally:
+        kernels.integer = chosen
 
 
 # Byte offsets of each type's fp16 fields (scales, offsets), which random bytes could make inf or NaN.
