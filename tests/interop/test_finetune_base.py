@@ -78,6 +78,15 @@ def test_lora_is_the_default_for_an_imported_base_and_trains_only_adapters_and_n
         assert (merged.model(idx)[0] - before).abs().max().item() < 1e-5
 
 
+def test_a_lora_run_with_grown_label_rows_exports_as_gguf(imported_base, labelled_data, tmp_path):
+    """The loaded model's config counts the grown rows: GGUF's vocabulary is checked against it."""
+    out = tmp_path / "tuned"
+    command = ["train", "--init-from", str(imported_base), "--data", str(labelled_data), "--out", str(out)]
+    assert main([*command, *TRAIN.split(), "--max-steps", "2", "--quiet"]) == 0
+    assert load_run(out).model.config.vocab_size == load_run(imported_base).config.model.vocab_size + 2
+    assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+
+
 def test_full_finetune_on_request_grows_a_plain_embedding(imported_base, labelled_data, tmp_path):
     out = tmp_path / "full"
     command = ["train", "--init-from", str(imported_base), "--data", str(labelled_data), "--out", str(out)]

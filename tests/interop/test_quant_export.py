@@ -53,10 +53,10 @@ def test_export_of_a_quantised_or_lstm_run_is_refused_in_one_line(make_run, tmp_
     assert "needs a transformer run" in err and "LSTM" in err and "\n" not in err
 
 
-def test_a_quantised_run_is_refused_as_a_training_base_with_the_way_out(make_run, tmp_path):
+def test_a_quantised_run_where_fp32_weights_are_needed_names_the_way_out(make_run, tmp_path):
     from aigc.artifacts.run import require_plain_weights
     from aigc.errors import AigcError
 
     assert main(["export", str(make_run()), "--format", "q8_0", "--out", str(tmp_path / "q")]) == 0
-    with pytest.raises(AigcError, match="--init-from: .* holds block-quantised weights.*--dequantize"):
-        require_plain_weights(read_run_config(tmp_path / "q"), tmp_path / "q", "--init-from")
+    with pytest.raises(AigcError, match="GGUF export: .* holds block-quantised weights.*--dequantize"):
+        require_plain_weights(read_run_config(tmp_path / "q"), tmp_path / "q", "GGUF export")

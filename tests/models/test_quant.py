@@ -66,6 +66,21 @@ def test_the_native_dequantiser_equals_the_torch_one(kernels, type_name):
 
 
 @pytest.mark.parametrize("type_name", QUANTISED)
+def test_the_native_bf16_expansion_rounds_as_torch_does(kernels, type_name):
+    """Straight into bf16 (LoRA training on a quantised base), into rows of a wider tensor: the values
+    of `.to(torch.bfloat16)` of the float32 expansion, and nothing outside the rows written."""
+    cols = 3 * TYPES[type_name].block
+    data = blocks_of(type_name, 37, cols, seed=2)
+    out = torch.zeros(40, cols + 5, dtype=torch.bfloat16)
+    kernels.dequantize_bf16_into(data, type_name, out[2:39, 3 : 3 + cols])
+    for wrong in (torch.empty(37, cols), out[2:38, 3 : 3 + cols], out[2:39, 3 : 3 + cols].t()):  # dtype, rows, stride
+        with pytest.raises(ValueError, match="quantised kernel: wrong"):
+            kernels.dequantize_bf16_into(data, type_name, wrong)
+    assert torch.equal(out[2:39, 3 : 3 + cols], dequantize(data, type_name, cols).to(torch.bfloat16))
+    assert out[:2].abs().sum() == out[39:].abs().sum() == out[:, :3].abs().sum() == out[:, 3 + cols :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("type_name", QUANTISED)
 @pytest.mark.parametrize("rows", [1, 2, 3, 15, 40])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("integer", [True, False], ids=["int8-activations", "float-activations"])

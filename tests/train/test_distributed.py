@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from aigc.cli import main
 from aigc.config import model_preset
 from aigc.train.loop import train
 from conftest import tiny_train_config
@@ -76,6 +77,25 @@ def test_lora_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny
         for key in ("train_loss", "val_loss", "val_acc"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     assert one_metrics[-1]["val_loss"] < one_metrics[0]["val_loss"]  # it learned: the match is not trivial
+
+
+@pytest.mark.slow
+def test_qlora_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_tokenizer, tmp_path):
+    """LoRA over a Q4_0 export of the base: the frozen blocks (buffers, not parameters) are the same
+    on every rank, and the two processes train as one."""
+    llama = model_preset("llama-tiny", block_size=32, vocab_size=tiny_tokenizer.vocab_size)
+    base = train(tiny_data, tmp_path / "base", llama, tiny_train_config(max_steps=2, eval_every=2))
+    assert main(["export", str(base), "--format", "q4", "--out", str(tmp_path / "q4")]) == 0
+    lora = ["--init-from", str(tmp_path / "q4"), "--lora-rank", "4", "--dtype", "fp32"]
+    torchrun(tmp_path / "ddp", tiny_data, 2, ARGS[ARGS.index("--max-steps") :] + lora)
+    config = tiny_train_config(batch_size=4, lora_rank=4, dtype="fp32")
+    single = train(tiny_data, tmp_path / "single", train_config=config, init_from=tmp_path / "q4")
+    ddp_metrics, one_metrics = metrics(tmp_path / "ddp"), metrics(single)
+    assert [m["step"] for m in ddp_metrics] == [m["step"] for m in one_metrics] == [3, 6]
+    for a, b in zip(ddp_metrics, one_metrics):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    assert one_metrics[-1]["val_loss"] < one_metrics[0]["val_loss"]
 
 
 @pytest.mark.slow

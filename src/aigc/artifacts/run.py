@@ -67,8 +67,9 @@ class Weights:
 
     full: every parameter of the model in `config.model`.
     lora: LoRA adapters (`lora` = `LoRASpec.to_json()`) over the run `base` (a pulled model's name or a
-      folder) whose model.safetensors has the sha256 `base_sha256`; the file holds the adapters (and
-      the rows of added tokens) only. Runs written before `base` was set hold the base weights too.
+      folder; full or quantized weights) whose model.safetensors has the sha256 `base_sha256`; the file
+      holds the adapters (and the rows of added tokens) only. Runs written before `base` was set hold
+      the base weights too.
     int8: dynamically quantized linear layers (`quantization` describes the scheme; see models/int8.py).
     quantized: GGML block-quantised layers kept as a GGUF file holds them (`quantization` names the
       types; see models/qlinear.py).

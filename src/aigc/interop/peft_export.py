@@ -16,6 +16,7 @@ its rows of B, which is exact (peft's rank per part is the same r). GPT-2 keeps 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -30,8 +31,9 @@ from aigc.fsutil import write_json, write_with
 from aigc.interop.gguf_export import architecture, chat_template_of
 from aigc.interop.hf import export_hf
 from aigc.interop.llama import hf_config_from, state_dict_to_hf
-from aigc.models import GPT, build_model
-from aigc.models.lora import LoRALinear, LoRASpec
+from aigc.models import GPT, build_model, vocab
+from aigc.models.lora import LoRALinear, LoRASpec, QuantLoRALinear
+from aigc.models.qlayers import expand_quantised, quantised_weights
 from aigc.tokenizer import EOT, PAD
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE = "adapter_config.json", "adapter_model.safetensors", "base"
@@ -108,11 +110,23 @@ def adapter_config(spec: LoRASpec, modules: list[str], base: Path, config: Model
 
 
 def base_model(model: GPT) -> GPT:
-    """A plain copy of the frozen weights under the adapters (the base, with any rows the run added)."""
+    """A plain copy of the frozen weights under the adapters (the base, with any rows the run added).
+    A quantised base is expanded to float32: the weights the adapters were trained against."""
+    if quantised_weights(model):
+        return _expanded_base(model)
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     base = build_model(model.config)
     base.load_state_dict(state)
     return base
+
+
+def _expanded_base(model: GPT) -> GPT:
+    base = copy.deepcopy(model)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, QuantLoRALinear):  # the adapters go to adapter_model.safetensors, not here
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.base)
+    return expand_quantised(vocab.fold(base))
 
 
 def write_llama_folder(run: Run, model: GPT, out: Path) -> None:

@@ -3,6 +3,9 @@
 base (`weights.base`: a pulled model's name or an absolute folder) and its content hash
 (`weights.base_sha256`, of the base's model.safetensors). Loading rebuilds the base, checks the hash,
 grows the vocabulary and applies the adapters. A base that is gone or changed is a one-line error.
+
+The base may be a quantised run (QLoRA): its layers stay in their blocks, memory-mapped, and the
+grown rows sit beside the quantised table (`vocab.grow_frozen`) rather than in an expanded copy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from aigc.fsutil import write_with
 from aigc.models import vocab
 from aigc.models.build import build_model
 from aigc.models.lora import LoRASpec, apply_lora
+from aigc.models.qlayers import quantised_weights
+from aigc.models.qlinear import load_quantised_model
 
 
 def base_reference(init_from: str | os.PathLike) -> str:
@@ -49,7 +54,8 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def load_base(base: str, sha256: str | None) -> tuple[RunConfig, nn.Module]:
-    """The base run's config and model (full weights), after checking it is the one adapters were made on."""
+    """The base run's config and model (full or quantised weights), after checking it is the one the
+    adapters were made on."""
     run_dir = resolve_run_dir(base)
     if not (run_dir / WEIGHTS).is_file():
         how = f"`aigc pull {base}`" if base in BUILT_IN_MODELS else "restore that folder"
@@ -60,8 +66,12 @@ def load_base(base: str, sha256: str | None) -> tuple[RunConfig, nn.Module]:
             f"expected {sha256[:12]}); restore the original base or train the adapters again"
         )
     config = read_run_config(run_dir)
+    if config.weights.format == "quantized":
+        return config, load_quantised_model(config, run_dir / WEIGHTS)
     if not config.weights.is_plain:
-        raise AigcError(f"the base run {base} has {config.weights.format} weights; a LoRA base must be a plain run")
+        raise AigcError(
+            f"the base run {base} has {config.weights.format} weights; a LoRA base must be a plain or quantised run"
+        )
     model = build_model(config.model)
     load_weights(model, run_dir / WEIGHTS)
     return config, model
@@ -99,8 +109,8 @@ def load_lora_run(config: RunConfig, weights: Path) -> nn.Module:
     except (SafetensorError, OSError) as exc:
         raise AigcError(f"adapter file {weights} is corrupted ({exc}); retrain or restore it") from exc
     wte_rows, head_rows = tensors.pop(f"wte.{vocab.NEW_ROWS}", None), tensors.pop(f"lm_head.{vocab.NEW_ROWS}", None)
-    if wte_rows is not None:
-        vocab.grow(model, wte_rows, head_rows)
+    if wte_rows is not None:  # a quantised table stays quantised; a float one grows in place
+        (vocab.grow_frozen if quantised_weights(model) else vocab.grow)(model, wte_rows, head_rows)
     if model.wte.num_embeddings != config.model.vocab_size:
         raise AigcError(
             f"{weights} grows the base's vocabulary to {model.wte.num_embeddings} tokens, config.json says "

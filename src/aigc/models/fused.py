@@ -27,7 +27,7 @@ MATH_ATTENTION_MAX_T = 256
 CE_CHUNK_ROWS = 256
 
 
-def _no_autocast(forward):
+def no_autocast(forward):
     """Run a Function's forward with autocast off: its inputs are already in the compute dtype, and
     autocast would otherwise re-cast operands inside (e.g. a bf16 softmax output fed to a product)."""
 
@@ -46,7 +46,7 @@ class _CausalAttention(torch.autograd.Function):
     serves them all and the key/value gradients come out already summed over the group."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, q, k, v):  # q (B, nh, T, hs); k, v (B, nkv, T, hs)
         B, H, T, D = q.shape
         G = k.shape[1]
@@ -101,7 +101,7 @@ class _RMSNorm(torch.autograd.Function):
     forward + backward took 1.69 ms against 2.30 for an fp32 round trip and 2.41 for `F.rms_norm`."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, x, weight, eps: float):
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
         rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
@@ -133,7 +133,7 @@ class _SwiGLU(torch.autograd.Function):
     eager, bf16 at batch 4 x 128 x 1536; recomputing silu(gate) instead of keeping it took 4.08."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, h):
         gate, up = h.chunk(2, dim=-1)
         silu = F.silu(gate)
@@ -156,7 +156,7 @@ class _Rotary(torch.autograd.Function):
     """x * cos + rotate_half(x) * sin; the backward is the inverse rotation, so nothing of x is kept."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         return _rotate(x, cos, sin, sign=1.0)
@@ -192,7 +192,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the parts of W that require grad get one (a frozen table with a few new trainable rows: the rows)."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, x, targets, dtype, *weights):  # x (N, C), targets (N,), weights (V_i, C)
         x = x.to(dtype)
         weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)  # (V, C)
@@ -237,5 +237,10 @@ def linear_cross_entropy(x: torch.Tensor, weights: tuple[torch.Tensor, ...], tar
     """`F.cross_entropy(x @ cat(weights)^T, targets, ignore_index=-1)` for x (N, C) and weights (V_i, C)
     (the output layer, possibly a frozen table and new trainable rows), never holding all the logits.
     Under autocast the products run in its dtype, as `F.linear` would."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return _LinearCrossEntropy.apply(x, targets, dtype, *weights)
+    return _LinearCrossEntropy.apply(x, targets, compute_dtype(x), *weights)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype products of `x` run in: autocast's where it is on, else x's (as `F.linear`'s)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype

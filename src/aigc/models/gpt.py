@@ -340,7 +340,8 @@ class GPT(nn.Module):
         x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None and not return_logits and self._fused_now():
             head = self.lm_head
-            weights = head.weight_parts() if hasattr(head, "weight_parts") else (head.weight,)
+            parts = getattr(head, "weight_parts", None)  # a grown or quantised output layer
+            weights = parts(fused.compute_dtype(x)) if parts is not None else (head.weight,)
             return None, fused.linear_cross_entropy(x.reshape(B * T, -1), weights, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T | 1, V)
         if targets is None:

@@ -30,6 +30,7 @@ from aigc.models import vocab
 from aigc.models.decode import KVCacheBackend, RecurrentBackend
 from aigc.models.gpt import GPT
 from aigc.models.lstm import LSTM
+from aigc.models.qlayers import quantised_weights
 from aigc.tokenizer import Tokenizer
 
 
@@ -154,12 +155,13 @@ def describe_run(config: RunConfig, model: nn.Module | None = None) -> ModelSumm
     counts = config.extra.get("parameters") or {}
     total, trainable = counts.get("total"), counts.get("trainable")
     if total is None and model is not None:
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters()) + quantised_weights(model)
     return describe_config(config.model, total, trainable)
 
 
 def describe(model: nn.Module) -> ModelSummary:
-    """The model's summary with its live parameter counts (tied weights once)."""
+    """The model's summary with its live parameter counts (tied weights once; block-quantised weights,
+    which are buffers, counted too)."""
     params = list(model.parameters())  # a shared tensor is yielded once
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    return describe_config(model.config, sum(p.numel() for p in params), trainable)
+    return describe_config(model.config, sum(p.numel() for p in params) + quantised_weights(model), trainable)

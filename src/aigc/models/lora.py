@@ -27,7 +27,9 @@ from safetensors.torch import save_file
 from aigc.config import LORA_TARGETS, TrainConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
+from aigc.models import vocab
 from aigc.models.packed import Linear
+from aigc.models.qlayers import QuantEmbedding, QuantLinear, expand_quantised, quantised_weights
 
 DEFAULT_TARGETS = LORA_TARGETS
 
@@ -81,25 +83,32 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, spec: LoRASpec):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in), frozen
         self.bias = base.bias  # (out,) or None, frozen
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self._add_adapters(base, spec, self.weight.device)
+
+    def _add_adapters(self, base: nn.Module, spec: LoRASpec, device: torch.device) -> None:
+        self.in_features, self.out_features = base.in_features, base.out_features
+        factory = dict(device=device, dtype=torch.float32 if isinstance(base, QuantLinear) else base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(spec.rank, self.in_features, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, spec.rank, **factory))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scaling = spec.scaling
         self.dropout = nn.Dropout(spec.dropout)
 
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output (..., out)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The adapters in x's dtype: a base held in bf16 (`hold_frozen_in`) gets bf16 inputs even
         # outside autocast (e.g. samples drawn during training); under autocast this is its own cast.
         lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         low = F.linear(self.dropout(x) if self.dropout.p else x, lora_A)  # (..., r)
-        base = F.linear(x, self.weight, self.bias)  # (..., out)
+        base = self.frozen(x)  # (..., out)
         # base + scaling * low B^T in one product that accumulates onto base (no separate scale and add).
         rows = torch.addmm(
             base.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), lora_B.t(), alpha=self.scaling
@@ -120,29 +129,56 @@ class LoRALinear(nn.Module):
         return linear
 
 
+class QuantLoRALinear(LoRALinear):
+    """LoRA over a frozen block-quantised layer (QLoRA, Dettmers et al. 2023): the adapters train in
+    float32 and compute in x's dtype, as over a float base; the base product is the `QuantLinear`'s
+    (its blocks expanded per call, never stored expanded: `qgrad`). The layer is held as `base`."""
+
+    def __init__(self, base: QuantLinear, spec: LoRASpec):
+        nn.Module.__init__(self)
+        self.base = base
+        self.bias = None  # the base adds its own
+        self._add_adapters(base, spec, base.weight_0.device)
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def merged(self) -> Linear:
+        """A float32 linear layer: the expanded blocks plus the update (a dequantise-merge)."""
+        linear = Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.base.dequantized() + self.delta_weight())
+            if self.base.bias is not None:
+                linear.bias.copy_(self.base.bias)
+        return linear
+
+
+LINEAR_TYPES = (nn.Linear, QuantLinear)  # what adapters can wrap: float or block-quantised layers
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Short names (last path component) of the model's linear layers that LoRA may target."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
 
 
 def apply_lora(model: nn.Module, spec: LoRASpec) -> nn.Module:
     """Freeze every parameter of `model` and wrap the targeted linear layers with adapters, in place."""
     if has_lora(model):
         raise AigcError("this model already has LoRA adapters; merge them first with `aigc merge RUN`")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
     unknown = [t for t in spec.targets if not any(_matches(name, t) for name in linears)]
     if unknown:
         available = ", ".join(linear_names(model))
         raise AigcError(f"--lora-targets {','.join(unknown)} not found; this model's linear layers: {available}")
-    tied = {id(p) for name, p in model.named_parameters() if name.endswith("wte.weight")}
     for param in model.parameters():
         param.requires_grad_(False)
     for name in linears:
         module = model.get_submodule(name)
         if any(_matches(name, t) for t in spec.targets):
-            if id(module.weight) in tied:
+            if _tied_to_embedding(model, module):
                 raise AigcError(f"--lora-targets {name} is tied to the token embedding; target the block layers")
-            _set_module(model, name, LoRALinear(module, spec))
+            wrapped = QuantLoRALinear(module, spec) if isinstance(module, QuantLinear) else LoRALinear(module, spec)
+            _set_module(model, name, wrapped)
     return model
 
 
@@ -151,13 +187,24 @@ def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
     step casts the base again; trainable ones keep their precision. Returns how many were cast.
 
     Measured on SmolLM2-135M LoRA, batch 4 x 128, 2-core AMX Xeon: +13 % tokens/s over autocast's
-    per-step casts of the fp32 base, and 270 MB less memory (docs/benchmarks.md)."""
+    per-step casts of the fp32 base, and 270 MB less memory (docs/benchmarks.md). A quantised table
+    keeps its blocks and gives its rows in `dtype`."""
     cast = 0
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
             cast += 1
+    for module in model.modules():
+        if isinstance(module, QuantEmbedding):
+            module.dtype = dtype
     return cast
+
+
+def _tied_to_embedding(model: nn.Module, module: nn.Module) -> bool:
+    wte = getattr(model, "wte", None)
+    if isinstance(module, QuantLinear):
+        return module.shares_blocks(wte)
+    return wte is not None and getattr(wte, "weight", None) is module.weight
 
 
 def _matches(module_name: str, target: str) -> bool:
@@ -170,10 +217,14 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and restore plain nn.Linear layers, in place."""
+    """Fold every adapter into its base weight and restore plain nn.Linear layers, in place. Over a
+    quantised base the result is float32 throughout: the expanded blocks plus the updates (grown
+    tables folded, the other quantised layers expanded), a plain run that every exporter takes."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             _set_module(model, name, module.merged())
+    if quantised_weights(model):
+        expand_quantised(vocab.fold(model))
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -182,7 +233,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameters (tied weights counted once)."""
     params = list(model.parameters())  # nn.Module.parameters() already yields a shared tensor once
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+    total = sum(p.numel() for p in params) + quantised_weights(model)  # block-quantised weights are buffers
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": total}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

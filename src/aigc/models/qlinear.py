@@ -1,4 +1,4 @@
-"""Layers that compute with block-quantised weights, and the weights file of a quantised run.
+"""The weights file of a quantised run, and its loader (the layers are `qlayers.py`).
 
 A quantised run (`weights.format: quantized` in config.json) keeps GGUF's blocks as they are: its
 model.safetensors holds, for each quantised layer NAME, the parts `NAME.weight.0`, `NAME.weight.1`,
@@ -9,10 +9,7 @@ Parts exist because a fused layer (q/k/v in `attn.c_attn`, gate/up in `mlp.c_fc`
 weights of different types: GGUF files of the "_M" mixes give attn_v more bits than attn_q.
 
 Loading maps the file into memory (`read_mapped`) and wraps each layer's parts in a `QuantLinear`
-(or `QuantEmbedding` for the token table), so nothing float32-sized is materialised: a product of
-up to `quant.PRODUCT_ROWS` rows streams the blocks through the native kernels (`quant.py`), a larger one expands
-one tile of rows at a time, and without the kernels (GPU, training, `AIGC_NATIVE_KERNELS=0`) each
-call dequantises one layer with PyTorch (`qblocks.dequantize`), used for that call only.
+(or `QuantEmbedding` for the token table), so nothing float32-sized is materialised.
 """
 
 from __future__ import annotations
@@ -21,127 +18,24 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from aigc.artifacts.run import RunConfig
 from aigc.errors import AigcError
 from aigc.fsutil import write_with
-from aigc.models import quant
 from aigc.models.build import build_model
-from aigc.models.qblocks import check_blocks, dequantize
+from aigc.models.qblocks import check_blocks
+from aigc.models.qlayers import Part, QuantEmbedding, QuantLinear
+
+__all__ = ["Part", "QuantEmbedding", "QuantLinear", "load_quantised_model", "read_mapped", "save_quantised"]
 
 LAYOUT_KEY = "aigc.layers"
 FILE_FORMAT = "aigc-gguf-blocks"
-
-
-@dataclass(frozen=True)
-class Part:
-    """Rows of one layer's weight: uint8 blocks (rows, row_bytes) of `type`, or float32 (rows, cols)."""
-
-    type: str
-    data: torch.Tensor
-    rows: int
-    cols: int
-
-
-def _fast(x: torch.Tensor) -> quant.QuantKernels | None:
-    """The native kernels for a float32 CPU input in inference (autograd and autocast off), else None."""
-    if torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return None
-    return quant.kernels()
-
-
-class _BlockParts(nn.Module):
-    """A module whose weight is the row-wise concatenation of quantised parts, held as buffers
-    `weight_0`, `weight_1`, ... (views of the run's memory-mapped file)."""
-
-    def _hold(self, parts: list[Part]) -> None:
-        self.types = [p.type for p in parts]
-        for i, part in enumerate(parts):
-            self.register_buffer(f"weight_{i}", part.data)
-
-    def parts(self) -> list[tuple[str, torch.Tensor]]:
-        return [(t, getattr(self, f"weight_{i}")) for i, t in enumerate(self.types)]
-
-
-class QuantLinear(_BlockParts):
-    """y = x W^T + b with W the row-wise concatenation of quantised parts; W is never stored expanded."""
-
-    def __init__(self, parts: list[Part], bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features = parts[0].cols
-        self.out_features = sum(p.rows for p in parts)
-        self._hold(parts)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (N, in)
-        kernels = _fast(rows)
-        if kernels is None:
-            out = torch.cat([F.linear(rows, dequantize(d, t, self.in_features).to(rows)) for t, d in self.parts()], -1)
-        elif rows.shape[0] <= quant.PRODUCT_ROWS:  # decode steps: stream the blocks through the kernel
-            out = self._product(kernels, rows.contiguous())
-        else:
-            out = self._tiled(kernels, rows)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def _product(self, kernels: quant.QuantKernels, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(rows.shape[0], self.out_features)  # (N, out)
-        column = 0
-        for type_name, data in self.parts():
-            if type_name == "F32":
-                out[:, column : column + data.shape[0]] = F.linear(rows, data)
-            else:
-                kernels.gemv(data, type_name, rows, out, column)
-            column += data.shape[0]
-        return out
-
-    def _tiled(self, kernels: quant.QuantKernels, rows: torch.Tensor) -> torch.Tensor:
-        """Many rows: expand `quant.TILE_FLOATS` weights at a time and let PyTorch's GEMM multiply."""
-        out = torch.empty(rows.shape[0], self.out_features)  # (N, out)
-        column, step = 0, max(1, quant.TILE_FLOATS // self.in_features)
-        for type_name, data in self.parts():
-            for start in range(0, data.shape[0], step):
-                chunk = data[start : start + step]
-                weight = chunk if type_name == "F32" else kernels.dequantize(chunk, type_name, self.in_features)
-                out[:, column + start : column + start + chunk.shape[0]] = rows @ weight.T
-            column += data.shape[0]
-        return out
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, types={self.types}"
-
-
-class QuantEmbedding(_BlockParts):
-    """nn.Embedding over quantised rows: each call expands only the rows it looks up."""
-
-    def __init__(self, parts: list[Part]) -> None:
-        super().__init__()
-        self.embedding_dim = parts[0].cols
-        self.num_embeddings = sum(p.rows for p in parts)
-        self._hold(parts)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        flat = idx.reshape(-1)  # (N,)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"token id outside the embedding's {self.num_embeddings} rows")
-        out = torch.empty(flat.numel(), self.embedding_dim, device=idx.device)
-        start = 0
-        for type_name, data in self.parts():
-            inside = (flat >= start) & (flat < start + data.shape[0])
-            if bool(inside.any()):
-                out[inside] = dequantize(data[flat[inside] - start], type_name, self.embedding_dim).to(out)
-            start += data.shape[0]
-        return out.view(*idx.shape, self.embedding_dim)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -149,12 +149,24 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
         }                                                                                                    \
     }
 
+/* float32 -> bf16 rounded to nearest even, as PyTorch's .to(torch.bfloat16) (NaN stays NaN): training
+ * on a quantised base expands its layers straight into bf16, without a float32 copy in between. */
+static inline void to_bf16(const float *restrict y, uint16_t *restrict out, int n) {
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, y + i, sizeof u);
+        uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        out[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
+    }
+}
+
 /* The arguments of one product or expansion, for the pool's chunks of output rows (pool.c). */
 typedef struct {
     const uint8_t *w;
     const float *x;
     float *y;
-    long n_rows, n_in, ld_y;
+    long n_rows, n_in, ld_y; /* expansions: y (or the bf16 out) has rows ld_y apart */
+    uint16_t *bf16;
 } gemv_job;
 
 #define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                \
@@ -196,8 +208,24 @@ typedef struct {
     }                                                                                                        \
     void aigc_dequant_##NAME(const uint8_t *restrict w, float *restrict out, long n_out, long n_in,          \
                              int threads) {                                                                  \
-        gemv_job job = {w, 0, out, 0, n_in, 0};                                                              \
+        gemv_job job = {w, 0, out, 0, n_in, n_in, 0};                                                        \
         pool_run(dequant_rows_##NAME, &job, n_out, 16, threads);                                             \
+    }                                                                                                        \
+    WIDTH static void dequant_bf16_rows_##NAME(void *ctx, long begin, long end) {                            \
+        const gemv_job *j = ctx;                                                                             \
+        long blocks = j->n_in / QK;                                                                          \
+        float y[QK];                                                                                         \
+        for (long o = begin; o < end; o++) {                                                                 \
+            for (long b = 0; b < blocks; b++) {                                                              \
+                dq_##NAME(j->w + (o * blocks + b) * BYTES, y);                                               \
+                to_bf16(y, j->bf16 + o * j->ld_y + b * QK, QK);                                              \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    WIDTH void aigc_dequant_bf16_##NAME(const uint8_t *restrict w, uint16_t *restrict out, long n_out,       \
+                                        long n_in, long ld_out, int threads) {                               \
+        gemv_job job = {w, 0, 0, 0, n_in, ld_out, out};                                                      \
+        pool_run(dequant_bf16_rows_##NAME, &job, n_out, 16, threads);                                        \
     }
 
 /* Vector width per type, where the compiler takes a hint (GCC and Clang on x86): measured on a

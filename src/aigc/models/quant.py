@@ -60,19 +60,21 @@ class QuantKernels:
         self.library_path, self.isa = library_path, isa
         library = ctypes.CDLL(str(library_path))
         pointer, size, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        self._gemv, self._dequant, self._qdot = {}, {}, {}
+        self._gemv, self._dequant, self._dequant_bf16, self._qdot = {}, {}, {}, {}
         # the integer dot this build has (qdot.c), "" where it has none (no AVX2)
         self.dot = DOTS[library.aigc_qdot_isa()]
         # int8 activations and integer products where the build has them; float32 products otherwise
         self.integer = bool(self.dot) and os.environ.get("AIGC_QUANT_ACTIVATIONS", "int8") != "float"
         for name in QUANTISED:
-            gemv, dequant = (
+            gemv, dequant, bf16 = (
                 getattr(library, f"aigc_gemv_{name.lower()}"),
                 getattr(library, f"aigc_dequant_{name.lower()}"),
+                getattr(library, f"aigc_dequant_bf16_{name.lower()}"),
             )
             gemv.restype, gemv.argtypes = None, [pointer] * 3 + [size] * 4 + [count]
             dequant.restype, dequant.argtypes = None, [pointer] * 2 + [size] * 2 + [count]
-            self._gemv[name], self._dequant[name] = gemv, dequant
+            bf16.restype, bf16.argtypes = None, [pointer] * 2 + [size] * 3 + [count]
+            self._gemv[name], self._dequant[name], self._dequant_bf16[name] = gemv, dequant, bf16
             if self.dot:
                 qdot = getattr(library, f"aigc_qdot_{name.lower()}")
                 qdot.restype, qdot.argtypes = ctypes.c_int, [pointer] * 3 + [size] * 4 + [count]
@@ -118,6 +120,17 @@ class QuantKernels:
         out = torch.empty(blocks.shape[0], n_in, dtype=torch.float32)
         self._dequant[type_name](blocks.data_ptr(), out.data_ptr(), blocks.shape[0], n_in, _threads(out.numel()))
         return out
+
+    def dequantize_bf16_into(self, blocks: torch.Tensor, type_name: str, out: torch.Tensor) -> None:
+        """uint8 (n_out, row_bytes) blocks -> `out`, bf16 (n_out, n_in) rows of unit stride (the rows of
+        a larger tensor may be given), rounded as `.to(torch.bfloat16)` rounds the float32 expansion."""
+        n_out, n_in = out.shape
+        fits = blocks.dim() == 2 and blocks.shape == (n_out, TYPES[type_name].row_bytes(n_in))
+        _require(fits and n_in % TYPES[type_name].block == 0, "shapes")
+        _require(blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.is_cpu, "contiguous inputs")
+        _require(out.dtype == torch.bfloat16 and out.is_cpu and out.stride(1) == 1, "a bf16 output of unit stride")
+        function = self._dequant_bf16[type_name]
+        function(blocks.data_ptr(), out.data_ptr(), n_out, n_in, out.stride(0), _threads(out.numel()))
 
 
 DOTS = {0: "", 1: "avx2", 2: "avx-vnni", 3: "avx512-vnni"}  # aigc_qdot_isa() -> name
@@ -179,7 +192,9 @@ def build(kernels_dir: Path, compiler: str, isa: str) -> QuantKernels:
         kernels = QuantKernels(library, isa)
     except (OSError, AttributeError) as error:
         raise KernelUnavailable(f"cannot load {library}: {error}") from error
-    _check(kernels)
+    # The first use may come inside a training step: the check's reference product must stay float32.
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        _check(kernels)
     return kernels
 
 
@@ -204,22 +219,30 @@ def _check(kernels: QuantKernels) -> None:
     chosen = kernels.integer
     try:
         for name in QUANTISED:
-            kind = TYPES[name]
-            n_out, n_in = 5, 2 * kind.block
-            blocks = random_blocks(name, n_out, n_in, generator)
-            x = torch.randn(CHECK_ROWS, n_in, generator=generator)
-            expected = dequantize(blocks, name, n_in)
-            wrong = not torch.equal(kernels.dequantize(blocks, name, n_in), expected)
-            for integer in (False, True) if kernels.dot else (False,):
-                kernels.integer = integer
-                out = torch.zeros(CHECK_ROWS, n_out + 1)
-                kernels.gemv(blocks, name, x, out, 1)
-                seen = rounded(x) if integer else x  # the integer products see x rounded to 8 bits
-                wrong = wrong or not torch.allclose(out[:, 1:], seen @ expected.T, rtol=1e-4, atol=1e-4)
-            if wrong:
+            if _wrong(kernels, name, generator):
                 raise KernelUnavailable(f"{kernels.library_path.name} computes {name} wrong on this machine")
     finally:
         kernels.integer = chosen
+
+
+def _wrong(kernels: QuantKernels, name: str, generator: torch.Generator) -> bool:
+    """Whether one type's expansions (float32, bf16) or products (float32, integer) differ from the references."""
+    kind = TYPES[name]
+    n_out, n_in = 5, 2 * kind.block
+    blocks = random_blocks(name, n_out, n_in, generator)
+    x = torch.randn(CHECK_ROWS, n_in, generator=generator)
+    expected = dequantize(blocks, name, n_in)
+    bf16 = torch.empty(n_out, n_in, dtype=torch.bfloat16)
+    kernels.dequantize_bf16_into(blocks, name, bf16)
+    wrong = not torch.equal(kernels.dequantize(blocks, name, n_in), expected)
+    wrong = wrong or not torch.equal(bf16, expected.to(torch.bfloat16))
+    for integer in (False, True) if kernels.dot else (False,):
+        kernels.integer = integer
+        out = torch.zeros(CHECK_ROWS, n_out + 1)
+        kernels.gemv(blocks, name, x, out, 1)
+        seen = rounded(x) if integer else x  # the integer products see x rounded to 8 bits
+        wrong = wrong or not torch.allclose(out[:, 1:], seen @ expected.T, rtol=1e-4, atol=1e-4)
+    return wrong
 
 
 # Byte offsets of each type's fp16 fields (scales, offsets), which random bytes could make inf or NaN.

@@ -12,12 +12,15 @@ forms the (V, C) gradient of the table. Full fine-tuning grows a plain `nn.Embed
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from aigc.errors import AigcError
 from aigc.models.packed import Linear
+from aigc.models.qlayers import QuantEmbedding, QuantLinear
 from aigc.tokenizer import Tokenizer
 
 NEW_ROWS = "new_rows"  # parameter name of the added rows: `wte.new_rows`, `lm_head.new_rows` if untied
@@ -38,8 +41,30 @@ class GrownEmbedding(nn.Module):
         new = F.embedding((idx - self.base_size).clamp(min=0), self.new_rows)  # (B, T, C)
         return torch.where((idx >= self.base_size).unsqueeze(-1), new.to(x.dtype), x)  # in the base's dtype
 
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_size + self.new_rows.shape[0]
+
     def full_weight(self) -> torch.Tensor:
         return torch.cat((self.weight, self.new_rows))  # (V + n, C)
+
+
+class GrownQuantEmbedding(GrownEmbedding):
+    """`GrownEmbedding` over a block-quantised table (V, C), held as the module `base`."""
+
+    def __init__(self, base: QuantEmbedding, new_rows: torch.Tensor):
+        nn.Module.__init__(self)
+        self.base = base
+        self.new_rows = nn.Parameter(new_rows.float())  # (n, C)
+        self.base_size = base.num_embeddings
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.base(idx.clamp(max=self.base_size - 1))  # (B, T, C) in the table's dtype, no grad
+        new = F.embedding((idx - self.base_size).clamp(min=0), self.new_rows)  # (B, T, C)
+        return torch.where((idx >= self.base_size).unsqueeze(-1), new.to(x.dtype), x)
+
+    def full_weight(self) -> torch.Tensor:
+        return torch.cat((self.base.dequantized(), self.new_rows))  # (V + n, C)
 
 
 class GrownHead(nn.Module):
@@ -53,19 +78,45 @@ class GrownHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat((F.linear(x, self.weight), F.linear(x, self.new_rows.to(x.dtype))), dim=-1)
 
-    def weight_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The output layer's rows in two parts, for a loss that takes them apart (no concatenation)."""
         return self.weight, self.new_rows
 
 
-def initial_rows(weight: torch.Tensor, tokenizer: Tokenizer, new_ids: range) -> torch.Tensor:
-    """(n, C) starting rows for the ids `new_ids`: the mean of the rows of the label's word, else of all."""
+class GrownQuantHead(GrownHead):
+    """`GrownHead` over a block-quantised output layer, held as the module `base`."""
+
+    def __init__(self, base: QuantLinear, new_rows: nn.Parameter):
+        nn.Module.__init__(self)
+        self.base, self.new_rows = base, new_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base(x)  # (..., V)
+        return torch.cat((base, F.linear(x.to(base.dtype), self.new_rows.to(base.dtype))), dim=-1)
+
+    def weight_parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base rows expanded in `dtype` for this step (frozen), and the new rows."""
+        return self.base.dequantized(dtype), self.new_rows
+
+
+def initial_rows(table: torch.Tensor | nn.Module, tokenizer: Tokenizer, new_ids: range) -> torch.Tensor:
+    """(n, C) starting rows for the ids `new_ids`: the mean of the rows of the label's word, else of all.
+    `table`: the (V, C) weight, or an embedding module (a quantised one expands only the rows it reads)."""
+    lookup = table if isinstance(table, nn.Module) else (lambda ids: table[ids])
+    size = table.num_embeddings if isinstance(table, nn.Module) else len(table)
     rows = []
-    for token_id in new_ids:
-        label = next((lb for lb in tokenizer.labels if tokenizer.label_id(lb) == token_id), None)
-        ids = [i for i in tokenizer.encode(" " + label) if i < len(weight)] if label else []
-        rows.append(weight[ids].mean(0) if ids else weight.mean(0))
+    with torch.no_grad():
+        for token_id in new_ids:
+            label = next((lb for lb in tokenizer.labels if tokenizer.label_id(lb) == token_id), None)
+            ids = [i for i in tokenizer.encode(" " + label) if i < size] if label else []
+            rows.append(lookup(torch.tensor(ids)).float().mean(0) if ids else _mean_row(lookup, size))
     return torch.stack(rows).detach().clone()
+
+
+def _mean_row(lookup, size: int, chunk: int = 4096) -> torch.Tensor:
+    """The mean of all `size` rows, read `chunk` rows at a time (a quantised table is never expanded whole)."""
+    sums = (lookup(torch.arange(start, min(start + chunk, size))).double().sum(0) for start in range(0, size, chunk))
+    return (sum(sums) / size).float()
 
 
 def grow_to(model: nn.Module, tokenizer: Tokenizer, vocab_size: int, frozen: bool) -> nn.Module:
@@ -73,26 +124,36 @@ def grow_to(model: nn.Module, tokenizer: Tokenizer, vocab_size: int, frozen: boo
     rows of ids [current size, vocab_size) start from their label's word. `frozen`: `grow_frozen` (LoRA)."""
     old = model.wte.num_embeddings
     if vocab_size > old:
-        rows = initial_rows(model.wte.weight, tokenizer, range(old, vocab_size))
+        rows = initial_rows(model.wte, tokenizer, range(old, vocab_size))
         (grow_frozen if frozen else grow)(model, rows)
     return model
 
 
 def _check_gpt(model: nn.Module) -> None:
-    if not isinstance(getattr(model, "wte", None), nn.Embedding) or not hasattr(model, "lm_head"):
-        raise AigcError("only a GPT's vocabulary can grow (new label tokens); fine-tune a GPT run or drop the labels")
+    if not isinstance(getattr(model, "wte", None), (nn.Embedding, QuantEmbedding)) or not hasattr(model, "lm_head"):
+        raise AigcError("only a GPT's vocabulary can grow (new label tokens); fine-tune a GPT or drop the labels")
 
 
 def grow_frozen(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | None = None) -> nn.Module:
     """Add trainable rows to a frozen model's vocabulary, in place (LoRA training). `head_rows` (n, C)
     only for an untied output layer (default: the embedding's rows)."""
     _check_gpt(model)
+    if isinstance(model.wte, QuantEmbedding):
+        return _grow_quantised(model, wte_rows, head_rows)
     tied = model.lm_head.weight is model.wte.weight
     model.wte = GrownEmbedding(model.wte, wte_rows)
     head_new = model.wte.new_rows if tied else nn.Parameter(wte_rows.clone() if head_rows is None else head_rows)
     model.lm_head.weight.requires_grad_(False)
     model.lm_head = GrownHead(model.lm_head.weight, head_new)
-    return model
+    return _resized(model)
+
+
+def _grow_quantised(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | None) -> nn.Module:
+    tied = model.lm_head.shares_blocks(model.wte)
+    model.wte = GrownQuantEmbedding(model.wte, wte_rows)
+    head_new = model.wte.new_rows if tied else nn.Parameter((wte_rows if head_rows is None else head_rows).float())
+    model.lm_head = GrownQuantHead(model.lm_head, head_new)
+    return _resized(model)
 
 
 def grow(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | None = None) -> nn.Module:
@@ -110,18 +171,34 @@ def grow(model: nn.Module, wte_rows: torch.Tensor, head_rows: torch.Tensor | Non
         with torch.no_grad():
             head.weight.copy_(torch.cat((model.lm_head.weight.detach(), head_rows.to(embedding))))
     model.lm_head = head
+    return _resized(model)
+
+
+def _resized(model: nn.Module) -> nn.Module:
+    """Record the grown vocabulary in the model's config, which exporters read (GGUF's vocabulary)."""
+    model.config = dataclasses.replace(model.config, vocab_size=model.wte.num_embeddings)
     return model
 
 
 def fold(model: nn.Module) -> nn.Module:
-    """Turn `grow_frozen`'s modules back into a plain embedding and output layer, in place."""
+    """Turn `grow_frozen`'s modules back into a plain embedding and output layer, in place (a quantised
+    table expanded to float32)."""
     if isinstance(model.wte, GrownEmbedding):
         wte, head = model.wte, model.lm_head
         tied = head.new_rows is wte.new_rows
-        base_wte, base_head = nn.Embedding.from_pretrained(wte.weight.detach()), nn.Linear(1, 1, bias=False)
-        base_head.weight = wte.weight if tied else head.weight
+        base_table = _table(wte)
+        base_wte, base_head = nn.Embedding.from_pretrained(base_table), nn.Linear(1, 1, bias=False)
+        if not tied:
+            base_head.weight = nn.Parameter(_table(head), requires_grad=False)
         model.wte, model.lm_head = base_wte, base_head
         if tied:
             model.lm_head.weight = model.wte.weight
         grow(model, wte.new_rows.detach(), None if tied else head.new_rows.detach())
     return model
+
+
+def _table(grown: nn.Module) -> torch.Tensor:
+    """The frozen base rows (V, C) of a grown embedding or output layer, float32 if quantised."""
+    if isinstance(grown, (GrownQuantEmbedding, GrownQuantHead)):
+        return grown.base.dequantized()
+    return grown.weight.detach()

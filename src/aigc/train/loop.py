@@ -142,7 +142,10 @@ class Trainer:
         ddp = None
         if self.runtime.world_size > 1:
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            model = ddp = DistributedDataParallel(model, device_ids=device_ids)
+            # The only buffers a model in training holds are a quantised base's blocks: frozen, and the
+            # same on every rank (one hash-checked file). Re-broadcast before every forward pass (DDP's
+            # default) they would send the whole base each step.
+            model = ddp = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         if self.cfg.compile:
             model = torch.compile(model)
         return model, ddp

@@ -98,7 +98,8 @@ def plan_session(
         if data_dir is None:
             raise AigcError("--init-from needs --data: the prepared dataset to fine-tune on")
         base = read_run_config(init_from)
-        require_plain_weights(base, init_from, "--init-from")
+        if base.weights.format != "quantized":  # a quantised base trains through LoRA: checked below
+            require_plain_weights(base, init_from, "--init-from")
         if model_config is not None and _shape(model_config) != _shape(base.model):
             raise AigcError(
                 f"--init-from takes the model shape from {init_from}; drop the model options (--preset, --n-layer, ...)"
@@ -108,6 +109,7 @@ def plan_session(
         config = config if model_config is None else dataclasses.replace(config, dropout=model_config.dropout)
         if train_config is None:  # a pretrained (imported) base is fine-tuned with LoRA unless told otherwise
             train_config = finetune_train_config() if "imported_from" in base.extra else TrainConfig()
+        _check_quantised_base(base, init_from, train_config)
         plan = SessionPlan(run_dir, data, config, train_config, False, str(init_from))
     else:
         if data_dir is None:
@@ -119,6 +121,16 @@ def plan_session(
         plan = SessionPlan(run_dir, data, config, train_config or train_preset(preset), False, None)
     _check_sizes(plan)
     return plan
+
+
+def _check_quantised_base(base: RunConfig, init_from: str | Path, train_config: TrainConfig) -> None:
+    """A quantised base's blocks cannot take gradient steps: only adapters over them train (QLoRA)."""
+    if base.weights.format == "quantized" and train_config.lora_rank == 0:
+        source = (base.weights.quantization or {}).get("source", "the original model")
+        raise AigcError(
+            f"--init-from: {init_from} holds block-quantised weights, which train only through LoRA adapters; "
+            f"pass --lora-rank R (e.g. 16), or import {source} with --dequantize for full fine-tuning"
+        )
 
 
 def _finetune_model(data: Dataset, base: RunConfig, init_from: Path) -> ModelConfig:
