@@ -4,10 +4,16 @@ For each run folder given, in a fresh process each (so peak memory is that run's
 - the run folder's size on disk,
 - `load_run` seconds (config, tokenizer, weights: mapped for a quantised run, read for the others),
 - prefill seconds for --batch prompts of --prompt-tokens, and decode tokens/s in all at that batch
-  (greedy, the model's own KV cache, --new-tokens steps; best of --repeats),
+  (greedy, the model's own KV cache, --new-tokens steps; best of --repeats), and decode tokens per
+  second of the process's CPU time (on a shared machine wall time measures the CPU share the
+  scheduler gave; CPU time the work, for one thread; with more, it counts spinning workers too),
 - the process's peak resident memory (`ru_maxrss`) after all of it.
 
     python benchmarks/bench_quant.py RUN [RUN ...] [--threads 1] [--new-tokens 32] [--prompt-tokens 128] [--batch 1]
+        [--busy 1]
+
+`--busy N` runs N competing processes (`python -c 'while True: pass'`) while each run is measured,
+to see whether the threads of the kernels collapse when another program holds a core.
 
 Make the runs with `aigc import FILE.gguf --out Q` (blocks kept), `aigc import FILE.gguf --dequantize
 --out F` (fp32), `aigc export F --format int8|q8_0|q4 --out ...`. Prints a markdown table and a JSON
@@ -33,7 +39,7 @@ run = load_run(sys.argv[1])
 load_s = time.perf_counter() - started
 model = run.model
 prompt = torch.randint(0, 1000, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
-best_prefill, best_decode = float("inf"), float("inf")
+best_prefill, best_decode, best_cpu = float("inf"), float("inf"), float("inf")
 with torch.no_grad():
     for _ in range(repeats):
         cache = model.new_cache(batch)
@@ -41,18 +47,27 @@ with torch.no_grad():
         logits = model(prompt, cache=cache, last_only=True)[0]
         best_prefill = min(best_prefill, time.perf_counter() - started)
         token = logits[:, -1].argmax(-1, keepdim=True)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(new_tokens):
             token = model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
         best_decode = min(best_decode, time.perf_counter() - started)
+        best_cpu = min(best_cpu, time.process_time() - cpu_started)
 print(json.dumps({"load_s": load_s, "prefill_s": best_prefill, "decode_tok_s": batch * new_tokens / best_decode,
+                  "decode_tok_per_cpu_s": batch * new_tokens / best_cpu,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def measure(run: Path, args: argparse.Namespace) -> dict:
     numbers = [str(v) for v in (args.threads, args.new_tokens, args.prompt_tokens, args.repeats, args.batch)]
-    done = subprocess.run([sys.executable, "-c", CHILD, str(run), *numbers], capture_output=True, text=True, check=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        command = [sys.executable, "-c", CHILD, str(run), *numbers]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
     result = json.loads(done.stdout.strip().splitlines()[-1])
     config = json.loads((run / "config.json").read_text())
     quantization = config["weights"].get("quantization") or {}
@@ -69,6 +84,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (tokens/s is their total)")
+    parser.add_argument("--busy", type=int, default=0, help="competing busy processes while measuring")
     args = parser.parse_args()
     rows = [measure(run, args) for run in args.runs]
     shape = f"{args.batch} x {args.prompt_tokens}"

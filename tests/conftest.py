@@ -11,7 +11,7 @@ import torch
 
 from aigc.artifacts.run import RunConfig, save_run
 from aigc.config import model_preset
-from aigc.models import build_model
+from aigc.models import build_model, quant
 from aigc.tokenizer import Tokenizer
 
 _POSITIVE = [
@@ -71,6 +71,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float_products(monkeypatch):
+    """The quantised kernels multiply float32 activations, as the dequantise-then-F.linear fallback does,
+    instead of rounding them to 8 bits first: for tests of what a quantised run holds, whose logits then
+    equal the fp32 run's up to float rounding. tests/models/test_quant.py covers the integer products."""
+    kernels = quant.kernels()
+    if kernels is not None:
+        monkeypatch.setattr(kernels, "integer", False)
 
 
 @pytest.fixture(scope="session")

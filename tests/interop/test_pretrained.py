@@ -12,7 +12,7 @@ from aigc.models import load_run
 
 
 @pytest.mark.parametrize("options", [{}, {"tied": False, "add_bos": True, "pre": "llama-bpe"}])
-def test_import_gguf_makes_a_run_with_the_same_logits_as_transformers(tmp_path, options):
+def test_import_gguf_makes_a_run_with_the_same_logits_as_transformers(tmp_path, options, float_products):
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, **options)
     assert main(["import", str(path), "--out", str(tmp_path / "run"), "--context", "64"]) == 0

@@ -96,7 +96,9 @@ def test_full_finetuning_of_a_quantised_base_is_refused_in_one_line(quantised_ba
     assert "\n" not in err and not (tmp_path / "full").exists()
 
 
-def test_merge_and_exports_dequantise_the_base_and_fold_the_adapters_in(quantised_base, labelled_data, tmp_path):
+def test_merge_and_exports_dequantise_the_base_and_fold_the_adapters_in(
+    quantised_base, labelled_data, tmp_path, float_products
+):
     out = tmp_path / "qlora"
     assert train(quantised_base, labelled_data, out, "--lora-rank", "4", "--max-steps", "4") == 0
     tuned = load_run(out)

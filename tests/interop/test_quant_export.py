@@ -24,7 +24,7 @@ def round_trip(weight: torch.Tensor, type_name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt, type_name", [("q8_0", "Q8_0"), ("q4", "Q4_0"), ("q5_1", "Q5_1")])
 @pytest.mark.parametrize("style", [{}, {"norm": "rmsnorm", "positions": "rotary", "mlp": "swiglu", "bias": False}])
-def test_export_gives_the_logits_of_the_rounded_weights(make_run, tmp_path, fmt, type_name, style):
+def test_export_gives_the_logits_of_the_rounded_weights(make_run, tmp_path, fmt, type_name, style, float_products):
     source = make_run(**style)
     assert main(["export", str(source), "--format", fmt, "--out", str(tmp_path / "q")]) == 0
     config = read_run_config(tmp_path / "q")

@@ -138,7 +138,7 @@ def test_a_quantised_gpt_trains_as_its_float_twin(quantised_gpt, style, fused):
         torch.testing.assert_close(grad, twin_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_merging_expands_the_base_and_folds_the_update_in(quantised_gpt):
+def test_merging_expands_the_base_and_folds_the_update_in(quantised_gpt, float_products):
     quantised, _ = quantised_gpt()
     quantised, vocab = adapted(quantised, 2)
     idx = torch.tensor([[vocab, 3, 4, 5, vocab + 1, 6]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -42,6 +43,10 @@ def kernels(request, monkeypatch, tmp_path_factory):
     found = quant.kernels()
     assert found is not None, quant.unavailable_reason()
     assert found.isa == request.param
+    if request.param == "avx2":  # the forced build multiplies with AVX2's maddubs, never VNNI
+        assert found.dot == "avx2"
+    elif " avx512_vnni" in quant.cpu_identity():
+        assert found.dot == "avx512-vnni"
     return found
 
 
@@ -78,16 +83,23 @@ def test_the_native_bf16_expansion_rounds_as_torch_does(kernels, type_name):
 @pytest.mark.parametrize("type_name", QUANTISED)
 @pytest.mark.parametrize("rows", [1, 2, 3, 15, 40])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernels_equal_the_fallback_on_odd_shapes(kernels, monkeypatch, type_name, rows, threads):
+@pytest.mark.parametrize("integer", [True, False], ids=["int8-activations", "float-activations"])
+def test_kernels_equal_their_reference_on_odd_shapes(kernels, monkeypatch, type_name, rows, threads, integer):
     """37 outputs over 3 blocks; up to 32 rows take the kernel (15 = groups of 8, 4, 2, 1), 40 the tiled
-    path (tiles of 8 weight rows here)."""
+    path (tiles of 8 weight rows here, float32 GEMM). The integer products see x rounded to 8 bits,
+    `quant.rounded(x)`, and otherwise equal "dequantise, then F.linear"."""
+    if integer and not kernels.dot:
+        pytest.skip("this build has no integer products")
+    monkeypatch.setattr(kernels, "integer", integer)
     monkeypatch.setattr(quant, "THREADED_WEIGHTS", 0)
     monkeypatch.setattr(quant, "TILE_FLOATS", 8 * 3 * TYPES[type_name].block)
     cols = 3 * TYPES[type_name].block
     data = blocks_of(type_name, 37, cols, seed=rows)
     layer = QuantLinear([Part(type_name, data, 37, cols)], torch.randn(37))
     x = torch.randn(rows, cols)
-    expected = F.linear(x, dequantize(data, type_name, cols), layer.bias)
+    seen = quant.rounded(x) if integer and rows <= quant.PRODUCT_ROWS else x
+    weight = dequantize(data, type_name, cols)
+    expected = F.linear(seen.double(), weight.double(), layer.bias.double()).float()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
@@ -95,8 +107,44 @@ def test_kernels_equal_the_fallback_on_odd_shapes(kernels, monkeypatch, type_nam
     finally:
         torch.set_num_threads(2)
     # float32 sums in another order: error bounded by a few ulps of the sum of |terms|
-    bound = 1e-5 * (x.abs() @ dequantize(data, type_name, cols).abs().T).max().item()
+    bound = 1e-5 * (seen.abs() @ weight.abs().T).max().item()
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=bound)
+
+
+def test_activations_are_rounded_as_the_reference_rounds_them(kernels):
+    """Blocks of 32: random, all zero, one large value among small ones, exact halves (ties to even)."""
+    if not kernels.dot:
+        pytest.skip("this build has no integer products")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    x[0, 32:64] = 0
+    x[1, 64:96] *= 1e-3
+    x[1, 64] = 50.0
+    x[2, :32] = torch.arange(32) - 15.5  # d = 16.5 / 127: some x / d land on .5
+    q, d, s = kernels.round_rows(x)
+    expected_q, expected_d = quant.round_activations(x)
+    assert torch.equal(q, expected_q) and torch.equal(d, expected_d)
+    torch.testing.assert_close(s, d * q.view(3, 4, 32).sum(-1).float(), rtol=1e-6, atol=0)
+    assert (q[0, 32:64] == 0).all() and d[0, 1] == 0
+
+
+@pytest.mark.parametrize("type_name", QUANTISED)
+def test_integer_products_stay_within_the_activation_rounding_of_the_fallback(kernels, type_name):
+    """Each activation is rounded to within d / 2 of itself (d = its block's max |x| / 127), so output o
+    moves by at most sum_b d_b / 2 * sum_(j in b) |W[o, j]| from "dequantise, then F.linear"."""
+    if not kernels.dot:
+        pytest.skip("this build has no integer products")
+    cols = 2 * TYPES[type_name].block
+    data = blocks_of(type_name, 19, cols, seed=3)
+    weight = dequantize(data, type_name, cols)
+    x = torch.randn(5, cols) * torch.linspace(0.01, 10, cols)  # blocks of very different scales
+    out = torch.empty(5, 19)
+    kernels.gemv(data, type_name, x, out, 0)
+    _, d = quant.round_activations(x)
+    half_steps = (d / 2).repeat_interleave(32, dim=1)  # (5, cols): the largest rounding of each x
+    bound = half_steps @ weight.abs().T + 1e-5 * (x.abs() @ weight.abs().T)
+    error = (out - x @ weight.T).abs()
+    assert (error <= bound).all()
+    assert error.max() > 1e-3 * bound.max()  # the rounding did happen: this is not the float path
 
 
 def test_a_layer_of_mixed_parts_writes_each_part_into_its_own_columns(kernels):
@@ -108,8 +156,11 @@ def test_a_layer_of_mixed_parts_writes_each_part_into_its_own_columns(kernels):
     weight = torch.cat([dequantize(p.data, p.type, cols) for p in parts])
     for rows in (1, 2, 4, 9, 33):
         x = torch.randn(rows, cols)
+        # the kernels round x for the block parts (up to PRODUCT_ROWS rows); the F32 part sees x itself
+        seen = quant.rounded(x) if kernels.integer and rows <= quant.PRODUCT_ROWS else x
+        expected = torch.cat((seen @ weight[:-2].T, x @ weight[-2:].T), dim=1)
         with torch.no_grad():
-            torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
     with torch.enable_grad():  # autograd: the PyTorch fallback
         torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-4)
 
@@ -135,6 +186,24 @@ def test_without_native_kernels_the_fallback_computes(monkeypatch):
         with torch.no_grad():
             out = QuantLinear([Part("Q4_0", data, 4, 64)], None)(x)
         torch.testing.assert_close(out, x @ dequantize(data, "Q4_0", 64).T)
+    finally:
+        quant._kernels_for.cache_clear()
+
+
+def test_float_activations_can_be_chosen_by_the_environment(monkeypatch):
+    """AIGC_QUANT_ACTIVATIONS=float keeps the float32 products: a decode row then equals the fallback's."""
+    if shutil.which(COMPILER) is None:
+        pytest.skip(f"no C compiler {COMPILER!r}")
+    monkeypatch.setenv("AIGC_QUANT_ACTIVATIONS", "float")
+    quant._kernels_for.cache_clear()
+    try:
+        found = quant.kernels()
+        assert found is not None and not found.integer
+        data = blocks_of("Q4_1", 9, 64)
+        x = torch.randn(1, 64)
+        with torch.no_grad():
+            out = QuantLinear([Part("Q4_1", data, 9, 64)], None)(x)
+        torch.testing.assert_close(out, x @ dequantize(data, "Q4_1", 64).T, rtol=1e-5, atol=1e-5)
     finally:
         quant._kernels_for.cache_clear()
 
@@ -170,3 +239,27 @@ def test_the_kernel_wrappers_refuse_what_would_overrun(kernels):
         kernels.gemv(data, "Q8_0", torch.randn(1, 64), torch.empty(1, 4), 1)  # columns past the output
     with pytest.raises(ValueError, match="shapes"):
         kernels.dequantize(data[:, :30], "Q8_0", 64)
+
+
+def test_products_from_two_python_threads_at_once_are_right(kernels, monkeypatch):
+    """The worker pool runs one job at a time; a caller that finds it busy computes inline (ctypes
+    releases the GIL, so the serve layer's threads can call at once)."""
+    monkeypatch.setattr(quant, "THREADED_WEIGHTS", 0)
+    data = blocks_of("Q4_1", 301, 256, seed=5)
+    x = torch.randn(3, 256)
+    expected = torch.empty(3, 301)
+    kernels.gemv(data, "Q4_1", x, expected, 0)
+    wrong = []
+
+    def products() -> None:
+        for _ in range(200):
+            out = torch.empty(3, 301)
+            kernels.gemv(data, "Q4_1", x, out, 0)
+            wrong.append(not torch.equal(out, expected))
+
+    callers = [threading.Thread(target=products) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(wrong) == 600 and not any(wrong)

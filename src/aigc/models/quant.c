@@ -1,9 +1,11 @@
 /* Kernels over GGML block-quantised weights (the layouts of GGUF files), for CPU inference.
  *
- * Compiled on the user's machine by aigc/models/quant.py, twice from this one source: with
+ * Compiled on the user's machine by aigc/models/quant.py (with qdot.c and pool.c into one library), twice: with
  * -march=native (AVX-512 where the CPU has it) and with -march=haswell (AVX2 + FMA), chosen at run
  * time. Plain C: each block is expanded to float32 in registers and multiplied in float32, so a
- * result differs from "dequantise, then F.linear" by float32 rounding only.
+ * result differs from "dequantise, then F.linear" by float32 rounding only. These are the products
+ * of AIGC_QUANT_ACTIVATIONS=float and of builds without AVX2; qdot.c's integer products are the
+ * default. The expansion to float32 (aigc_dequant_*) serves the tiled products of long prefills.
  *
  * A weight matrix is (n_out, n_in) logically and (n_out, n_in / QK * BYTES) uint8 as stored: each
  * row is a run of blocks of QK weights along the input dimension. Block layouts (little-endian,
@@ -19,35 +21,9 @@
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
 
-
-static inline float f16(const uint8_t *p) {
-    uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
-#if defined(__F16C__) /* one instruction (AVX2 and AVX-512 machines have it) instead of the branches below */
-    return _cvtsh_ss((unsigned short)h);
-#endif
-    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0 && man == 0) {
-        bits = sign;
-    } else if (exp == 0) { /* subnormal: shift the mantissa up to an implicit 1 */
-        exp = 113;
-        while (!(man & 0x400)) {
-            man <<= 1;
-            exp--;
-        }
-        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "pool.h"
+#include "quant.h"
 
 static inline void dq_q8_0(const uint8_t *restrict b, float *restrict y) {
     float d = f16(b);
@@ -71,10 +47,6 @@ static inline void dq_q4_1(const uint8_t *restrict b, float *restrict y) {
     for (int j = 0; j < 16; j++) y[j + 16] = d * (float)(qs[j] >> 4) + m;
 }
 
-static inline uint32_t u32(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
 static inline void dq_q5_0(const uint8_t *restrict b, float *restrict y) {
     float d = f16(b);
     uint32_t qh = u32(b + 2);
@@ -96,17 +68,6 @@ static inline void dq_q5_1(const uint8_t *restrict b, float *restrict y) {
         int hi = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4);
         y[j] = d * (float)lo + m;
         y[j + 16] = d * (float)hi + m;
-    }
-}
-
-/* The 6-bit scale and min of group g (0-7) of a Q4_K / Q5_K block from its 12 packed bytes. */
-static inline void scale_min(const uint8_t *s, int g, int *sc, int *m) {
-    if (g < 4) {
-        *sc = s[g] & 63;
-        *m = s[g + 4] & 63;
-    } else {
-        *sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4);
-        *m = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
     }
 }
 
@@ -164,7 +125,7 @@ static inline void dq_q6_k(const uint8_t *restrict b, float *restrict y) {
  * Each block is expanded once per group of up to 8 input rows; the partial sums stay in 32 lanes per
  * row until the weight row ends (one horizontal sum per output, not per block). The row count of a
  * group is a compile-time constant (8, 4, 2, 1), so the compiler keeps the sums in registers. Output
- * rows are split over `threads` OpenMP threads.
+ * rows are split over `threads` threads (pool.c).
  * w: (n_out, n_in / QK * BYTES) uint8, x: (n_rows, n_in), y: (n_rows, ld_y); out: (n_out, n_in). */
 #define DOT_ROWS(NAME, QK, BYTES, N, WIDTH)                                                                  \
     WIDTH static inline void dot##N##_##NAME(const uint8_t *restrict row, const float *restrict x, long n_in, \
@@ -199,46 +160,72 @@ static inline void to_bf16(const float *restrict y, uint16_t *restrict out, int 
     }
 }
 
+/* The arguments of one product or expansion, for the pool's chunks of output rows (pool.c). */
+typedef struct {
+    const uint8_t *w;
+    const float *x;
+    float *y;
+    long n_rows, n_in, ld_y; /* expansions: y (or the bf16 out) has rows ld_y apart */
+    uint16_t *bf16;
+} gemv_job;
+
 #define QUANT_KERNELS(NAME, QK, BYTES, WIDTH)                                                                \
     DOT_ROWS(NAME, QK, BYTES, 8, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 4, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 2, WIDTH)                                                                      \
     DOT_ROWS(NAME, QK, BYTES, 1, WIDTH)                                                                      \
-    WIDTH void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows, \
-                                long n_out, long n_in, long ld_y, int threads) {                             \
-        long blocks = n_in / QK;                                                                             \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            const uint8_t *row = w + o * blocks * BYTES;                                                     \
+    WIDTH static void gemv_rows_##NAME(void *ctx, long begin, long end) {                                    \
+        const gemv_job *j = ctx;                                                                             \
+        long n_in = j->n_in, blocks = n_in / QK, ld_y = j->ld_y;                                             \
+        for (long o = begin; o < end; o++) {                                                                 \
+            const uint8_t *row = j->w + o * blocks * BYTES;                                                  \
+            const float *x = j->x;                                                                           \
+            float *y = j->y + o;                                                                             \
             long r = 0;                                                                                      \
-            for (; r + 8 <= n_rows; r += 8) dot8_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y); \
-            if (r + 4 <= n_rows) {                                                                           \
-                dot4_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);                        \
+            for (; r + 8 <= j->n_rows; r += 8) dot8_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y); \
+            if (r + 4 <= j->n_rows) {                                                                        \
+                dot4_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y);                            \
                 r += 4;                                                                                      \
             }                                                                                                \
-            if (r + 2 <= n_rows) {                                                                           \
-                dot2_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);                        \
+            if (r + 2 <= j->n_rows) {                                                                        \
+                dot2_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y);                            \
                 r += 2;                                                                                      \
             }                                                                                                \
-            if (r < n_rows) dot1_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y + o, ld_y);            \
+            if (r < j->n_rows) dot1_##NAME(row, x + r * n_in, n_in, blocks, y + r * ld_y, ld_y);             \
+        }                                                                                                    \
+    }                                                                                                        \
+    void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows,   \
+                          long n_out, long n_in, long ld_y, int threads) {                                   \
+        gemv_job job = {w, x, y, n_rows, n_in, ld_y};                                                        \
+        pool_run(gemv_rows_##NAME, &job, n_out, 16, threads);                                                \
+    }                                                                                                        \
+    static void dequant_rows_##NAME(void *ctx, long begin, long end) {                                       \
+        const gemv_job *j = ctx;                                                                             \
+        long blocks = j->n_in / QK;                                                                          \
+        for (long o = begin; o < end; o++) {                                                                 \
+            for (long b = 0; b < blocks; b++) dq_##NAME(j->w + (o * blocks + b) * BYTES, j->y + o * j->n_in + b * QK); \
         }                                                                                                    \
     }                                                                                                        \
     void aigc_dequant_##NAME(const uint8_t *restrict w, float *restrict out, long n_out, long n_in,          \
                              int threads) {                                                                  \
-        long blocks = n_in / QK;                                                                             \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            for (long b = 0; b < blocks; b++) dq_##NAME(w + (o * blocks + b) * BYTES, out + o * n_in + b * QK); \
+        gemv_job job = {w, 0, out, 0, n_in, n_in, 0};                                                        \
+        pool_run(dequant_rows_##NAME, &job, n_out, 16, threads);                                             \
+    }                                                                                                        \
+    WIDTH static void dequant_bf16_rows_##NAME(void *ctx, long begin, long end) {                            \
+        const gemv_job *j = ctx;                                                                             \
+        long blocks = j->n_in / QK;                                                                          \
+        float y[QK];                                                                                         \
+        for (long o = begin; o < end; o++) {                                                                 \
+            for (long b = 0; b < blocks; b++) {                                                              \
+                dq_##NAME(j->w + (o * blocks + b) * BYTES, y);                                               \
+                to_bf16(y, j->bf16 + o * j->ld_y + b * QK, QK);                                              \
+            }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
     WIDTH void aigc_dequant_bf16_##NAME(const uint8_t *restrict w, uint16_t *restrict out, long n_out,       \
                                         long n_in, long ld_out, int threads) {                               \
-        long blocks = n_in / QK;                                                                             \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(threads)") for (long o = 0; o < n_out; o++) { \
-            float y[QK];                                                                                     \
-            for (long b = 0; b < blocks; b++) {                                                              \
-                dq_##NAME(w + (o * blocks + b) * BYTES, y);                                                  \
-                to_bf16(y, out + o * ld_out + b * QK, QK);                                                   \
-            }                                                                                                \
-        }                                                                                                    \
+        gemv_job job = {w, 0, 0, 0, n_in, ld_out, out};                                                      \
+        pool_run(dequant_bf16_rows_##NAME, &job, n_out, 16, threads);                                        \
     }
 
 /* Vector width per type, where the compiler takes a hint (GCC and Clang on x86): measured on a

@@ -1,17 +1,25 @@
-"""Native kernels over block-quantised weights (`quant.c`): products of up to `PRODUCT_ROWS` rows,
-and the expansion of rows to float32 that larger products hand to PyTorch's GEMM.
+"""Native kernels over block-quantised weights: products of up to `PRODUCT_ROWS` rows, and the
+expansion of rows to float32 that larger products hand to PyTorch's GEMM.
 
 Why: decoding one row reads every weight once per token and is bound by memory bandwidth, so fewer
 bytes per weight (4.5 for Q4_0 against 32 for float32) means faster tokens; expanding blocks in
 registers, never in memory, keeps that gain. For a prefill (many rows) the arithmetic dominates: a
 layer is expanded to float32 in tiles of `TILE_FLOATS` and multiplied by PyTorch's GEMM.
 
+Two kinds of product: `qdot.c` rounds the activation rows to 8-bit blocks of 32 (`round_activations`)
+and multiplies in integers (AVX-512 VNNI or AVX-VNNI where the build has them, AVX2 otherwise), the
+default wherever the build has AVX2; `quant.c` expands each block to float32 and multiplies in float32,
+equal to "dequantise, then F.linear" up to float rounding (`AIGC_QUANT_ACTIVATIONS=float` picks it, as
+does a build without AVX2). Rounding moves each activation by at most half its block's step (max |x| / 254).
+
 Built as `native.py` builds its kernels (compiled on first use into `$AIGC_HOME/kernels` under a
-name hashed from the source, compiler, flags and CPU; written atomically; checked against the
-PyTorch dequantiser `qblocks.dequantize` before first use), but twice: "native" (-march=native:
-AVX-512 and VNNI where the CPU has them) and "avx2" (-march=haswell). `AIGC_QUANT_ISA=avx2` picks
-the AVX2 build (the tests force it so that both paths are covered on an AVX-512 machine);
-`AIGC_NATIVE_KERNELS=0` turns both off, and the PyTorch fallback computes instead.
+name hashed from the sources, compiler, flags and CPU; written atomically; checked against the
+PyTorch references before first use), but twice: "native" (-march=native: AVX-512 and VNNI where
+the CPU has them) and "avx2" (-march=haswell). `AIGC_QUANT_ISA=avx2` picks the AVX2 build (the tests
+force it so that both paths are covered on an AVX-512 machine); `AIGC_NATIVE_KERNELS=0` turns both
+off, and the PyTorch fallback computes instead. The products use `pool.c`'s threads (not OpenMP's);
+`AIGC_QUANT_SPIN_US` sets how long an idle one spins before it sleeps (default 20; longer spins were
+slower on a loaded 2-core host, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ from aigc.fsutil import atomic_path
 from aigc.models.native import KernelUnavailable, cpu_identity
 from aigc.models.qblocks import QUANTISED, TYPES, dequantize
 
-SOURCE = Path(__file__).with_name("quant.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant.c", "qdot.c", "pool.c", "quant.h", "pool.h"))
 ISA_FLAGS = {"native": ("-march=native", "-mtune=native"), "avx2": ("-march=haswell", "-mtune=haswell")}
-COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# -fopenmp-simd: quant.c's `omp simd` hints, without OpenMP's threads (pool.c has its own, see there)
+COMMON_FLAGS = ("-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
 # Up to this many rows a product streams the blocks through the kernel (expanding each block once per
 # 8 rows); more rows (a prefill) expand the layer in tiles for PyTorch's GEMM. SmolLM2-135M Q4_0 decode
 # steps, one thread under load: 201 ms against the tiles' 574 at batch 8, 322 against 477 at batch 16.
@@ -51,7 +60,11 @@ class QuantKernels:
         self.library_path, self.isa = library_path, isa
         library = ctypes.CDLL(str(library_path))
         pointer, size, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        self._gemv, self._dequant, self._dequant_bf16 = {}, {}, {}
+        self._gemv, self._dequant, self._dequant_bf16, self._qdot = {}, {}, {}, {}
+        # the integer dot this build has (qdot.c), "" where it has none (no AVX2)
+        self.dot = DOTS[library.aigc_qdot_isa()]
+        # int8 activations and integer products where the build has them; float32 products otherwise
+        self.integer = bool(self.dot) and os.environ.get("AIGC_QUANT_ACTIVATIONS", "int8") != "float"
         for name in QUANTISED:
             gemv, dequant, bf16 = (
                 getattr(library, f"aigc_gemv_{name.lower()}"),
@@ -62,6 +75,13 @@ class QuantKernels:
             dequant.restype, dequant.argtypes = None, [pointer] * 2 + [size] * 2 + [count]
             bf16.restype, bf16.argtypes = None, [pointer] * 2 + [size] * 3 + [count]
             self._gemv[name], self._dequant[name], self._dequant_bf16[name] = gemv, dequant, bf16
+            if self.dot:
+                qdot = getattr(library, f"aigc_qdot_{name.lower()}")
+                qdot.restype, qdot.argtypes = ctypes.c_int, [pointer] * 3 + [size] * 4 + [count]
+                self._qdot[name] = qdot
+        if self.dot:
+            self._quantise_rows = library.aigc_quantise_rows
+            self._quantise_rows.restype, self._quantise_rows.argtypes = None, [pointer] + [size] * 2 + [pointer] * 3
 
     def gemv(self, blocks: torch.Tensor, type_name: str, x: torch.Tensor, out: torch.Tensor, column: int) -> None:
         """out[:, column : column + n_out] = x W^T for W (n_out, n_in) of `type_name` blocks;
@@ -73,7 +93,24 @@ class QuantKernels:
         _require(fits and out.shape[0] == rows and column + n_out <= out.shape[1], "shapes")
         pointer = out.data_ptr() + 4 * column
         threads = _threads(n_out * n_in)
-        self._gemv[type_name](blocks.data_ptr(), x.data_ptr(), pointer, rows, n_out, n_in, out.shape[1], threads)
+        arguments = (blocks.data_ptr(), x.data_ptr(), pointer, rows, n_out, n_in, out.shape[1], threads)
+        if not self.integer:
+            self._gemv[type_name](*arguments)
+        elif self._qdot[type_name](*arguments) != 0:
+            raise MemoryError(f"no memory for {rows} x {n_in} rounded activations")
+
+    def round_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the integer products round x (rows, n_in) to: (q int8 (rows, n_in), d and s float32
+        (rows, n_in / 32)); the tests hold it to `round_activations`."""
+        rows, n_in = x.shape
+        _require(_plain(x) and n_in % 32 == 0 and bool(self.dot), "activations")
+        q, d, s = (
+            torch.empty(rows, n_in, dtype=torch.int8),
+            torch.empty(rows, n_in // 32),
+            torch.empty(rows, n_in // 32),
+        )
+        self._quantise_rows(x.data_ptr(), rows, n_in, q.data_ptr(), d.data_ptr(), s.data_ptr())
+        return q, d, s
 
     def dequantize(self, blocks: torch.Tensor, type_name: str, n_in: int) -> torch.Tensor:
         """uint8 (n_out, row_bytes) blocks -> float32 (n_out, n_in)."""
@@ -96,6 +133,27 @@ class QuantKernels:
         function(blocks.data_ptr(), out.data_ptr(), n_out, n_in, out.stride(0), _threads(out.numel()))
 
 
+DOTS = {0: "", 1: "avx2", 2: "avx-vnni", 3: "avx512-vnni"}  # aigc_qdot_isa() -> name
+
+
+def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, n_in) rounded as the integer products round it, in blocks of 32 along n_in:
+    d = max|x| / 127 and q = round(x * (1 / d)) (half to even), in qdot.c's float32 steps.
+    Returns (q as int8 (rows, n_in), d (rows, n_in / 32)); q * d is the x the products see, each
+    value within d / 2 of the original."""
+    blocks = x.reshape(x.shape[0], -1, 32)  # (rows, n_in / 32, 32)
+    d = blocks.abs().amax(-1) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inverse.unsqueeze(-1)).to(torch.int8)
+    return q.reshape(x.shape), d
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, n_in) as the integer products see it: float32 q * d of `round_activations`."""
+    q, d = round_activations(x)
+    return (q.view(x.shape[0], -1, 32).float() * d.unsqueeze(-1)).view(x.shape)
+
+
 def _threads(weights: int) -> int:
     return torch.get_num_threads() if weights >= THREADED_WEIGHTS else 1
 
@@ -116,7 +174,12 @@ def build(kernels_dir: Path, compiler: str, isa: str) -> QuantKernels:
     if compiler_path is None:
         raise KernelUnavailable(f"no C compiler {compiler!r} on PATH (set CC to one)")
     flags = (*ISA_FLAGS[isa], *COMMON_FLAGS)
-    parts = [SOURCE.read_bytes(), compiler_path.encode(), " ".join(flags).encode(), cpu_identity().encode()]
+    parts = [
+        *(source.read_bytes() for source in SOURCES),
+        compiler_path.encode(),
+        " ".join(flags).encode(),
+        cpu_identity().encode(),
+    ]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     library = kernels_dir / f"quant-{isa}-{key}.so"
     if not library.exists():
@@ -136,36 +199,50 @@ def build(kernels_dir: Path, compiler: str, isa: str) -> QuantKernels:
 
 
 def _compile(compiler_path: str, flags: tuple[str, ...], output: Path) -> None:
-    command = [compiler_path, *flags, str(SOURCE), "-o", str(output)]
+    command = [compiler_path, *flags, *(str(s) for s in SOURCES if s.suffix == ".c"), "-o", str(output)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
-        raise KernelUnavailable(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from error
+        raise KernelUnavailable(f"compiling the quantised kernels took over {BUILD_TIMEOUT_S} s") from error
     if done.returncode != 0:
         first_line = (done.stderr.strip().splitlines() or ["no message"])[0]
-        raise KernelUnavailable(f"{Path(compiler_path).name} failed on {SOURCE.name}: {first_line}")
+        raise KernelUnavailable(f"{Path(compiler_path).name} failed on the quantised kernels: {first_line}")
 
 
 CHECK_ROWS = 15  # 8 + 4 + 2 + 1: every row-group kernel
 
 
 def _check(kernels: QuantKernels) -> None:
-    """Every type's kernels against the PyTorch dequantiser on random blocks with sane scales."""
+    """Every type's kernels (float32 and, where built, integer products) against the PyTorch references
+    on random blocks with sane scales."""
     generator = torch.Generator().manual_seed(0)
-    for name in QUANTISED:
-        kind = TYPES[name]
-        n_out, n_in = 5, 2 * kind.block
-        blocks = random_blocks(name, n_out, n_in, generator)
-        x = torch.randn(CHECK_ROWS, n_in, generator=generator)
-        expected = dequantize(blocks, name, n_in)
+    chosen = kernels.integer
+    try:
+        for name in QUANTISED:
+            if _wrong(kernels, name, generator):
+                raise KernelUnavailable(f"{kernels.library_path.name} computes {name} wrong on this machine")
+    finally:
+        kernels.integer = chosen
+
+
+def _wrong(kernels: QuantKernels, name: str, generator: torch.Generator) -> bool:
+    """Whether one type's expansions (float32, bf16) or products (float32, integer) differ from the references."""
+    kind = TYPES[name]
+    n_out, n_in = 5, 2 * kind.block
+    blocks = random_blocks(name, n_out, n_in, generator)
+    x = torch.randn(CHECK_ROWS, n_in, generator=generator)
+    expected = dequantize(blocks, name, n_in)
+    bf16 = torch.empty(n_out, n_in, dtype=torch.bfloat16)
+    kernels.dequantize_bf16_into(blocks, name, bf16)
+    wrong = not torch.equal(kernels.dequantize(blocks, name, n_in), expected)
+    wrong = wrong or not torch.equal(bf16, expected.to(torch.bfloat16))
+    for integer in (False, True) if kernels.dot else (False,):
+        kernels.integer = integer
         out = torch.zeros(CHECK_ROWS, n_out + 1)
         kernels.gemv(blocks, name, x, out, 1)
-        wrong_product = not torch.allclose(out[:, 1:], x @ expected.T, rtol=1e-4, atol=1e-4)
-        bf16 = torch.empty(n_out, n_in, dtype=torch.bfloat16)
-        kernels.dequantize_bf16_into(blocks, name, bf16)
-        wrong_expansion = not torch.equal(kernels.dequantize(blocks, name, n_in), expected)
-        if wrong_product or wrong_expansion or not torch.equal(bf16, expected.to(torch.bfloat16)):
-            raise KernelUnavailable(f"{kernels.library_path.name} computes {name} wrong on this machine")
+        seen = rounded(x) if integer else x  # the integer products see x rounded to 8 bits
+        wrong = wrong or not torch.allclose(out[:, 1:], seen @ expected.T, rtol=1e-4, atol=1e-4)
+    return wrong
 
 
 # Byte offsets of each type's fp16 fields (scales, offsets), which random bytes could make inf or NaN.
