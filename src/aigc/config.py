@@ -187,6 +187,7 @@ class PrepareConfig:
 
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+WINDOWS = ("auto", "documents", "anywhere")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of a GPT block
 
 
@@ -218,6 +219,13 @@ class TrainConfig:
     compile: bool = opt(False, "compile the model with torch.compile")
     threads: int = opt(0, "CPU threads per process; 0 = auto: the cores other work leaves free at start (at least 1)")
     seed: int = opt(1337, "seed for initialisation and batch sampling")
+    windows: str = opt(
+        "auto",
+        "where training windows start: documents (each window opens a document, so a labelled one starts "
+        "with its control token), anywhere (random offsets, as in pretraining), auto (documents when the "
+        "data has labels)",
+        choices=WINDOWS,
+    )
     freeze_embeddings: bool = opt(False, "when fine-tuning, keep token and position embeddings fixed")
     tensorboard: bool = opt(False, "also write TensorBoard event files (needs `tensorboard`)")
     lora_rank: int = opt(
@@ -249,6 +257,7 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--device", self.device, DEVICES)
+        _check_choice("--windows", self.windows, WINDOWS)
 
 
 # Training settings that suit each model preset, used where the user sets nothing else. `small`: on
