@@ -238,6 +238,11 @@ class TrainConfig:
         "(comma-separated or repeated)",
     )
     lora_dropout: float = opt(0.0, "dropout on the LoRA adapters' input, in [0, 1)")
+    label_lr_scale: float = opt(
+        1.0,
+        "under LoRA: the new label rows' (control tokens') learning rate as a multiple of --learning-rate; "
+        "each window gives them one position's gradient",
+    )
 
     def __post_init__(self) -> None:
         # `--lora-targets c_attn,c_proj` and repeated flags both end up as one tuple of names.
@@ -246,6 +251,7 @@ class TrainConfig:
         _check(self.lora_rank >= 0, f"--lora-rank must be >= 0 (0 = off), got {self.lora_rank}")
         _check(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(self.label_lr_scale > 0, f"--label-lr-scale must be > 0, got {self.label_lr_scale}")
         _check(bool(targets), "--lora-targets is empty; name at least one linear layer, e.g. c_attn")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

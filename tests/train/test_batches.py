@@ -56,10 +56,10 @@ def test_check_split_size_names_the_split_and_the_fix():
 def test_document_windows_open_documents_that_a_whole_window_fits_after(tokens):
     docs = np.array([[0, 100, 0], [100, 250, 1], [250, 990, 0], [990, 1000, 1]])
     starts = document_starts(docs, len(tokens), 16)
-    assert starts.tolist() == [0, 100, 250]  # 990 + 16 + 1 tokens run past the end
+    assert starts.tolist() == [0, 99, 249]  # the token before each document; 989 + 16 + 1 run past the end
     sampler = BatchSampler(tokens, 16, 64, seed=0, starts=starts)
     firsts = {int(t) for _ in range(3) for t in sampler.next(CPU)[0][:, 0]}
-    assert firsts == {0, 100, 250}
+    assert firsts == {0, 99, 249}
 
 
 def test_document_windows_keep_to_learnable_starts_under_a_mask(tokens):
@@ -67,7 +67,7 @@ def test_document_windows_keep_to_learnable_starts_under_a_mask(tokens):
     mask[120:130] = 1  # only a window over 120-130 has anything to learn
     docs = np.array([[0, 100, -1], [100, 500, -1], [500, 1000, -1]])
     sampler = BatchSampler(tokens, 32, 8, seed=0, mask=mask, starts=document_starts(docs, len(tokens), 32))
-    assert {int(t) for t in sampler.next(CPU)[0][:, 0]} == {100}
+    assert {int(t) for t in sampler.next(CPU)[0][:, 0]} == {99}
 
 
 def test_document_starts_refuses_when_no_document_fits_a_window(tokens):

@@ -21,7 +21,10 @@ def test_auto_opens_labelled_documents_so_every_window_starts_with_a_control_tok
     starts = setup.window_starts(_plan(data, "auto"))
     assert starts is not None and len(starts) > 10
     label_ids = {data.tokenizer.label_id(label) for label in data.tokenizer.labels}
-    assert {int(data.train.tokens[s]) for s in starts} == label_ids
+    # As a generation's prompt: the end-of-text before the document (none before the first), its label.
+    assert {int(data.train.tokens[s]) for s in starts[1:]} == {data.tokenizer.eot_id}
+    assert {int(data.train.tokens[s + 1]) for s in starts[1:]} == label_ids
+    assert starts[0] == 0 and int(data.train.tokens[0]) in label_ids
 
 
 def test_anywhere_leaves_windows_to_random_offsets(tiny_data):
@@ -33,7 +36,7 @@ def test_auto_keeps_random_offsets_for_unlabelled_text(tmp_path, tiny_tokenizer,
     data = open_dataset(folder)
     assert setup.window_starts(_plan(data, "auto")) is None
     starts = setup.window_starts(_plan(data, "documents"))  # asked for: every document's start
-    assert np.array_equal(starts, data.train.docs[: len(starts), 0])
+    assert np.array_equal(starts[1:], data.train.docs[1 : len(starts), 0] - 1)
 
 
 def test_windows_choice_is_checked():

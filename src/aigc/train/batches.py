@@ -122,9 +122,10 @@ class BatchSampler:
 
 
 def document_starts(docs: np.ndarray, num_tokens: int, block_size: int) -> np.ndarray:
-    """Offsets of the documents (of a split's (N, 3) table) that a whole window fits after: a window
-    that opens a labelled document starts with its control token, as every generation does."""
-    starts = np.asarray(docs[:, 0], dtype=np.int64)
+    """Window starts that open the documents of a split's (N, 3) table, where a whole window fits: at
+    the end-of-text token that ends the document before (none before the first), then the document,
+    whose control token comes first: the prefix [end-of-text, label] that every generation's prompt has."""
+    starts = np.maximum(np.asarray(docs[:, 0], dtype=np.int64) - 1, 0)
     starts = starts[starts < num_tokens - block_size]
     if not len(starts):
         raise AigcError("no document starts a whole training window; pass --windows anywhere or a smaller --seq-len")
