@@ -187,6 +187,7 @@ class PrepareConfig:
 
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+WINDOWS = ("auto", "documents", "anywhere")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of a GPT block
 
 
@@ -218,6 +219,13 @@ class TrainConfig:
     compile: bool = opt(False, "compile the model with torch.compile")
     threads: int = opt(0, "CPU threads per process; 0 = auto: the cores other work leaves free at start (at least 1)")
     seed: int = opt(1337, "seed for initialisation and batch sampling")
+    windows: str = opt(
+        "auto",
+        "where training windows start: documents (each window opens a document, so a labelled one starts "
+        "with its control token), anywhere (random offsets, as in pretraining), auto (documents when the "
+        "data has labels)",
+        choices=WINDOWS,
+    )
     freeze_embeddings: bool = opt(False, "when fine-tuning, keep token and position embeddings fixed")
     tensorboard: bool = opt(False, "also write TensorBoard event files (needs `tensorboard`)")
     lora_rank: int = opt(
@@ -230,6 +238,11 @@ class TrainConfig:
         "(comma-separated or repeated)",
     )
     lora_dropout: float = opt(0.0, "dropout on the LoRA adapters' input, in [0, 1)")
+    label_lr_scale: float = opt(
+        1.0,
+        "under LoRA: the new label rows' (control tokens') learning rate as a multiple of --learning-rate; "
+        "each window gives them one position's gradient",
+    )
 
     def __post_init__(self) -> None:
         # `--lora-targets c_attn,c_proj` and repeated flags both end up as one tuple of names.
@@ -238,6 +251,7 @@ class TrainConfig:
         _check(self.lora_rank >= 0, f"--lora-rank must be >= 0 (0 = off), got {self.lora_rank}")
         _check(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(self.label_lr_scale > 0, f"--label-lr-scale must be > 0, got {self.label_lr_scale}")
         _check(bool(targets), "--lora-targets is empty; name at least one linear layer, e.g. c_attn")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -249,6 +263,7 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--device", self.device, DEVICES)
+        _check_choice("--windows", self.windows, WINDOWS)
 
 
 # Training settings that suit each model preset, used where the user sets nothing else. `small`: on

@@ -87,8 +87,13 @@ def test_demo_fine_tunes_the_base_compares_both_then_reuses_results(tmp_path, re
     rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
     without = rows["control accuracy without guidance ≥ 85% (the control token alone)"]
     assert f"{unguided['accuracy']:.1%} (neg " in without and f"vs {tuned['control']['accuracy']:.1%} guided" in without
-    distinct = next(line for name, line in rows.items() if name.startswith("distinct-2 within 0.05 of held-out human"))
+    distinct = next(line for name, line in rows.items() if name.startswith("distinct-2 of the guided samples within"))
     assert f"(human reviews: {human['distinct_2']:.4g})" in distinct
+    # The unguided samples' variety, against human reviews cut to their own lengths.
+    plain = tuned["diversity"]["unguided"]
+    assert plain["num_samples"] == 4 and plain["human"]["computed_on"]["documents"] == 4
+    distinct = next(line for name, line in rows.items() if name.startswith("distinct-2 of the unguided samples"))
+    assert f"{plain['distinct_2']:.4g} (human reviews: {plain['human']['distinct_2']:.4g})" in distinct
     assert "report:" in err.splitlines()[-3] and "aigc generate" in err
     for step in ("pull", "prepare", "evaluate base", "fine-tune", "generate", "evaluate fine-tuned", "report"):
         assert f"({step}: " in err, step

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from aigc.errors import AigcError
-from aigc.train.batches import BatchSampler, check_split_size, eval_batches, fixed_windows
+from aigc.train.batches import BatchSampler, check_split_size, document_starts, eval_batches, fixed_windows
 
 CPU = torch.device("cpu")
 
@@ -51,3 +51,25 @@ def test_check_split_size_names_the_split_and_the_fix():
         check_split_size(32, "val", 32)
     with pytest.raises(AigcError, match="train split"):
         check_split_size(100, "train", 32, windows=4)
+
+
+def test_document_windows_open_documents_that_a_whole_window_fits_after(tokens):
+    docs = np.array([[0, 100, 0], [100, 250, 1], [250, 990, 0], [990, 1000, 1]])
+    starts = document_starts(docs, len(tokens), 16)
+    assert starts.tolist() == [0, 99, 249]  # the token before each document; 989 + 16 + 1 run past the end
+    sampler = BatchSampler(tokens, 16, 64, seed=0, starts=starts)
+    firsts = {int(t) for _ in range(3) for t in sampler.next(CPU)[0][:, 0]}
+    assert firsts == {0, 99, 249}
+
+
+def test_document_windows_keep_to_learnable_starts_under_a_mask(tokens):
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    mask[120:130] = 1  # only a window over 120-130 has anything to learn
+    docs = np.array([[0, 100, -1], [100, 500, -1], [500, 1000, -1]])
+    sampler = BatchSampler(tokens, 32, 8, seed=0, mask=mask, starts=document_starts(docs, len(tokens), 32))
+    assert {int(t) for t in sampler.next(CPU)[0][:, 0]} == {99}
+
+
+def test_document_starts_refuses_when_no_document_fits_a_window(tokens):
+    with pytest.raises(AigcError, match="--windows anywhere"):
+        document_starts(np.array([[0, 1000, 0]])[:, :] + [[995, 0, 0]], len(tokens), 16)

@@ -39,3 +39,30 @@ def test_build_optimizer_skips_frozen_and_decays_only_matrices(kind):
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable
     assert optimizer.defaults["fused"] is True
     assert not math.isnan(optimizer.defaults["lr"])
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_label_rows_learn_at_their_own_scale_of_the_learning_rate(scale):
+    from aigc.models.vocab import grow_frozen
+    from aigc.train.optim import set_learning_rate
+
+    model = build_model(model_preset("tiny", vocab_size=300))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    grow_frozen(model, torch.zeros(2, model.config.n_embd))  # two label rows, as LoRA grows the vocabulary
+    model.h[0].mlp.c_fc.weight.requires_grad_(True)  # stands in for an adapter
+    optimizer = build_optimizer(model, TrainConfig(label_lr_scale=scale), torch.device("cpu"))
+    set_learning_rate(optimizer, 2e-3)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.wte.new_rows)] == pytest.approx(2e-3 * scale)
+    assert lr_of[id(model.h[0].mlp.c_fc.weight)] == pytest.approx(2e-3)
+    # Unscaled, the groups stay as before the option existed: optimizer states saved then still load.
+    scaled = [g["params"] for g in optimizer.param_groups if "lr_scale" in g]
+    assert scaled == ([] if scale == 1.0 else [[model.wte.new_rows]])
+
+
+def test_label_lr_scale_must_be_positive():
+    from aigc.errors import AigcError
+
+    with pytest.raises(AigcError, match="--label-lr-scale"):
+        TrainConfig(label_lr_scale=0)

@@ -375,6 +375,7 @@ def evaluate_run(
     plain = []
     if unguided_control and run.tokenizer.labels:
         plain = stages.run("unguided generation", draw, run, [], config, _replace(sampling, guidance_scale=1.0))
+        result["diversity"]["unguided"] = _unguided_diversity(plain, split, reader, config.seed)
     self_fluency, self_ppl = stages.run("fluency", fluency, run, items, config.batch_size)
     result["fluency"] = {"self": self_fluency, "note": FLUENCY_NOTE}
     if judge_run is not None:
@@ -413,6 +414,17 @@ def _text_metrics(items: Sequence[Generated], pairs, references, config: EvalCon
     shown = "empty (free samples)" if prompts == [""] else " / ".join(f"“{p}”" for p in prompts)
     diversity["computed_on"] = {"samples": len(samples), "prompt": shown, "unit": "words"}
     return {"reference": ref, "diversity": diversity}
+
+
+def _unguided_diversity(samples: Sequence[Generated], split, reader, seed: int) -> dict:
+    """Diversity of the samples drawn from the control token alone, and of held-out human reviews cut
+    to their lengths: guidance narrows the text, so the learnt model's own variety is read here."""
+    texts, lengths = [s.text for s in samples], [s.tokens for s in samples]
+    return {
+        **textstats.diversity_metrics(texts, lengths, [s.ended_at_eot for s in samples]),
+        "human": human.human_diversity(split, reader, lengths, seed=seed + 1),
+        "computed_on": {"samples": len(samples), "prompt": "the control token alone, no guidance", "unit": "words"},
+    }
 
 
 def _sample_rows(items: Sequence[Generated], perplexities: Sequence[float | None], result: dict) -> list[dict]:

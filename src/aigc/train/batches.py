@@ -68,10 +68,15 @@ class BatchSampler:
         rank: int = 0,
         world_size: int = 1,
         mask: np.ndarray | None = None,
+        starts: np.ndarray | None = None,
     ):
+        """`starts`: the offsets windows may start at (`document_starts`); None = anywhere."""
         self.tokens, self.mask = tokens, mask
         # With a mask, windows start only where at least one target counts (else the loss would be 0/0).
-        self.starts = None if mask is None else learnable_starts(mask, block_size)
+        if mask is not None:
+            learnable = learnable_starts(mask, block_size)
+            starts = learnable if starts is None else np.intersect1d(starts, learnable)
+        self.starts = starts
         self.block_size = block_size
         self.batch_size = batch_size
         self.rank = rank
@@ -114,6 +119,17 @@ class BatchSampler:
     def close(self) -> None:
         self._discard_pending()
         self._reader.shutdown(wait=True)
+
+
+def document_starts(docs: np.ndarray, num_tokens: int, block_size: int) -> np.ndarray:
+    """Window starts that open the documents of a split's (N, 3) table, where a whole window fits: at
+    the end-of-text token that ends the document before (none before the first), then the document,
+    whose control token comes first: the prefix [end-of-text, label] that every generation's prompt has."""
+    starts = np.maximum(np.asarray(docs[:, 0], dtype=np.int64) - 1, 0)
+    starts = starts[starts < num_tokens - block_size]
+    if not len(starts):
+        raise AigcError("no document starts a whole training window; pass --windows anywhere or a smaller --seq-len")
+    return starts
 
 
 def learnable_starts(mask: np.ndarray, block_size: int) -> np.ndarray:

@@ -112,6 +112,7 @@ class Trainer:
             rank=runtime.rank,
             world_size=runtime.world_size,
             mask=plan.data.train.mask,  # instruction data: learn the assistant's tokens only
+            starts=setup.window_starts(plan),
         )
         world_batch = self.cfg.batch_size * runtime.world_size
         self.tokens_per_step = world_batch * block * self.cfg.grad_accum

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from aigc.config import TrainConfig
+from aigc.models.vocab import NEW_ROWS
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:
@@ -18,6 +19,11 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+def _label_row_ids(model: nn.Module) -> set[int]:
+    """The new label rows that LoRA trains beside the adapters (`models.vocab.NEW_ROWS`)."""
+    return {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == NEW_ROWS}
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the parameters that require grad (frozen ones, e.g. under LoRA, are left out).
 
@@ -25,9 +31,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     other devices use the multi-tensor `foreach` path."""
     params = [p for p in model.parameters() if p.requires_grad]
     no_decay = _no_decay_ids(model)
+    # A group of their own only when scaled, so runs saved before the option keep their two groups.
+    labels = _label_row_ids(model) if config.label_lr_scale != 1.0 else set()
     groups = [
-        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) not in no_decay | labels], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if id(p) in no_decay - labels], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in labels], "weight_decay": 0.0, "lr_scale": config.label_lr_scale},
     ]
     groups = [g for g in groups if g["params"]]
     fused = device.type in ("cpu", "cuda")
@@ -58,4 +67,4 @@ def learning_rate(step: int, progress: float, config: TrainConfig) -> float:
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

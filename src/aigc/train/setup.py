@@ -31,7 +31,7 @@ from aigc.errors import AigcError
 from aigc.fsutil import is_stale_temp_file
 from aigc.models import kinds
 from aigc.tokenizer import Tokenizer
-from aigc.train.batches import check_split_size
+from aigc.train.batches import check_split_size, document_starts
 
 MODEL_SHAPE_FIELDS = (
     "kind",
@@ -66,6 +66,18 @@ class SessionPlan:
     def seq_len(self) -> int:
         """Tokens per training window: --seq-len, or the model's whole context."""
         return self.train_config.seq_len or self.model_config.block_size
+
+
+def window_starts(plan: SessionPlan) -> np.ndarray | None:
+    """Where training windows may start (None: anywhere). `--windows auto` opens documents when the
+    data has labels: every window then starts with its control token, as each labelled generation
+    does, so all of the fine-tuning signal says what the label means. At random offsets most windows
+    of 128 tokens miss the start of a review of ~300, and the label's token with it."""
+    choice = plan.train_config.windows
+    train = plan.data.train
+    if choice == "auto":
+        choice = "documents" if plan.data.tokenizer.labels and (train.docs[:, 2] >= 0).any() else "anywhere"
+    return document_starts(train.docs, len(train.tokens), plan.seq_len) if choice == "documents" else None
 
 
 def _check_same_tokenizer(data: Dataset, tokenizer: Tokenizer, owner: Path) -> None:
