@@ -58,7 +58,9 @@ def test_lora_on_a_quantised_base_learns_stores_only_what_trains_resumes_and_gen
 ):
     out = tmp_path / "qlora"
     base_digest = hashlib.sha256((quantised_base / "model.safetensors").read_bytes()).hexdigest()
-    assert train(quantised_base, labelled_data, out, "--lora-rank", "8") == 0
+    # Windows anywhere, like the validation windows: this checks that the adapters learn at all (document
+    # windows, the default for labelled data, train on the reviews' openings only: 5.94 -> 5.94 here).
+    assert train(quantised_base, labelled_data, out, "--lora-rank", "8", "--windows", "anywhere") == 0
     val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(val) == 3 and val[-1] < val[0] - 0.05, val  # measured: 5.92 -> 5.76 nats, steps 4 -> 12
 

@@ -67,12 +67,12 @@ def test_a_grown_head_keeps_its_concatenation_current():
     model = tiny_llama(lora=True)
     head, table = model.lm_head, model.lm_head.joined(torch.bfloat16)
     assert table.dtype == torch.bfloat16
-    assert torch.equal(table, torch.cat(head.weight_parts()).bfloat16())
+    assert torch.equal(table, torch.cat(head.weight_parts(torch.bfloat16)).bfloat16())
     with torch.no_grad():
         head.new_rows.add_(1.0)  # an optimizer step on the new rows
         head.weight[0].add_(1.0)  # a change of the frozen part (a reload, say)
     again = head.joined(torch.bfloat16)
-    assert torch.equal(again, torch.cat(head.weight_parts()).bfloat16())
+    assert torch.equal(again, torch.cat(head.weight_parts(torch.bfloat16)).bfloat16())
     idx = torch.randint(0, 42, (2, 9))
     losses = []
     for keep in (True, False):

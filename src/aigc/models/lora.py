@@ -104,9 +104,12 @@ class LoRALinear(nn.Module):
         """The base layer's output (..., out)."""
         return F.linear(x, self.weight, self.bias)
 
+    def one_function(self) -> bool:
+        """Whether `fused.lora_linear` can take this layer: a frozen float base weight (and bias)."""
+        return not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if self.fused and frozen and not self.dropout.p and torch.is_grad_enabled():
+        if self.fused and not self.dropout.p and torch.is_grad_enabled() and self.one_function():
             return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         # The adapters in x's dtype: a base held in bf16 (`hold_frozen_in`) gets bf16 inputs even
         # outside autocast (e.g. samples drawn during training); under autocast this is its own cast.
@@ -146,6 +149,9 @@ class QuantLoRALinear(LoRALinear):
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x)
+
+    def one_function(self) -> bool:
+        return False  # the base product is the blocks' own (`qgrad`), not a float weight's
 
     def merged(self) -> Linear:
         """A float32 linear layer: the expanded blocks plus the update (a dequantise-merge)."""
