@@ -4,12 +4,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tests.train.conftest import write_dataset
 
 from aigc.artifacts.dataset import open_dataset
 from aigc.config import TrainConfig
 from aigc.errors import AigcError
 from aigc.train import setup
-from tests.train.conftest import write_dataset
 
 
 def _plan(data, windows: str, seq_len: int = 16):
