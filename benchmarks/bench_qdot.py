@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
 from aigc.models import quant
 from aigc.models.qblocks import QUANTISED, dequantize
+from bench_forward import best_times
 
 
 def best_ms(functions: dict, repeats: int) -> dict:
-    best = dict.fromkeys(functions, float("inf"))
-    for _ in range(repeats):
-        for name, function in functions.items():
-            started = time.perf_counter()
-            function()
-            best[name] = min(best[name], time.perf_counter() - started)
+    """Best milliseconds of each function over interleaved rounds (`bench_forward.best_times`)."""
+    best, _ = best_times(functions, repeats)
     return {name: 1e3 * seconds for name, seconds in best.items()}
 
 

@@ -55,6 +55,16 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def save_imported_base(folder, reviews):
+    """A tiny Llama-shaped run that looks imported (no labels, `extra.imported_from` set, so LoRA is the
+    fine-tuning default), with a tokenizer trained on `reviews` (no control tokens)."""
+    tokenizer = Tokenizer.train((text for text, _ in reviews), vocab_size=400)
+    torch.manual_seed(0)
+    config = model_preset("llama-tiny", vocab_size=tokenizer.vocab_size)
+    run = RunConfig(model=config, data={"labels": []}, extra={"imported_from": {"format": "gguf"}})
+    return save_run(folder, run, tokenizer, build_model(config))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_aigc_home(tmp_path_factory):
     """Tests leave the user's ~/.cache/aigc alone: pulled models and compiled kernels go to a temp folder."""

@@ -9,16 +9,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import write_csv
+from tests.conftest import save_imported_base, write_csv
 
-from aigc.artifacts.run import RunConfig, save_run
 from aigc.cli import main
-from aigc.config import model_preset
-from aigc.models import build_model, load_run
+from aigc.models import load_run
 from aigc.models.adapted import load_base
 from aigc.models.lora import LoRASpec, apply_lora, has_lora
 from aigc.models.vocab import grow_frozen, initial_rows
-from aigc.tokenizer import Tokenizer
 
 TRAIN = "--max-steps 12 --eval-every 12 --eval-batches 1 --seq-len 32 --learning-rate 1e-2 --device cpu --dtype fp32"
 
@@ -26,11 +23,7 @@ TRAIN = "--max-steps 12 --eval-every 12 --eval-batches 1 --seq-len 32 --learning
 @pytest.fixture
 def imported_base(tmp_path, reviews):
     """A tiny Llama-shaped run that looks imported: no labels, `extra.imported_from` set."""
-    tokenizer = Tokenizer.train((text for text, _ in reviews), vocab_size=400)  # no control tokens
-    torch.manual_seed(0)
-    config = model_preset("llama-tiny", vocab_size=tokenizer.vocab_size)
-    run = RunConfig(model=config, data={"labels": []}, extra={"imported_from": {"format": "gguf"}})
-    return save_run(tmp_path / "base", run, tokenizer, build_model(config))
+    return save_imported_base(tmp_path / "base", reviews)
 
 
 @pytest.fixture

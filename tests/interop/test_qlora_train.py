@@ -10,18 +10,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import write_csv
+from tests.conftest import save_imported_base, write_csv
 
-from aigc.artifacts.run import RunConfig, save_run
 from aigc.artifacts.state import load_state
 from aigc.cli import main
-from aigc.config import model_preset
-from aigc.models import build_model, load_run
+from aigc.models import load_run
 from aigc.models.kinds import describe
 from aigc.models.lora import QuantLoRALinear, has_lora
 from aigc.models.qlayers import quantised_weights
 from aigc.models.vocab import GrownQuantEmbedding
-from aigc.tokenizer import Tokenizer
 
 TRAIN = "--max-steps 12 --eval-every 4 --eval-batches 2 --seq-len 32 --learning-rate 1e-2 --device cpu --dtype fp32"
 
@@ -29,11 +26,7 @@ TRAIN = "--max-steps 12 --eval-every 4 --eval-batches 2 --seq-len 32 --learning-
 @pytest.fixture
 def quantised_base(tmp_path, reviews):
     """A tiny Llama-shaped run that looks imported (so LoRA is the default), exported as Q4_0."""
-    tokenizer = Tokenizer.train((text for text, _ in reviews), vocab_size=400)  # no control tokens
-    torch.manual_seed(0)
-    config = model_preset("llama-tiny", vocab_size=tokenizer.vocab_size)
-    run = RunConfig(model=config, data={"labels": []}, extra={"imported_from": {"format": "gguf"}})
-    fp32 = save_run(tmp_path / "fp32", run, tokenizer, build_model(config))
+    fp32 = save_imported_base(tmp_path / "fp32", reviews)
     assert main(["export", str(fp32), "--format", "q4", "--out", str(tmp_path / "q4")]) == 0
     return tmp_path / "q4"
 
