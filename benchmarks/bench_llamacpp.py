@@ -9,7 +9,7 @@ reused from there.
 
 Speed (the default), for each file, both sides with --threads threads, greedy, random prompt ids:
 - decode batch 1: tokens/s over --new-tokens steps after a --prompt-tokens prompt (aigc: the
-  `model(token, cache=cache)` loop of benchmarks/bench_quant.py; llama.cpp: `Llama.eval([token])` and
+  decode back-end loop of benchmarks/bench_quant.py, as `aigc generate` steps; llama.cpp: `Llama.eval([token])` and
   the argmax of the last logits, both outside any sampler);
 - decode batch --batch: total tokens/s over --batch-new-tokens steps, every row its own prompt
   (llama.cpp: `llama-batched-bench`'s S_TG; not measured without --llama-tools);

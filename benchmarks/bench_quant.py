@@ -4,7 +4,7 @@ For each run folder given, in a fresh process each (so peak memory is that run's
 - the run folder's size on disk,
 - `load_run` seconds (config, tokenizer, weights: mapped for a quantised run, read for the others),
 - prefill seconds for --batch prompts of --prompt-tokens, and decode tokens/s in all at that batch
-  (greedy, the model's own KV cache, --new-tokens steps; best of --repeats), and decode tokens per
+  (greedy, the decode back-end `aigc generate` steps, --new-tokens steps; best of --repeats), and decode tokens per
   second of the process's CPU time (on a shared machine wall time measures the CPU share the
   scheduler gave; CPU time the work, for one thread; with more, it counts spinning workers too),
 - the process's peak resident memory (`ru_maxrss`) after all of it.
@@ -33,7 +33,7 @@ import json, resource, sys, time
 import torch
 threads, new_tokens, prompt_tokens, repeats, batch = (int(v) for v in sys.argv[2:7])
 torch.set_num_threads(threads)
-from aigc.models import load_run
+from aigc.models import kinds, load_run
 started = time.perf_counter()
 run = load_run(sys.argv[1])
 load_s = time.perf_counter() - started
@@ -42,14 +42,14 @@ prompt = torch.randint(0, 1000, (batch, prompt_tokens), generator=torch.Generato
 best_prefill, best_decode, best_cpu = float("inf"), float("inf"), float("inf")
 with torch.no_grad():
     for _ in range(repeats):
-        cache = model.new_cache(batch)
+        backend = kinds.decode_backend(model, 0, torch.device("cpu"))  # as `aigc generate` steps
         started = time.perf_counter()
-        logits = model(prompt, cache=cache, last_only=True)[0]
+        logits = backend.prefill(prompt.tolist())
         best_prefill = min(best_prefill, time.perf_counter() - started)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        token = logits.argmax(-1, keepdim=True)
         started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(new_tokens):
-            token = model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
+            token = backend.step(token, rows=[]).argmax(-1, keepdim=True)
         best_decode = min(best_decode, time.perf_counter() - started)
         best_cpu = min(best_cpu, time.process_time() - cpu_started)
 print(json.dumps({"load_s": load_s, "prefill_s": best_prefill, "decode_tok_s": batch * new_tokens / best_decode,

@@ -15,7 +15,7 @@ from test_gguf import LAYER_TYPES, write_tiny_llama  # the tiny-GGUF writer of t
 from aigc.artifacts.run import WEIGHTS, read_run_config
 from aigc.cli import main
 from aigc.errors import AigcError
-from aigc.models import load_run, quant
+from aigc.models import kinds, load_run, quant
 from aigc.models.qblocks import dequantize
 from aigc.models.qlinear import LAYOUT_KEY, QuantEmbedding, QuantLinear, read_mapped
 
@@ -134,6 +134,31 @@ def test_generate_is_greedy_alike(imported, capsys):
         assert main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "8", "--temperature", "0"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1]
+
+
+def test_a_quantised_decode_step_runs_the_products_on_pytorchs_threads(imported):
+    """The decode back-end of a quantised run steps with PyTorch on one thread and the products on the
+    threads PyTorch had (`quant.cores_to_pool`); the prefill and a float run keep PyTorch's threads.
+    The step's logits are those of the same step without the policy."""
+    quant_dir, fp32_dir, _ = imported
+    assert kinds.decode_backend(load_run(fp32_dir).model, 0, torch.device("cpu")).step_threads is None
+    model = load_run(quant_dir).model
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append((torch.get_num_threads(), quant._threads(1 << 30))))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            backend = kinds.decode_backend(model, 0, torch.device("cpu"))
+            backend.prefill([PROMPT[0, :-1].tolist()] * 2)
+            stepped = backend.step(PROMPT[:, -1:].expand(2, -1), rows=[])
+            cache = model.new_cache(2)
+            model(PROMPT[:, :-1].expand(2, -1), cache=cache)
+            plain = model(PROMPT[:, -1:].expand(2, -1), cache=cache)[0][:, -1]
+    finally:
+        torch.set_num_threads(before)
+    assert seen[:2] == [(2, 2), (1, 2)]
+    torch.testing.assert_close(stepped, plain)
 
 
 def test_the_weights_are_mapped_not_copied(kept_only):

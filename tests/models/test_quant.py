@@ -263,3 +263,28 @@ def test_products_from_two_python_threads_at_once_are_right(kernels, monkeypatch
     for caller in callers:
         caller.join()
     assert len(wrong) == 600 and not any(wrong)
+
+
+def test_a_few_row_step_hands_pytorchs_threads_to_the_products(monkeypatch):
+    """Inside `cores_to_pool` PyTorch runs on one thread and the products on all of PyTorch's; a larger
+    step (PyTorch's GEMM multiplies it) and one thread are left alone; the count comes back after an error."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with quant.cores_to_pool(quant.PRODUCT_ROWS):
+            assert (torch.get_num_threads(), quant._threads(quant.THREADED_WEIGHTS)) == (1, 2)
+            assert quant._threads(quant.THREADED_WEIGHTS - 1) == 1  # small products stay on one thread
+            with quant.cores_to_pool(1):  # nested: unchanged, and the outer one still restores
+                assert (torch.get_num_threads(), quant._threads(quant.THREADED_WEIGHTS)) == (1, 2)
+            assert torch.get_num_threads() == 1
+        assert (torch.get_num_threads(), quant._threads(quant.THREADED_WEIGHTS)) == (2, 2)
+        with quant.cores_to_pool(quant.PRODUCT_ROWS + 1):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), quant.cores_to_pool(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2 and quant._pool_threads is None
+        torch.set_num_threads(1)
+        with quant.cores_to_pool(1):
+            assert (torch.get_num_threads(), quant._threads(quant.THREADED_WEIGHTS)) == (1, 1)
+    finally:
+        torch.set_num_threads(before)

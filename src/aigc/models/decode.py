@@ -8,8 +8,13 @@ A back-end has `prefill(contexts) -> logits (B, V)`, `step(tokens (B, 1), rows) 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+
+from aigc.models.qlayers import quantised_weights
+from aigc.models.quant import cores_to_pool
 
 
 class KVCacheBackend:
@@ -19,6 +24,8 @@ class KVCacheBackend:
     def __init__(self, model: nn.Module, pad_id: int, device: torch.device):
         self.model, self.pad_id, self.device = model, pad_id, device
         self.capacity = model.config.block_size
+        # block-quantised weights on the CPU: the native products take PyTorch's threads in a step
+        self.step_threads = cores_to_pool if device.type == "cpu" and quantised_weights(model) else None
 
     def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
         """Fill a fresh cache with the contexts; logits (B, V) of each one's last position. Identical
@@ -54,7 +61,8 @@ class KVCacheBackend:
         """tokens (B, 1) -> next logits (B, V); slides the window when the cache is full."""
         if self.cache.length >= self.capacity:
             return self.prefill([row.window(max(self.capacity // 2, len(row.prefix) + 1)) for row in rows])
-        logits, _ = self.model(tokens, cache=self.cache, positions=self.next_position)
+        with self.step_threads(len(tokens)) if self.step_threads else contextlib.nullcontext():
+            logits, _ = self.model(tokens, cache=self.cache, positions=self.next_position)
         self.next_position = self.next_position + 1
         return logits[:, -1]
 

@@ -17,19 +17,22 @@ name hashed from the sources, compiler, flags and CPU; written atomically; check
 PyTorch references before first use), but twice: "native" (-march=native: AVX-512 and VNNI where
 the CPU has them) and "avx2" (-march=haswell). `AIGC_QUANT_ISA=avx2` picks the AVX2 build (the tests
 force it so that both paths are covered on an AVX-512 machine); `AIGC_NATIVE_KERNELS=0` turns both
-off, and the PyTorch fallback computes instead. The products use `pool.c`'s threads (not OpenMP's);
-`AIGC_QUANT_SPIN_US` sets how long an idle one spins before it sleeps (default 20; longer spins were
-slower on a loaded 2-core host, docs/benchmarks.md).
+off, and the PyTorch fallback computes instead. The products use `pool.c`'s threads (not OpenMP's),
+as many as PyTorch has (`cores_to_pool` hands PyTorch's to the pool for a decode step). An idle
+worker spins up to 1 ms on idle cores and 5 us where it finds itself descheduled (pool.c says why);
+`AIGC_QUANT_SPIN_US` fixes the spin instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -154,8 +157,37 @@ def rounded(x: torch.Tensor) -> torch.Tensor:
     return (q.view(x.shape[0], -1, 32).float() * d.unsqueeze(-1)).view(x.shape)
 
 
+_pool_threads: int | None = None  # set by `cores_to_pool`; None: PyTorch's thread count
+
+
 def _threads(weights: int) -> int:
-    return torch.get_num_threads() if weights >= THREADED_WEIGHTS else 1
+    if weights < THREADED_WEIGHTS:
+        return 1
+    return _pool_threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def cores_to_pool(rows: int) -> Iterator[None]:
+    """Run a step of `rows` rows with PyTorch on one thread and the products on all of its threads.
+
+    Why: a decode step's products take the pool's threads, and its small PyTorch ops (norms,
+    attention over the cache) gain little from OpenMP's, whose idle workers spin on the same cores
+    as the pool's: with both, 2 threads on a 2-core Xeon ran batch 16 at 191-292 tokens/s, with
+    PyTorch on one thread at 338-387 (docs/benchmarks.md). Only for rows that the products stream
+    (`PRODUCT_ROWS`): a larger step multiplies expanded tiles in PyTorch's GEMM, which wants threads.
+    """
+    global _pool_threads
+    threads = torch.get_num_threads()
+    if rows > PRODUCT_ROWS or threads == 1 or _pool_threads is not None:
+        yield
+        return
+    _pool_threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _pool_threads = None
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
