@@ -98,15 +98,16 @@ class QuantLinear(_BlockParts):
         return (self.dequantized(dtype),)
 
     def _product(self, kernels: quant.QuantKernels, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(rows.shape[0], self.out_features)  # (N, out)
-        column = 0
-        for type_name, data in self.parts():
-            if type_name == "F32":
-                out[:, column : column + data.shape[0]] = F.linear(rows, data)
-            else:
-                kernels.gemv(data, type_name, rows, out, column)
-            column += data.shape[0]
-        return out
+        """(N, in) -> (N, out) through the kernels' checked plan of this layer's parts, made again when
+        the kernels or the buffers change (`.to()`, `load_state_dict` with new tensors)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.holds(kernels, self._buffers.values()):
+            plan = self.__dict__["_plan"] = kernels.plan(self.parts(), self.in_features)
+        return plan.multiply(rows)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the plan (ctypes functions) behind; the first product makes it again."""
+        return {key: value for key, value in self.__dict__.items() if key != "_plan"}
 
     def _tiled(self, kernels: quant.QuantKernels, rows: torch.Tensor) -> torch.Tensor:
         """Many rows: expand `quant.TILE_FLOATS` weights at a time and let PyTorch's GEMM multiply."""

@@ -89,18 +89,25 @@ class QuantKernels:
     def gemv(self, blocks: torch.Tensor, type_name: str, x: torch.Tensor, out: torch.Tensor, column: int) -> None:
         """out[:, column : column + n_out] = x W^T for W (n_out, n_in) of `type_name` blocks;
         x (rows, n_in) contiguous, out (rows, width) contiguous float32."""
-        rows, n_in = x.shape
-        n_out = blocks.shape[0]
-        fits = blocks.shape[1] == TYPES[type_name].row_bytes(n_in) and n_in % TYPES[type_name].block == 0
-        _require(_plain(x, out) and blocks.dtype == torch.uint8 and blocks.is_contiguous(), "contiguous inputs")
-        _require(fits and out.shape[0] == rows and column + n_out <= out.shape[1], "shapes")
-        pointer = out.data_ptr() + 4 * column
-        threads = _threads(n_out * n_in)
-        arguments = (blocks.data_ptr(), x.data_ptr(), pointer, rows, n_out, n_in, out.shape[1], threads)
-        if not self.integer:
-            self._gemv[type_name](*arguments)
-        elif self._qdot[type_name](*arguments) != 0:
-            raise MemoryError(f"no memory for {rows} x {n_in} rounded activations")
+        self.plan([(type_name, blocks)], x.shape[-1]).into(x, out, column)
+
+    def plan(self, parts: list[tuple[str, torch.Tensor]], n_in: int) -> ProductPlan:
+        """A layer's products, its parts' shapes checked once: the blocks of a loaded run do not change,
+        so a decode step's call (`ProductPlan.multiply`) checks only the activations. About 20 us of
+        Python per product saved, 120 products a SmolLM2 token (docs/benchmarks.md)."""
+        steps, column = [], 0
+        for type_name, blocks in parts:
+            if type_name == "F32":
+                _require(blocks.dtype == torch.float32 and blocks.shape[1] == n_in, "shapes")
+                steps.append((None, blocks, column, blocks.shape[0]))
+            else:
+                fits = blocks.dim() == 2 and blocks.shape[1] == TYPES[type_name].row_bytes(n_in)
+                _require(fits and n_in % TYPES[type_name].block == 0, "shapes")
+                _require(blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.is_cpu, "contiguous inputs")
+                function = self._qdot[type_name] if self.integer else self._gemv[type_name]
+                steps.append((function, blocks, column, blocks.shape[0]))
+            column += blocks.shape[0]
+        return ProductPlan(self, tuple(steps), n_in, column)
 
     def round_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the integer products round x (rows, n_in) to: (q int8 (rows, n_in), d and s float32
@@ -134,6 +141,44 @@ class QuantKernels:
         _require(out.dtype == torch.bfloat16 and out.is_cpu and out.stride(1) == 1, "a bf16 output of unit stride")
         function = self._dequant_bf16[type_name]
         function(blocks.data_ptr(), out.data_ptr(), n_out, n_in, out.stride(0), _threads(out.numel()))
+
+
+class ProductPlan:
+    """`QuantKernels.plan`'s checked products of one layer: `multiply(x)` is x W^T for x (rows, n_in)."""
+
+    def __init__(self, kernels: QuantKernels, steps: tuple, n_in: int, n_out: int):
+        self.kernels, self.steps, self.n_in, self.n_out = kernels, steps, n_in, n_out
+        self.integer = kernels.integer  # which products the steps hold
+
+    def holds(self, kernels: QuantKernels, blocks) -> bool:
+        """Whether this plan is for these kernels and these very tensors (in part order)."""
+        held = tuple(blocks)
+        return (
+            kernels is self.kernels
+            and kernels.integer == self.integer
+            and len(held) == len(self.steps)
+            and all(tensor is step[1] for tensor, step in zip(held, self.steps))
+        )
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, n_in) float32 -> (rows, n_out) float32."""
+        out = torch.empty(x.shape[0], self.n_out)
+        self.into(x, out, 0)
+        return out
+
+    def into(self, x: torch.Tensor, out: torch.Tensor, column: int) -> None:
+        """out[:, column : column + n_out] = x W^T; x (rows, n_in), out (rows, width), contiguous float32."""
+        rows, width = x.shape[0], out.shape[-1]
+        _require(_plain(x, out) and x.dim() == 2 and x.shape[1] == self.n_in, "contiguous inputs")
+        _require(out.dim() == 2 and out.shape[0] == rows and 0 <= column <= width - self.n_out, "shapes")
+        x_pointer, out_pointer = x.data_ptr(), out.data_ptr() + 4 * column
+        for function, blocks, start, n_out in self.steps:
+            if function is None:  # a float32 part
+                out[:, column + start : column + start + n_out] = torch.nn.functional.linear(x, blocks)
+                continue
+            arguments = (blocks.data_ptr(), x_pointer, out_pointer + 4 * start, rows, n_out, self.n_in, width)
+            if function(*arguments, _threads(n_out * self.n_in)) and self.integer:
+                raise MemoryError(f"no memory for {rows} x {self.n_in} rounded activations")
 
 
 DOTS = {0: "", 1: "avx2", 2: "avx-vnni", 3: "avx512-vnni"}  # aigc_qdot_isa() -> name
