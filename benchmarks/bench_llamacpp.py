@@ -169,7 +169,7 @@ def tool(args, name: str, *options: str) -> str:
 def aigc_figures(run: Path, args, batch: int, prompt: int, new: int) -> dict:
     """bench_quant's child process: load the run, prefill `prompt` tokens, decode `new` steps."""
     shape = argparse.Namespace(
-        threads=args.threads, new_tokens=new, prompt_tokens=prompt, repeats=args.repeats, batch=batch
+        threads=args.threads, new_tokens=new, prompt_tokens=prompt, repeats=args.repeats, batch=batch, busy=0
     )
     return measure(run, shape)
 
