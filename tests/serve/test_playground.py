@@ -109,6 +109,7 @@ def test_playground_sends_guidance_and_shows_why_a_negative_label_needs_it(make_
     assert page.locator("#negative-label option").all_inner_texts() == ["(none)", "pos", "neg"]
 
     page.fill("#prompt", "a film")
+    page.fill("#seed", "1")  # unseeded, the random tiny model's sample is sometimes only white space
     page.select_option("#label", "pos")
     page.select_option("#negative-label", "neg")
     page.click("#generate")  # guidance still at 1: the server says what is missing
@@ -121,6 +122,7 @@ def test_playground_sends_guidance_and_shows_why_a_negative_label_needs_it(make_
     assert page.inner_text("#generated").strip()
     assert "guidance_scale" not in bodies[0]
     assert bodies[-1]["guidance_scale"] == 3 and bodies[-1]["negative_label"] == "neg" and bodies[-1]["label"] == "pos"
+    assert bodies[-1]["seed"] == 1
 
 
 def test_playground_asks_for_the_key_and_shows_api_errors(live_server, browser):
