@@ -86,10 +86,12 @@ def test_the_native_bf16_expansion_rounds_as_torch_does(kernels, type_name):
 @pytest.mark.parametrize("integer", [True, False], ids=["int8-activations", "float-activations"])
 def test_kernels_equal_their_reference_on_odd_shapes(kernels, monkeypatch, type_name, rows, threads, integer):
     """37 outputs over 3 blocks; up to 32 rows take the kernel (15 = groups of 8, 4, 2, 1), 40 the tiled
-    path (tiles of 8 weight rows here, float32 GEMM). The integer products see x rounded to 8 bits,
-    `quant.rounded(x)`, and otherwise equal "dequantise, then F.linear"."""
+    path (tiles of 8 weight rows here, float32 GEMM; the bf16 tiles of AMX hosts are tested below). The
+    integer products see x rounded to 8 bits, `quant.rounded(x)`, and otherwise equal "dequantise, then
+    F.linear"."""
     if integer and not kernels.dot:
         pytest.skip("this build has no integer products")
+    monkeypatch.setenv("AIGC_QUANT_TILES", "float32")
     monkeypatch.setattr(kernels, "integer", integer)
     monkeypatch.setattr(quant, "THREADED_WEIGHTS", 0)
     monkeypatch.setattr(quant, "TILE_FLOATS", 8 * 3 * TYPES[type_name].block)
@@ -147,8 +149,10 @@ def test_integer_products_stay_within_the_activation_rounding_of_the_fallback(ke
     assert error.max() > 1e-3 * bound.max()  # the rounding did happen: this is not the float path
 
 
-def test_a_layer_of_mixed_parts_writes_each_part_into_its_own_columns(kernels):
-    """q/k/v of different types, and an F32 part, fused into one layer (as GGUF's _M mixes need)."""
+def test_a_layer_of_mixed_parts_writes_each_part_into_its_own_columns(kernels, monkeypatch):
+    """q/k/v of different types, and an F32 part, fused into one layer (as GGUF's _M mixes need); 33 rows
+    take float32 tiles here (bf16 tiles: `test_bf16_tiles_multiply_the_bf16_rounded_operands`)."""
+    monkeypatch.setenv("AIGC_QUANT_TILES", "float32")
     cols = 256
     parts = [Part(t, blocks_of(t, r, cols, seed=r), r, cols) for t, r in (("Q4_K", 7), ("Q6_K", 5), ("Q8_0", 3))]
     parts.append(Part("F32", torch.randn(2, cols), 2, cols))
@@ -288,3 +292,36 @@ def test_a_few_row_step_hands_pytorchs_threads_to_the_products(monkeypatch):
             assert (torch.get_num_threads(), quant._threads(quant.THREADED_WEIGHTS)) == (1, 1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("type_name", QUANTISED)
+def test_bf16_tiles_multiply_the_bf16_rounded_operands(kernels, monkeypatch, type_name):
+    """With bf16 tiles (AMX hosts choose them) a larger product is x and the expanded weights each rounded
+    to bf16, multiplied with float32 sums and rounded to bf16 once: within 2^-8 of the exact product of the
+    rounded operands, plus float32 slack, and a float32 part of the layer stays exact."""
+    monkeypatch.setenv("AIGC_QUANT_TILES", "bfloat16")
+    monkeypatch.setattr(quant, "TILE_FLOATS", 8 * 3 * TYPES[type_name].block)
+    cols = 3 * TYPES[type_name].block
+    data, plain = blocks_of(type_name, 37, cols, seed=3), torch.randn(5, cols)
+    layer = QuantLinear([Part(type_name, data, 37, cols), Part("F32", plain, 5, cols)], None)
+    x = torch.randn(quant.PRODUCT_ROWS + 8, cols)
+    with torch.no_grad():
+        ours = layer(x)
+    weight = dequantize(data, type_name, cols).to(torch.bfloat16).double()
+    exact = x.to(torch.bfloat16).double() @ weight.T
+    slack = 1e-5 * (x.abs().double() @ weight.abs().T)
+    assert ((ours[:, :37].double() - exact).abs() <= exact.abs() / 256 + slack).all()
+    assert not torch.equal(ours[:, :37], F.linear(x, dequantize(data, type_name, cols)))  # bf16, not float32
+    torch.testing.assert_close(ours[:, 37:], x @ plain.T)
+
+
+def test_tiles_are_bf16_on_amx_and_as_the_environment_says(monkeypatch):
+    monkeypatch.delenv("AIGC_QUANT_TILES", raising=False)
+    for amx, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(quant, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert quant.tile_dtype() == dtype
+    monkeypatch.setenv("AIGC_QUANT_TILES", "bfloat16")
+    assert quant.tile_dtype() == torch.bfloat16
+    monkeypatch.setenv("AIGC_QUANT_TILES", "fp16")
+    with pytest.raises(AigcError, match="AIGC_QUANT_TILES='fp16' is not known; use auto, float32 or bfloat16"):
+        quant.tile_dtype()

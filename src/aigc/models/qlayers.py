@@ -110,14 +110,24 @@ class QuantLinear(_BlockParts):
         return {key: value for key, value in self.__dict__.items() if key != "_plan"}
 
     def _tiled(self, kernels: quant.QuantKernels, rows: torch.Tensor) -> torch.Tensor:
-        """Many rows: expand `quant.TILE_FLOATS` weights at a time and let PyTorch's GEMM multiply."""
+        """Many rows: expand `quant.TILE_FLOATS` weights at a time and let PyTorch's GEMM multiply, in
+        `quant.tile_dtype()` (bf16 on AMX; float32 parts always in float32)."""
+        dtype = quant.tile_dtype()
         out = torch.empty(rows.shape[0], self.out_features)  # (N, out)
+        x = rows.to(dtype)  # (N, in); rows itself for float32
         column, step = 0, max(1, quant.TILE_FLOATS // self.in_features)
         for type_name, data in self.parts():
             for start in range(0, data.shape[0], step):
                 chunk = data[start : start + step]
-                weight = chunk if type_name == "F32" else kernels.dequantize(chunk, type_name, self.in_features)
-                out[:, column + start : column + start + chunk.shape[0]] = rows @ weight.T
+                if type_name == "F32":
+                    product = rows @ chunk.T
+                elif dtype == torch.float32:
+                    product = rows @ kernels.dequantize(chunk, type_name, self.in_features).T
+                else:
+                    weight = torch.empty(chunk.shape[0], self.in_features, dtype=dtype)
+                    kernels.dequantize_bf16_into(chunk, type_name, weight)
+                    product = x @ weight.T
+                out[:, column + start : column + start + chunk.shape[0]] = product
             column += data.shape[0]
         return out
 

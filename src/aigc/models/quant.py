@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from aigc.artifacts.device import cpu_has_amx_bf16
 from aigc.artifacts.run import aigc_home
 from aigc.errors import AigcError
 from aigc.fsutil import atomic_path
@@ -200,6 +201,22 @@ def rounded(x: torch.Tensor) -> torch.Tensor:
     """x (rows, n_in) as the integer products see it: float32 q * d of `round_activations`."""
     q, d = round_activations(x)
     return (q.view(x.shape[0], -1, 32).float() * d.unsqueeze(-1)).view(x.shape)
+
+
+TILE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def tile_dtype() -> torch.dtype:
+    """The dtype in which a larger product (a prefill) multiplies its expanded tiles: bf16 where the CPU
+    has AMX, whose bf16 GEMM ran 7.6x the float32 one here, float32 elsewhere. bf16 rounds the
+    activations and the products to 8 significant bits, as autocast does (the decode kernels round
+    the activations to 8-bit integers). `AIGC_QUANT_TILES=float32|bfloat16` chooses instead."""
+    choice = os.environ.get("AIGC_QUANT_TILES", "auto")
+    if choice == "auto":
+        return torch.bfloat16 if cpu_has_amx_bf16() else torch.float32
+    if choice not in TILE_DTYPES:
+        raise AigcError(f"AIGC_QUANT_TILES={choice!r} is not known; use auto, float32 or bfloat16")
+    return TILE_DTYPES[choice]
 
 
 _pool_threads: int | None = None  # set by `cores_to_pool`; None: PyTorch's thread count
