@@ -197,7 +197,7 @@ typedef struct {
     void aigc_gemv_##NAME(const uint8_t *restrict w, const float *restrict x, float *restrict y, long n_rows,   \
                           long n_out, long n_in, long ld_y, int threads) {                                   \
         gemv_job job = {w, x, y, n_rows, n_in, ld_y};                                                        \
-        pool_run(gemv_rows_##NAME, &job, n_out, 16, threads, 1);                                                \
+        pool_run(gemv_rows_##NAME, &job, n_out, 16, threads, 1);                                             \
     }                                                                                                        \
     static void dequant_rows_##NAME(void *ctx, long begin, long end) {                                       \
         const gemv_job *j = ctx;                                                                             \
@@ -209,7 +209,7 @@ typedef struct {
     void aigc_dequant_##NAME(const uint8_t *restrict w, float *restrict out, long n_out, long n_in,          \
                              int threads) {                                                                  \
         gemv_job job = {w, 0, out, 0, n_in, n_in, 0};                                                        \
-        pool_run(dequant_rows_##NAME, &job, n_out, 16, threads, 0);                                             \
+        pool_run(dequant_rows_##NAME, &job, n_out, 16, threads, 0);                                          \
     }                                                                                                        \
     WIDTH static void dequant_bf16_rows_##NAME(void *ctx, long begin, long end) {                            \
         const gemv_job *j = ctx;                                                                             \
@@ -225,7 +225,7 @@ typedef struct {
     WIDTH void aigc_dequant_bf16_##NAME(const uint8_t *restrict w, uint16_t *restrict out, long n_out,       \
                                         long n_in, long ld_out, int threads) {                               \
         gemv_job job = {w, 0, 0, 0, n_in, ld_out, out};                                                      \
-        pool_run(dequant_bf16_rows_##NAME, &job, n_out, 16, threads, 0);                                        \
+        pool_run(dequant_bf16_rows_##NAME, &job, n_out, 16, threads, 0);                                     \
     }
 
 /* Vector width per type, where the compiler takes a hint (GCC and Clang on x86): measured on a

@@ -94,8 +94,9 @@ class QuantKernels:
 
     def plan(self, parts: list[tuple[str, torch.Tensor]], n_in: int) -> ProductPlan:
         """A layer's products, its parts' shapes checked once: the blocks of a loaded run do not change,
-        so a decode step's call (`ProductPlan.multiply`) checks only the activations. About 20 us of
-        Python per product saved, 120 products a SmolLM2 token (docs/benchmarks.md)."""
+        so a decode step's call (`ProductPlan.multiply`) checks only the activations: SmolLM2 Q4_1 at
+        batch 1 decoded 1-7 % faster than with the checks at each of a token's 121 products
+        (docs/benchmarks.md)."""
         steps, column = [], 0
         for type_name, blocks in parts:
             if type_name == "F32":
