@@ -7,28 +7,25 @@ bf16 support, and CPUs with AMX or AVX512-BF16. On an AVX2-only CPU a bf16 matmu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from aigc.artifacts.hardware import cpu_capability
 from aigc.errors import AigcError
-
-
-def _cpu_features() -> dict:
-    try:
-        return torch._C._cpu._get_cpu_capability()  # private, but the only complete report
-    except (AttributeError, RuntimeError):
-        return {}
 
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with native bf16 matmul (AMX or AVX512-BF16)."""
-    features = _cpu_features()
+    features = cpu_capability()
     return bool(features.get("amx_bf16") or features.get("avx512_bf16"))
 
 
+@functools.cache  # asked at every prefill product; the CPU does not change
 def cpu_has_amx_bf16() -> bool:
     """True on CPUs with AMX bf16 tiles, where PyTorch's bf16 matrix products run several times fp32's
     (2,653 against 349 GFLOP/s for a 512 x 896 x 4,864 product, 2-core Xeon, docs/benchmarks.md)."""
-    return bool(_cpu_features().get("amx_bf16"))
+    return bool(cpu_capability().get("amx_bf16"))
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
