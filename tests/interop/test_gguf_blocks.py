@@ -141,7 +141,7 @@ def test_a_quantised_decode_step_runs_the_products_on_pytorchs_threads(imported)
     threads PyTorch had (`quant.cores_to_pool`); the prefill and a float run keep PyTorch's threads.
     The step's logits are those of the same step without the policy."""
     quant_dir, fp32_dir, _ = imported
-    assert kinds.decode_backend(load_run(fp32_dir).model, 0, torch.device("cpu")).step_threads is None
+    assert not kinds.decode_backend(load_run(fp32_dir).model, 0, torch.device("cpu")).pool_steps
     model = load_run(quant_dir).model
     seen = []
     model.register_forward_hook(lambda *_: seen.append((torch.get_num_threads(), quant._threads(1 << 30))))

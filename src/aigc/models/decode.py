@@ -25,7 +25,7 @@ class KVCacheBackend:
         self.model, self.pad_id, self.device = model, pad_id, device
         self.capacity = model.config.block_size
         # block-quantised weights on the CPU: the native products take PyTorch's threads in a step
-        self.step_threads = cores_to_pool if device.type == "cpu" and quantised_weights(model) else None
+        self.pool_steps = device.type == "cpu" and quantised_weights(model) > 0
 
     def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
         """Fill a fresh cache with the contexts; logits (B, V) of each one's last position. Identical
@@ -61,7 +61,7 @@ class KVCacheBackend:
         """tokens (B, 1) -> next logits (B, V); slides the window when the cache is full."""
         if self.cache.length >= self.capacity:
             return self.prefill([row.window(max(self.capacity // 2, len(row.prefix) + 1)) for row in rows])
-        with self.step_threads(len(tokens)) if self.step_threads else contextlib.nullcontext():
+        with cores_to_pool(len(tokens)) if self.pool_steps else contextlib.nullcontext():
             logits, _ = self.model(tokens, cache=self.cache, positions=self.next_position)
         self.next_position = self.next_position + 1
         return logits[:, -1]
