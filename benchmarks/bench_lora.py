@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from aigc.artifacts import heap
 from aigc.artifacts.device import cpu_has_fast_bf16
 from aigc.models import load_run
 from aigc.models.lora import LoRASpec, apply_lora, hold_frozen_in
@@ -152,6 +153,13 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 and/or bf16 (default: bf16 too if fast)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the free cores, once)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--heap",
+        choices=["keep", "system"],
+        default="keep",
+        help="keep: freed memory stays in the process, as under `aigc train` (artifacts.heap; the peers"
+        " in this process get it too); system: glibc's own policy for every contender",
+    )
     parser.add_argument("--quant-run", help="the same model as a quantised run, for the aigc-qlora contender")
     args = parser.parse_args()
     if "aigc-qlora" in args.contenders and not args.quant_run:
@@ -159,6 +167,8 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps = 2, 1
     torch.set_num_threads(args.threads or auto_threads())
+    if args.heap == "keep":
+        heap.hold()
     dtypes = args.dtypes or (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"])
     torch.manual_seed(0)
     config = load_run(args.run).config.model
@@ -182,7 +192,8 @@ def main() -> None:
 
 def report(args, config, dtypes, best: dict[str, float], peaks: dict[str, float]) -> None:
     tokens = args.batch * args.seq
-    print(f"host: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    kept = "kept in the process" if heap.holders() else "the system's policy"
+    print(f"host: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads; freed memory: {kept}")
     print("peak of a 2048^3 matrix product: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()))
     print(f"batch {args.batch} x {args.seq}, LoRA r{args.rank}, best of {args.rounds} rounds of {args.steps} steps")
     rows = {}

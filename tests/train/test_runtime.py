@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from aigc.artifacts import heap
 from aigc.train import precision as device
 from aigc.train.loop import train
 from aigc.train.runtime import auto_threads, busy_cores
@@ -60,3 +61,17 @@ def test_the_run_records_the_chosen_dtype_and_why(tiny_data, tiny_model, tmp_pat
     precision = json.loads((run / "config.json").read_text())["extra"]["precision"]
     assert precision["dtype"] == "fp32" and "0.5x" in precision["reason"]
     assert any("--dtype auto chose fp32" in note for note in events[0].notes)
+
+
+def test_training_on_the_cpu_keeps_freed_memory_until_it_ends(tiny_data, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("AIGC_KEEP_FREED_MEMORY", raising=False)
+    held = []
+    train(
+        tiny_data,
+        tmp_path / "run",
+        tiny_model,
+        tiny_train_config(max_steps=2, eval_every=2),
+        on_event=lambda event: held.append(heap.holders()),
+    )
+    assert held and set(held) == {1 if heap.enabled() else 0}
+    assert heap.holders() == 0

@@ -285,7 +285,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -1
         scale = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
         grad_x = torch.empty_like(x)
-        grad_w = {i: torch.zeros(weights[i].shape, dtype=torch.float32, device=x.device) for i in trained}
+        grad_w: dict[int, torch.Tensor] = {}  # fp32, from the first chunk's product (no zero fill)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.shape[0], CE_CHUNK_ROWS):
             rows = slice(start, start + CE_CHUNK_ROWS)
@@ -301,20 +301,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # results, never to the (n, V) tensor (a bf16 broadcast multiply there cost as much as a product).
             row_scale = (vc * scale)[:, None]  # (n, 1) fp32
             grad_x[rows] = (probs @ weight) * row_scale
+            scaled_x = (xc * row_scale).to(dtype)  # (n, C)
             for i in trained:
                 part = probs[:, ends[i] - weights[i].shape[0] : ends[i]]  # (n, V_i)
-                grad_w[i] += part.t() @ (xc * row_scale).to(dtype)
-        ctx.save_for_backward(grad_x, *grad_w.values())
+                _accumulate_product(grad_w, i, part.t(), scaled_x)
+        for i in trained:  # no rows at all: no chunk made the sums
+            grad_w.setdefault(i, torch.zeros(weights[i].shape, dtype=torch.float32, device=x.device))
+        ctx.save_for_backward(grad_x, *(grad_w[i] for i in trained))
         ctx.trained, ctx.count, ctx.dtypes = trained, len(weights), [w.dtype for w in weights]
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, *saved = ctx.saved_tensors
+        # The loss is usually the graph's end (gradient exactly 1): then the (V, C) gradients pass as
+        # they are, where multiplying would be one more pass over 113 MB (SmolLM2, fp32).
+        unit = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
         grads: list[torch.Tensor | None] = [None] * ctx.count
         for i, grad in zip(ctx.trained, saved):
-            grads[i] = (grad * grad_loss).to(ctx.dtypes[i])
+            grads[i] = (grad if unit else grad * grad_loss).to(ctx.dtypes[i])
         return grad_x * grad_loss.to(grad_x.dtype), None, None, None, *grads
+
+
+def _accumulate_product(sums: dict[int, torch.Tensor], key: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """sums[key] += a @ b in fp32: the first product becomes the sum, and later ones accumulate in
+    place where the operands are fp32 too (no zero-filled start, no temporary the size of the sum)."""
+    if key not in sums:
+        sums[key] = (a @ b).float()
+    elif a.dtype == sums[key].dtype:
+        sums[key].addmm_(a, b)
+    else:
+        sums[key] += a @ b
 
 
 def linear_cross_entropy(

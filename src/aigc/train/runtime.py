@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from aigc.artifacts import heap
 from aigc.artifacts.device import cpu_has_fast_bf16, pick_device
 from aigc.train.precision import choose_training_dtype
 
@@ -32,6 +33,7 @@ class Runtime:
     owns_group: bool = False  # True when we created the process group (and must destroy it)
     threads_before: int = 0  # torch's CPU thread count before we changed it (restored by `stop`)
     dtype_reason: str = ""  # why `dtype` (e.g. the --dtype auto probe's figures)
+    holds_heap: bool = False  # True when freed memory stays in the process until `stop` (artifacts.heap)
 
     def describe(self) -> str:
         """e.g. 'cpu (2 threads)' or 'cuda:0'."""
@@ -113,11 +115,14 @@ def start(device: str, dtype: str, threads: int = 0) -> Runtime:
         torch.set_num_threads(threads or auto_threads(local_world))
     # After the threads are set: the --dtype auto probe times products with them.
     choice = choose_training_dtype(dtype, torch_device)
-    return Runtime(torch_device, choice.dtype, rank, world_size, owns_group, threads_before, choice.reason)
+    holds_heap = torch_device.type == "cpu" and heap.hold()  # a step's big temporaries reuse memory
+    return Runtime(torch_device, choice.dtype, rank, world_size, owns_group, threads_before, choice.reason, holds_heap)
 
 
 def stop(runtime: Runtime) -> None:
     torch.set_num_threads(runtime.threads_before)
+    if runtime.holds_heap:
+        heap.release()
     if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
