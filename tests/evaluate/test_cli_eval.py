@@ -155,3 +155,27 @@ def test_eval_out_with_several_runs_is_refused(tmp_path, capsys):
 def test_eval_missing_run_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "run folder not found" in _error(capsys)
+
+
+def test_eval_keeps_freed_memory_while_it_scores_and_gives_it_back(
+    tmp_path, tiny_dataset, tiny_tokenizer, save_tiny_run, fast, monkeypatch
+):
+    from aigc.artifacts import heap
+    from aigc.evaluate import run as evaluate_run_module
+
+    monkeypatch.delenv("AIGC_KEEP_FREED_MEMORY", raising=False)
+    seen = {}
+
+    def recording(name, stage):
+        def wrapped(*args, **kwargs):
+            seen[name] = heap.holders()
+            return stage(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("language_modelling", "fluency"):
+        monkeypatch.setattr(evaluate_run_module, name, recording(name, getattr(evaluate_run_module, name)))
+    run = save_tiny_run(tmp_path / "gpt", tiny_tokenizer, data=tiny_dataset)
+    assert main(["eval", str(run), *fast]) == 0
+    assert seen == dict.fromkeys(("language_modelling", "fluency"), 1 if heap.enabled() else 0)
+    assert heap.holders() == 0

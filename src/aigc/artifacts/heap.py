@@ -18,11 +18,13 @@ nothing changes: the system's allocator keeps its own policy.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import threading
+from collections.abc import Iterator
 
 # mallopt's parameters (glibc's malloc.h) and their defaults.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -86,3 +88,14 @@ def release() -> None:
 def holders() -> int:
     """How many holds are open."""
     return _holders
+
+
+@contextlib.contextmanager
+def kept(active: bool = True) -> Iterator[bool]:
+    """`hold` for the block (when `active`), then `release`; yields whether freed memory is kept."""
+    held = active and hold()
+    try:
+        yield held
+    finally:
+        if held:
+            release()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aigc.artifacts import heap
 from aigc.artifacts.dataset import DATASET_JSON, TOKENIZER, check_same_tokenizer, open_split, read_dataset_info
 from aigc.artifacts.device import pick_device
 from aigc.config import EvalConfig, SampleConfig, to_dict
@@ -346,7 +347,8 @@ def evaluate_run(
     judge_run = load_run(judge, device=device) if judge is not None else None
     sampling = _replace(sampling, max_new_tokens=config.max_new_tokens)
     stages = _Stages(progress)
-    lm_result = stages.run("language modelling", language_modelling, run, folder, config, text)
+    with heap.kept(device.type == "cpu"):  # each scoring batch's logits reuse the last one's memory
+        lm_result = stages.run("language modelling", language_modelling, run, folder, config, text)
     if pairs is None:
         pairs = reference.held_out_pairs(
             open_split(folder, config.split),
@@ -376,7 +378,8 @@ def evaluate_run(
     if unguided_control and run.tokenizer.labels:
         plain = stages.run("unguided generation", draw, run, [], config, _replace(sampling, guidance_scale=1.0))
         result["diversity"]["unguided"] = _unguided_diversity(plain, split, reader, config.seed)
-    self_fluency, self_ppl = stages.run("fluency", fluency, run, items, config.batch_size)
+    with heap.kept(device.type == "cpu"):
+        self_fluency, self_ppl = stages.run("fluency", fluency, run, items, config.batch_size)
     result["fluency"] = {"self": self_fluency, "note": FLUENCY_NOTE}
     if judge_run is not None:
         result["fluency"]["judge"], _ = stages.run("judge fluency", fluency, judge_run, items, config.batch_size)
