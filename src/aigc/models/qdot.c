@@ -133,24 +133,6 @@ static inline group_t group_q5_1(const uint8_t *b, int g) {
     return (group_t){_mm256_or_si256(nibbles(b + 8), fifth_bits(u32(b + 4))), _mm256_set1_ps(f16(b)), f16(b + 2)};
 }
 
-/* Q4_K / Q5_K group g (0-7): the low (g even) or high (g odd) nibbles of the 32 bytes of chunk g / 2,
- * for Q5_K with bit g of each of the 32 qh bytes as the fifth bit. */
-static inline group_t group_k45(const uint8_t *b, const uint8_t *qh, const uint8_t *qs, int g) {
-    int sc, m;
-    scale_min(b + 4, g, &sc, &m);
-    __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));
-    __m256i u = _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
-    if (qh) {
-        __m256i bit = _mm256_set1_epi8((char)(1 << g)), h = _mm256_loadu_si256((const __m256i *)qh);
-        u = _mm256_or_si256(u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), _mm256_set1_epi8(16)));
-    }
-    return (group_t){u, _mm256_set1_ps(f16(b) * (float)sc), -f16(b + 2) * (float)m};
-}
-
-static inline group_t group_q4_k(const uint8_t *b, int g) { return group_k45(b, 0, b + 16, g); }
-
-static inline group_t group_q5_k(const uint8_t *b, int g) { return group_k45(b, b + 16, b + 48, g); }
-
 /* Q6_K group g = 4 n + k (the layout in quant.c): q - 32 as signed bytes; 16 weights per int8 scale. */
 static inline group_t group_q6_k(const uint8_t *b, int g) {
     int n = g / 4, k = g % 4;
@@ -189,6 +171,52 @@ static inline group_t group_q6_k(const uint8_t *b, int g) {
         for (int r = 0; r < N; r++) y[r * ld_y] = hsum(acc[r]) + off[r];                                     \
     }
 
+/* The same for Q4_K / Q5_K, a super-block of 256 weights at a time: its eight 6-bit scales and mins
+ * are unpacked and its two fp16 factors converted once, not once per group of 32, and each 32-byte load
+ * of nibbles gives two groups: group 2c the low nibbles of chunk c, group 2c + 1 the high ones, for
+ * Q5_K with bit g of each of the 32 qh bytes as the fifth bit. Per group: scale a = d sc_g and offset
+ * c = -dmin m_g, the arithmetic of QDOT_ROWS. */
+#define QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, N)                                                               \
+    static inline void qdot##N##_##NAME(const uint8_t *restrict row, const int8_t *restrict xq,              \
+                                        const float *restrict xd, const float *restrict xs, long n_in,       \
+                                        float *restrict y, long ld_y) {                                      \
+        long groups = n_in / 32;                                                                             \
+        __m256 acc[N];                                                                                       \
+        float off[N];                                                                                        \
+        for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;                             \
+        for (long sb = 0; sb < groups / 8; sb++) {                                                           \
+            const uint8_t *b = row + sb * BYTES, *qs = b + (HIGH_BITS ? 48 : 16);                            \
+            float d = f16(b), dmin = f16(b + 2), scale[8], offset[8];                                        \
+            for (int g = 0; g < 8; g++) {                                                                    \
+                int sc, m;                                                                                   \
+                scale_min(b + 4, g, &sc, &m);                                                                \
+                scale[g] = d * (float)sc, offset[g] = -dmin * (float)m;                                      \
+            }                                                                                                \
+            __m256i h = HIGH_BITS ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();  \
+            for (int c = 0; c < 4; c++) {                                                                    \
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));                              \
+                for (int half = 0; half < 2; half++) {                                                       \
+                    int g = 2 * c + half;                                                                    \
+                    long k = 8 * sb + g;                                                                     \
+                    __m256i u = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));  \
+                    if (HIGH_BITS) {                                                                         \
+                        __m256i bit = _mm256_set1_epi8((char)(1 << g));                                      \
+                        __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);                      \
+                        u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)));                 \
+                    }                                                                                        \
+                    __m256 a = _mm256_set1_ps(scale[g]);                                                     \
+                    for (int r = 0; r < N; r++) {                                                            \
+                        __m256i q = _mm256_loadu_si256((const __m256i *)(xq + r * n_in + 32 * k));           \
+                        __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(u, q));                                     \
+                        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(a, _mm256_set1_ps(xd[r * groups + k])), acc[r]); \
+                        off[r] += offset[g] * xs[r * groups + k];                                            \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < N; r++) y[r * ld_y] = hsum(acc[r]) + off[r];                                     \
+    }
+
 /* The arguments of one product, for the pool's chunks of output rows. */
 typedef struct {
     const uint8_t *w;
@@ -220,11 +248,7 @@ static inline void prefetch_rows(const uint8_t *first, long bytes) {
 /* aigc_qdot_NAME: y[r, o] (rows ld_y apart) for x (n_rows, n_in) float32 and W (n_out, n_in) of
  * blocks; output rows split over `threads` threads (pool.c). Returns -1 when the rounded rows
  * cannot be allocated, else 0. */
-#define QDOT_KERNELS(NAME, QK, BYTES, SIGNED)                                                                \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 8)                                                                    \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 4)                                                                    \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 2)                                                                    \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 1)                                                                    \
+#define QDOT_PRODUCT(NAME, QK, BYTES)                                                                        \
     static void qdot_rows_##NAME(void *ctx, long begin, long end) {                                          \
         const qdot_job *j = ctx;                                                                             \
         long n_in = j->n_in, groups = n_in / 32, ld_y = j->ld_y;                                             \
@@ -263,13 +287,27 @@ static inline void prefetch_rows(const uint8_t *first, long bytes) {
         return 0;                                                                                            \
     }
 
+#define QDOT_KERNELS(NAME, QK, BYTES, SIGNED)                                                                \
+    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 8)                                                                    \
+    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 4)                                                                    \
+    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 2)                                                                    \
+    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 1)                                                                    \
+    QDOT_PRODUCT(NAME, QK, BYTES)
+
+#define QDOT_KERNELS_K(NAME, BYTES, HIGH_BITS)                                                               \
+    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 8)                                                                   \
+    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 4)                                                                   \
+    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 2)                                                                   \
+    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 1)                                                                   \
+    QDOT_PRODUCT(NAME, 256, BYTES)
+
 QDOT_KERNELS(q8_0, 32, 34, 1)
 QDOT_KERNELS(q4_0, 32, 18, 0)
 QDOT_KERNELS(q4_1, 32, 20, 0)
 QDOT_KERNELS(q5_0, 32, 22, 0)
 QDOT_KERNELS(q5_1, 32, 24, 0)
-QDOT_KERNELS(q4_k, 256, 144, 0)
-QDOT_KERNELS(q5_k, 256, 176, 0)
+QDOT_KERNELS_K(q4_k, 144, 0)
+QDOT_KERNELS_K(q5_k, 176, 1)
 QDOT_KERNELS(q6_k, 256, 210, 1)
 
 #else
