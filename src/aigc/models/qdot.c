@@ -133,19 +133,6 @@ static inline group_t group_q5_1(const uint8_t *b, int g) {
     return (group_t){_mm256_or_si256(nibbles(b + 8), fifth_bits(u32(b + 4))), _mm256_set1_ps(f16(b)), f16(b + 2)};
 }
 
-/* Q6_K group g = 4 n + k (the layout in quant.c): q - 32 as signed bytes; 16 weights per int8 scale. */
-static inline group_t group_q6_k(const uint8_t *b, int g) {
-    int n = g / 4, k = g % 4;
-    __m256i low = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32 * (k & 1)));
-    __m256i high = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
-    low = _mm256_and_si256(k < 2 ? low : _mm256_srli_epi16(low, 4), _mm256_set1_epi8(15));
-    high = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
-    __m256i u = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
-    const int8_t *scales = (const int8_t *)(b + 192) + 8 * n + 2 * k;
-    float d = f16(b + 208);
-    return (group_t){u, _mm256_setr_m128(_mm_set1_ps(d * scales[0]), _mm_set1_ps(d * scales[1])), 0.0f};
-}
-
 /* y[r, o] for N activation rows and one weight row: each group is unpacked once and multiplied with
  * the N rows' blocks; lanes accumulate in float32 until the row ends (one horizontal sum per output).
  * xq: (N, n_in) int8 rows `n_in` apart; xd, xs: (N, n_in / 32) rows `n_in / 32` apart. */
@@ -215,6 +202,48 @@ static inline group_t group_q6_k(const uint8_t *b, int g) {
             }                                                                                                \
         }                                                                                                    \
         for (int r = 0; r < N; r++) y[r * ld_y] = hsum(acc[r]) + off[r];                                     \
+    }
+
+/* The same for Q6_K, a super-block of 256 at a time: its fp16 factor converted once, and each half
+ * (n = 0, 1) loads its two 32-byte chunks of low nibbles and its 32 bytes of high bits once for its
+ * four groups, not once per group. Per group, the layout in quant.c (q - 32 as signed bytes, 16
+ * weights per int8 scale) and QDOT_ROWS's arithmetic for signed weights, so the results are the same bits. */
+#define QDOT_ROWS_Q6K(N)                                                                                     \
+    static inline void qdot##N##_q6_k(const uint8_t *restrict row, const int8_t *restrict xq,                \
+                                      const float *restrict xd, const float *restrict xs, long n_in,         \
+                                      float *restrict y, long ld_y) {                                        \
+        (void)xs;                                                                                            \
+        long groups = n_in / 32;                                                                             \
+        __m256 acc[N];                                                                                       \
+        for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();                                            \
+        for (long sb = 0; sb < groups / 8; sb++) {                                                           \
+            const uint8_t *b = row + sb * 210;                                                               \
+            const int8_t *scales = (const int8_t *)(b + 192);                                                \
+            float d = f16(b + 208);                                                                          \
+            for (int n = 0; n < 2; n++) {                                                                    \
+                __m256i chunk[2] = {_mm256_loadu_si256((const __m256i *)(b + 64 * n)),                       \
+                                    _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32))};                 \
+                __m256i high = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));                      \
+                for (int k = 0; k < 4; k++) {                                                                \
+                    long g = 8 * sb + 4 * n + k;                                                             \
+                    __m256i low = k < 2 ? chunk[k & 1] : _mm256_srli_epi16(chunk[k & 1], 4);                 \
+                    low = _mm256_and_si256(low, _mm256_set1_epi8(15));                                       \
+                    __m256i hi = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * k)),          \
+                                                  _mm256_set1_epi8(3));                                      \
+                    __m256i u = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(hi, 4)),              \
+                                                _mm256_set1_epi8(32));                                       \
+                    const int8_t *sc = scales + 8 * n + 2 * k;                                               \
+                    __m256 a = _mm256_setr_m128(_mm_set1_ps(d * sc[0]), _mm_set1_ps(d * sc[1]));             \
+                    __m256i magnitude = _mm256_sign_epi8(u, u);                                              \
+                    for (int r = 0; r < N; r++) {                                                            \
+                        __m256i q = _mm256_loadu_si256((const __m256i *)(xq + r * n_in + 32 * g));           \
+                        __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(q, u)));        \
+                        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(a, _mm256_set1_ps(xd[r * groups + g])), acc[r]); \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < N; r++) y[r * ld_y] = hsum(acc[r]) + 0.0f;                                       \
     }
 
 /* The arguments of one product, for the pool's chunks of output rows. */
@@ -308,7 +337,11 @@ QDOT_KERNELS(q5_0, 32, 22, 0)
 QDOT_KERNELS(q5_1, 32, 24, 0)
 QDOT_KERNELS_K(q4_k, 144, 0)
 QDOT_KERNELS_K(q5_k, 176, 1)
-QDOT_KERNELS(q6_k, 256, 210, 1)
+QDOT_ROWS_Q6K(8)
+QDOT_ROWS_Q6K(4)
+QDOT_ROWS_Q6K(2)
+QDOT_ROWS_Q6K(1)
+QDOT_PRODUCT(q6_k, 256, 210)
 
 #else
 int aigc_qdot_isa(void) { return 0; } /* no AVX2: quant.py keeps the float kernels */
