@@ -1,19 +1,19 @@
-"""Keep freed memory in the process while training on the CPU, so a step's large temporaries do not
-fault in fresh pages every time.
+"""Keep freed memory in the process while training or scoring on the CPU, so large temporaries
+reuse pages instead of faulting fresh ones in every step or batch.
 
-Why: glibc serves every allocation over its threshold (at most 32 MB) with a fresh `mmap` and hands
-it back with `munmap` when freed. A training step allocates the same large tensors each time (the
-output layer's 49,153-row gradient, 113 MB in fp32; a 256-row chunk of logits, 50 MB; the products'
-outputs), so each step faults every page of them in again and zeroes it in the kernel. On a 2-core
-AVX2 EPYC (2026-12-04, full fine-tuning of SmolLM2-135M, batch 4 x 128, fp32) one zero-fill of that
-gradient took 250 ms where the same fill of reused memory takes 14 ms, a softmax over the logits 115
-ms against 10, and the process spent 28 % of its CPU time in the kernel (docs/benchmarks.md).
+Why: glibc serves every allocation over its threshold (at most 32 MB) with a fresh `mmap` and hands it
+back with `munmap` when freed, so a loop that allocates the same large tensors each time faults every
+page of them in again and has the kernel zero it. Measured on a 2-core AVX2 EPYC (2026-12-04,
+docs/benchmarks.md): scoring 24 documents with SmolLM2-135M (`evaluate.lm`, logits of up to 0.8 GB a
+batch) took 21.3-23.7 s with freed memory kept against 23.8-26.8 s without; before the fused loss
+stopped zero-filling its weight gradient, one such fill of 113 MB took 250 ms against 14 ms in reused
+memory. aigc's own training step no longer allocates much that is this large (its LoRA and full
+fine-tuning steps ran at the same speed either way), but peft and transformers ran 1.2x faster with it.
 
-How: while training holds it, `mallopt` turns off glibc's `mmap` for large blocks and its trimming
-of the heap's top, so freed blocks stay in the heap and the next step reuses them; the peak resident
-memory stays what the largest step needs. `release` restores glibc's defaults and gives the free
-memory back to the system (`malloc_trim`). Elsewhere than glibc, or with `AIGC_KEEP_FREED_MEMORY=0`,
-nothing changes: the system's allocator keeps its own policy.
+How: while held, `mallopt` turns off glibc's `mmap` for large blocks and its trimming of the heap's
+top, so freed blocks stay in the heap for the next use; the resident peak stays what the largest step
+needs. `release` restores glibc's defaults and gives the free memory back (`malloc_trim`). Elsewhere
+than glibc, or with `AIGC_KEEP_FREED_MEMORY=0`, nothing changes.
 """
 
 from __future__ import annotations
