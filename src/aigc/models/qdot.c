@@ -133,13 +133,17 @@ static inline group_t group_q5_1(const uint8_t *b, int g) {
     return (group_t){_mm256_or_si256(nibbles(b + 8), fifth_bits(u32(b + 4))), _mm256_set1_ps(f16(b)), f16(b + 2)};
 }
 
+/* The row kernels' shared signature: qdotN_NAME(row, xq, xd, xs, n_in, y, ld_y), described below. */
+#define QDOT_ROW_KERNEL(NAME, N)                                                                             \
+    static inline void qdot##N##_##NAME(const uint8_t *restrict row, const int8_t *restrict xq,              \
+                                        const float *restrict xd, const float *restrict xs, long n_in,       \
+                                        float *restrict y, long ld_y)
+
 /* y[r, o] for N activation rows and one weight row: each group is unpacked once and multiplied with
  * the N rows' blocks; lanes accumulate in float32 until the row ends (one horizontal sum per output).
  * xq: (N, n_in) int8 rows `n_in` apart; xd, xs: (N, n_in / 32) rows `n_in / 32` apart. */
 #define QDOT_ROWS(NAME, QK, BYTES, SIGNED, N)                                                                \
-    static inline void qdot##N##_##NAME(const uint8_t *restrict row, const int8_t *restrict xq,              \
-                                        const float *restrict xd, const float *restrict xs, long n_in,       \
-                                        float *restrict y, long ld_y) {                                      \
+    QDOT_ROW_KERNEL(NAME, N) {                                                                               \
         long groups = n_in / 32;                                                                             \
         __m256 acc[N];                                                                                       \
         float off[N];                                                                                        \
@@ -164,9 +168,7 @@ static inline group_t group_q5_1(const uint8_t *b, int g) {
  * Q5_K with bit g of each of the 32 qh bytes as the fifth bit. Per group: scale a = d sc_g and offset
  * c = -dmin m_g, the arithmetic of QDOT_ROWS. */
 #define QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, N)                                                               \
-    static inline void qdot##N##_##NAME(const uint8_t *restrict row, const int8_t *restrict xq,              \
-                                        const float *restrict xd, const float *restrict xs, long n_in,       \
-                                        float *restrict y, long ld_y) {                                      \
+    QDOT_ROW_KERNEL(NAME, N) {                                                                               \
         long groups = n_in / 32;                                                                             \
         __m256 acc[N];                                                                                       \
         float off[N];                                                                                        \
@@ -209,9 +211,7 @@ static inline group_t group_q5_1(const uint8_t *b, int g) {
  * four groups, not once per group. Per group, the layout in quant.c (q - 32 as signed bytes, 16
  * weights per int8 scale) and QDOT_ROWS's arithmetic for signed weights, so the results are the same bits. */
 #define QDOT_ROWS_Q6K(N)                                                                                     \
-    static inline void qdot##N##_q6_k(const uint8_t *restrict row, const int8_t *restrict xq,                \
-                                      const float *restrict xd, const float *restrict xs, long n_in,         \
-                                      float *restrict y, long ld_y) {                                        \
+    QDOT_ROW_KERNEL(q6_k, N) {                                                                               \
         (void)xs;                                                                                            \
         long groups = n_in / 32;                                                                             \
         __m256 acc[N];                                                                                       \
