@@ -2,6 +2,7 @@
 instead of IMDb, seconds of LoRA fine-tuning."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -140,7 +141,14 @@ def test_demo_refuses_data_prepared_with_another_tokenizer(tmp_path, review_csv,
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--minutes", "0"), ("--steps", "0"), ("--scratch-minutes", "-1"), ("--eval-samples", "0")]
+    ("flag", "value"),
+    [
+        ("--minutes", "0"),
+        ("--budget-minutes", "0"),
+        ("--steps", "0"),
+        ("--scratch-minutes", "-1"),
+        ("--eval-samples", "0"),
+    ],
 )
 def test_demo_rejects_bad_budgets(flag, value, capsys):
     assert main(["demo", flag, value]) == 2
@@ -155,3 +163,22 @@ def test_a_saved_evaluation_is_reused_only_when_it_was_sampled_as_the_demo_sampl
     assert not steps.same_sampling(saved, 2.0)
     saved.write_text(json.dumps({"sampling": {**sampling, "min_new_tokens": 0}}))  # an older demo's evaluation
     assert not steps.same_sampling(saved, 3.0)
+
+
+def _demo_at(elapsed_s: float, base_eval_s: float, **options) -> steps.Demo:
+    """A demo whose clock says `elapsed_s` have passed, `base_eval_s` of them evaluating the base."""
+    demo = steps.Demo(steps.DemoOptions(**options))
+    demo.clock.started = time.perf_counter() - elapsed_s
+    demo.clock.seconds["evaluate base"] = base_eval_s
+    return demo
+
+
+def test_the_fine_tune_gets_what_the_demo_budget_leaves_on_a_slow_machine():
+    after = steps.FINETUNED_EVAL_RATIO * 99 + steps.AROUND_FINETUNE_S  # the steps after the fine-tune
+    slow = _demo_at(112, 99, minutes=4.5, budget_minutes=8.0)  # a 2-core AVX2 host's pace
+    assert slow.finetune_minutes() == pytest.approx((8.0 * 60 - 112 - after) / 60, abs=0.01)
+    assert slow.finetune_minutes() < 4.5
+    assert _demo_at(60, 40, minutes=4.5, budget_minutes=8.0).finetune_minutes() == 4.5  # a fast host: the cap
+    assert _demo_at(400, 99, budget_minutes=8.0).finetune_minutes() == steps.MIN_FINETUNE_MINUTES  # never nothing
+    unevaluated = _demo_at(112, 99, budget_minutes=6.0, evaluate=False)  # no evaluation follows
+    assert unevaluated.finetune_minutes() == pytest.approx((6.0 * 60 - 112 - steps.AROUND_FINETUNE_S) / 60, abs=0.01)

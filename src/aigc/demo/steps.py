@@ -65,6 +65,14 @@ REVIEW_SAMPLING = SampleConfig(
 CONTINUATION_SAMPLING = SampleConfig(max_new_tokens=60, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
 
 
+# The demo's time on a slow CPU (docs/demo.md): the fine-tuned run's evaluation takes about this many
+# times the base's, and generation plus the fine-tune's model load, last evaluation and checkpoint about
+# AROUND_FINETUNE_S (20 s and 23 s on a 2-core AVX2 EPYC, 2026-12-04); the cap never goes below a minute.
+FINETUNED_EVAL_RATIO = 1.4
+AROUND_FINETUNE_S = 50.0
+MIN_FINETUNE_MINUTES = 1.0
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     """What `aigc demo` does; the CLI's flags (and their help) map one to one onto these fields."""
@@ -75,6 +83,7 @@ class DemoOptions:
     out: Path = Path("runs/demo")
     steps: int = 180
     minutes: float = 4.5
+    budget_minutes: float = 8.0
     seed: int = 1337
     eval_samples: int = 16
     guidance_scale: float = GUIDANCE_SCALE
@@ -87,7 +96,8 @@ class DemoOptions:
     scratch_minutes: float = 5.0
 
     def __post_init__(self) -> None:
-        for flag, value in (("--minutes", self.minutes), ("--scratch-minutes", self.scratch_minutes)):
+        budgets = (("--minutes", self.minutes), ("--budget-minutes", self.budget_minutes))
+        for flag, value in (*budgets, ("--scratch-minutes", self.scratch_minutes)):
             if value <= 0:
                 raise AigcError(f"{flag} must be > 0, got {value}")
         if self.steps < 1:
@@ -159,7 +169,7 @@ class Demo:
             evaluations["base"] = step("evaluate base", f"evaluate the base {base}", self.evaluate_base, base)
         config = self.finetune_config(base)
         with training(config) as on_event:
-            what = f"LoRA fine-tune for {o.steps} steps (at most {o.minutes:g} minutes) -> {o.out}"
+            what = f"LoRA fine-tune for {o.steps} steps (at most {config.minutes:.3g} minutes) -> {o.out}"
             step("fine-tune", what, self.finetune, base, config, on_event)
         samples = step("generate", "generate reviews and continuations", self.generate_samples)
         if o.evaluate:
@@ -249,13 +259,24 @@ class Demo:
         seq_len = min(FINETUNE_DEFAULTS["seq_len"], read_run_config(base).model.block_size)
         return finetune_train_config(
             max_steps=o.steps,
-            minutes=o.minutes,
+            minutes=self.finetune_minutes(),
             seed=o.seed,
             seq_len=seq_len,
             batch_size=FINETUNE_BATCH,
             eval_every=max(1, o.steps // 2),
             sample_tokens=24,
         )
+
+    def finetune_minutes(self) -> float:
+        """`minutes`, or less where the whole demo would pass `budget_minutes` on this machine: the
+        steps so far as they took, the steps after the fine-tune as the base's evaluation suggests (the
+        fine-tuned run's took 1.4x as long, 138 s against 99 on a 2-core AVX2 EPYC: it also draws
+        unguided samples), plus generation and the fine-tune's own start and end. Never below
+        MIN_FINETUNE_MINUTES: the labels need some steps to be learnt at all."""
+        o = self.options
+        evaluation = FINETUNED_EVAL_RATIO * self.clock.seconds.get("evaluate base", 0.0) if o.evaluate else 0.0
+        left = o.budget_minutes * 60 - self.clock.total() - evaluation - AROUND_FINETUNE_S
+        return max(MIN_FINETUNE_MINUTES, min(o.minutes, left / 60))
 
     def finetune(self, base: Path, config: TrainConfig, on_event: EventCallback | None = None) -> None:
         """Fine-tune the base into `out` with `config`; an unfinished run continues."""
