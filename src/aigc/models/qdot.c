@@ -85,8 +85,8 @@ void aigc_quantise_rows(const float *restrict x, long n_rows, long n_in, int8_t 
     }
 }
 
-/* One group of 32 weights: integers u (unsigned bytes; signed for the SIGNED types), the scale of
- * the integer dot per int32 lane (a, or Q6_K's two scales of 16), and the offset c. */
+/* One block of 32 weights of a 32-block type: integers u (unsigned bytes; signed for Q8_0), the scale
+ * a of the integer dot (in every lane), and the offset c. */
 typedef struct {
     __m256i u;
     __m256 scale;
@@ -106,30 +106,25 @@ static inline __m256i fifth_bits(uint32_t bits) { /* bit j -> 16 in byte j, else
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
 }
 
-static inline group_t group_q8_0(const uint8_t *b, int g) {
-    (void)g;
+static inline group_t group_q8_0(const uint8_t *b) {
     return (group_t){_mm256_loadu_si256((const __m256i *)(b + 2)), _mm256_set1_ps(f16(b)), 0.0f};
 }
 
-static inline group_t group_q4_0(const uint8_t *b, int g) {
-    (void)g;
+static inline group_t group_q4_0(const uint8_t *b) {
     float a = f16(b);
     return (group_t){nibbles(b + 2), _mm256_set1_ps(a), -8.0f * a};
 }
 
-static inline group_t group_q4_1(const uint8_t *b, int g) {
-    (void)g;
+static inline group_t group_q4_1(const uint8_t *b) {
     return (group_t){nibbles(b + 4), _mm256_set1_ps(f16(b)), f16(b + 2)};
 }
 
-static inline group_t group_q5_0(const uint8_t *b, int g) {
-    (void)g;
+static inline group_t group_q5_0(const uint8_t *b) {
     float a = f16(b);
     return (group_t){_mm256_or_si256(nibbles(b + 6), fifth_bits(u32(b + 2))), _mm256_set1_ps(a), -16.0f * a};
 }
 
-static inline group_t group_q5_1(const uint8_t *b, int g) {
-    (void)g;
+static inline group_t group_q5_1(const uint8_t *b) {
     return (group_t){_mm256_or_si256(nibbles(b + 8), fifth_bits(u32(b + 4))), _mm256_set1_ps(f16(b)), f16(b + 2)};
 }
 
@@ -142,14 +137,14 @@ static inline group_t group_q5_1(const uint8_t *b, int g) {
 /* y[r, o] for N activation rows and one weight row: each group is unpacked once and multiplied with
  * the N rows' blocks; lanes accumulate in float32 until the row ends (one horizontal sum per output).
  * xq: (N, n_in) int8 rows `n_in` apart; xd, xs: (N, n_in / 32) rows `n_in / 32` apart. */
-#define QDOT_ROWS(NAME, QK, BYTES, SIGNED, N)                                                                \
+#define QDOT_ROWS(NAME, BYTES, SIGNED, N)                                                                    \
     QDOT_ROW_KERNEL(NAME, N) {                                                                               \
         long groups = n_in / 32;                                                                             \
         __m256 acc[N];                                                                                       \
         float off[N];                                                                                        \
         for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;                             \
         for (long k = 0; k < groups; k++) {                                                                  \
-            group_t w = group_##NAME(row + (k / (QK / 32)) * BYTES, (int)(k % (QK / 32)));                   \
+            group_t w = group_##NAME(row + k * BYTES);                                                       \
             __m256i u = SIGNED ? _mm256_sign_epi8(w.u, w.u) : w.u;                                           \
             for (int r = 0; r < N; r++) {                                                                    \
                 __m256i q = _mm256_loadu_si256((const __m256i *)(xq + r * n_in + 32 * k));                   \
@@ -316,12 +311,12 @@ static inline void prefetch_rows(const uint8_t *first, long bytes) {
         return 0;                                                                                            \
     }
 
-#define QDOT_KERNELS(NAME, QK, BYTES, SIGNED)                                                                \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 8)                                                                    \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 4)                                                                    \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 2)                                                                    \
-    QDOT_ROWS(NAME, QK, BYTES, SIGNED, 1)                                                                    \
-    QDOT_PRODUCT(NAME, QK, BYTES)
+#define QDOT_KERNELS(NAME, BYTES, SIGNED)                                                                    \
+    QDOT_ROWS(NAME, BYTES, SIGNED, 8)                                                                        \
+    QDOT_ROWS(NAME, BYTES, SIGNED, 4)                                                                        \
+    QDOT_ROWS(NAME, BYTES, SIGNED, 2)                                                                        \
+    QDOT_ROWS(NAME, BYTES, SIGNED, 1)                                                                        \
+    QDOT_PRODUCT(NAME, 32, BYTES)
 
 #define QDOT_KERNELS_K(NAME, BYTES, HIGH_BITS)                                                               \
     QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 8)                                                                   \
@@ -330,11 +325,11 @@ static inline void prefetch_rows(const uint8_t *first, long bytes) {
     QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 1)                                                                   \
     QDOT_PRODUCT(NAME, 256, BYTES)
 
-QDOT_KERNELS(q8_0, 32, 34, 1)
-QDOT_KERNELS(q4_0, 32, 18, 0)
-QDOT_KERNELS(q4_1, 32, 20, 0)
-QDOT_KERNELS(q5_0, 32, 22, 0)
-QDOT_KERNELS(q5_1, 32, 24, 0)
+QDOT_KERNELS(q8_0, 34, 1)
+QDOT_KERNELS(q4_0, 18, 0)
+QDOT_KERNELS(q4_1, 20, 0)
+QDOT_KERNELS(q5_0, 22, 0)
+QDOT_KERNELS(q5_1, 24, 0)
 QDOT_KERNELS_K(q4_k, 144, 0)
 QDOT_KERNELS_K(q5_k, 176, 1)
 QDOT_ROWS_Q6K(8)
