@@ -134,15 +134,20 @@ static inline group_t group_q5_1(const uint8_t *b) {
                                         const float *restrict xd, const float *restrict xs, long n_in,       \
                                         float *restrict y, long ld_y)
 
+/* A row kernel's sums, zero: per activation row the lanes of its integer dots times their scales (acc)
+ * and the offsets' term (off); `groups` blocks of 32 along the input. */
+#define QDOT_ACCUMULATORS(N)                                                                                 \
+    long groups = n_in / 32;                                                                                 \
+    __m256 acc[N];                                                                                           \
+    float off[N];                                                                                            \
+    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f
+
 /* y[r, o] for N activation rows and one weight row: each group is unpacked once and multiplied with
  * the N rows' blocks; lanes accumulate in float32 until the row ends (one horizontal sum per output).
  * xq: (N, n_in) int8 rows `n_in` apart; xd, xs: (N, n_in / 32) rows `n_in / 32` apart. */
 #define QDOT_ROWS(NAME, BYTES, SIGNED, N)                                                                    \
     QDOT_ROW_KERNEL(NAME, N) {                                                                               \
-        long groups = n_in / 32;                                                                             \
-        __m256 acc[N];                                                                                       \
-        float off[N];                                                                                        \
-        for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;                             \
+        QDOT_ACCUMULATORS(N);                                                                                \
         for (long k = 0; k < groups; k++) {                                                                  \
             group_t w = group_##NAME(row + k * BYTES);                                                       \
             __m256i u = SIGNED ? _mm256_sign_epi8(w.u, w.u) : w.u;                                           \
@@ -164,10 +169,7 @@ static inline group_t group_q5_1(const uint8_t *b) {
  * c = -dmin m_g, the arithmetic of QDOT_ROWS. */
 #define QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, N)                                                               \
     QDOT_ROW_KERNEL(NAME, N) {                                                                               \
-        long groups = n_in / 32;                                                                             \
-        __m256 acc[N];                                                                                       \
-        float off[N];                                                                                        \
-        for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;                             \
+        QDOT_ACCUMULATORS(N);                                                                                \
         for (long sb = 0; sb < groups / 8; sb++) {                                                           \
             const uint8_t *b = row + sb * BYTES, *qs = b + (HIGH_BITS ? 48 : 16);                            \
             float d = f16(b), dmin = f16(b + 2), scale[8], offset[8];                                        \
@@ -311,27 +313,22 @@ static inline void prefetch_rows(const uint8_t *first, long bytes) {
         return 0;                                                                                            \
     }
 
-#define QDOT_KERNELS(NAME, BYTES, SIGNED)                                                                    \
-    QDOT_ROWS(NAME, BYTES, SIGNED, 8)                                                                        \
-    QDOT_ROWS(NAME, BYTES, SIGNED, 4)                                                                        \
-    QDOT_ROWS(NAME, BYTES, SIGNED, 2)                                                                        \
-    QDOT_ROWS(NAME, BYTES, SIGNED, 1)                                                                        \
-    QDOT_PRODUCT(NAME, 32, BYTES)
+/* A type's row kernels for 8, 4, 2 and 1 activation rows, made by ROWS (QDOT_ROWS or QDOT_ROWS_K, whose
+ * FLAG is SIGNED or HIGH_BITS), and its entry point. */
+#define QDOT_KERNELS(ROWS, NAME, QK, BYTES, FLAG)                                                            \
+    ROWS(NAME, BYTES, FLAG, 8)                                                                               \
+    ROWS(NAME, BYTES, FLAG, 4)                                                                               \
+    ROWS(NAME, BYTES, FLAG, 2)                                                                               \
+    ROWS(NAME, BYTES, FLAG, 1)                                                                               \
+    QDOT_PRODUCT(NAME, QK, BYTES)
 
-#define QDOT_KERNELS_K(NAME, BYTES, HIGH_BITS)                                                               \
-    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 8)                                                                   \
-    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 4)                                                                   \
-    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 2)                                                                   \
-    QDOT_ROWS_K(NAME, BYTES, HIGH_BITS, 1)                                                                   \
-    QDOT_PRODUCT(NAME, 256, BYTES)
-
-QDOT_KERNELS(q8_0, 34, 1)
-QDOT_KERNELS(q4_0, 18, 0)
-QDOT_KERNELS(q4_1, 20, 0)
-QDOT_KERNELS(q5_0, 22, 0)
-QDOT_KERNELS(q5_1, 24, 0)
-QDOT_KERNELS_K(q4_k, 144, 0)
-QDOT_KERNELS_K(q5_k, 176, 1)
+QDOT_KERNELS(QDOT_ROWS, q8_0, 32, 34, 1)
+QDOT_KERNELS(QDOT_ROWS, q4_0, 32, 18, 0)
+QDOT_KERNELS(QDOT_ROWS, q4_1, 32, 20, 0)
+QDOT_KERNELS(QDOT_ROWS, q5_0, 32, 22, 0)
+QDOT_KERNELS(QDOT_ROWS, q5_1, 32, 24, 0)
+QDOT_KERNELS(QDOT_ROWS_K, q4_k, 256, 144, 0)
+QDOT_KERNELS(QDOT_ROWS_K, q5_k, 256, 176, 1)
 QDOT_ROWS_Q6K(8)
 QDOT_ROWS_Q6K(4)
 QDOT_ROWS_Q6K(2)
